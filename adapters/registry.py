@@ -1,0 +1,126 @@
+"""The adapter registry in Redis: which versions exist per tenant adapter, and which one is active.
+
+Layout (all keys scoped by tenant, which always comes from the authenticated caller):
+
+- ``banyan:tenant:<tenant>:adapters`` SET of adapter names;
+- ``banyan:adapter:<tenant>:<name>`` HASH: ``next`` (version counter), ``active`` (0 = none),
+  ``v<N>`` (JSON metadata of version N, written once, never changed).
+
+Versions are numbered by ``HINCRBY`` so concurrent uploads of one name never collide. A version is
+recorded only after its files are in object storage: the registry entry is the commit point.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+
+def _adapter_key(tenant: str, name: str) -> str:
+    return f"banyan:adapter:{tenant}:{name}"
+
+
+def _names_key(tenant: str) -> str:
+    return f"banyan:tenant:{tenant}:adapters"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionMeta:
+    version: int
+    uid: str
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VersionMeta:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRecord:
+    tenant: str
+    name: str
+    active: int | None
+    versions: dict[int, VersionMeta]
+
+    @property
+    def active_meta(self) -> VersionMeta | None:
+        return self.versions.get(self.active) if self.active else None
+
+
+class AdapterRegistry:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def allocate_version(self, tenant: str, name: str) -> int:
+        return int(await self._redis.hincrby(_adapter_key(tenant, name), "next", 1))
+
+    async def record_version(self, tenant: str, name: str, meta: VersionMeta, *, activate: bool) -> None:
+        key = _adapter_key(tenant, name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, f"v{meta.version}", meta.to_json())
+            if activate:
+                pipe.hset(key, "active", meta.version)
+            else:
+                pipe.hsetnx(key, "active", 0)
+            pipe.sadd(_names_key(tenant), name)
+            await pipe.execute()
+
+    async def active_version(self, tenant: str, name: str) -> int | None:
+        raw = await self._redis.hget(_adapter_key(tenant, name), "active")
+        version = int(raw) if raw else 0
+        return version or None
+
+    async def get(self, tenant: str, name: str) -> AdapterRecord | None:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(_adapter_key(tenant, name))
+        versions = {
+            int(k[1:]): VersionMeta.from_json(v)
+            for k, v in ((k.decode(), v) for k, v in raw.items())
+            if k.startswith("v")
+        }
+        if not versions:
+            return None
+        active = int(raw.get(b"active") or 0)
+        return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
+
+    async def names(self, tenant: str) -> list[str]:
+        members = await self._redis.smembers(_names_key(tenant))
+        return sorted(m.decode() for m in members)
+
+    async def list(self, tenant: str) -> list[AdapterRecord]:
+        records = [await self.get(tenant, name) for name in await self.names(tenant)]
+        return [r for r in records if r is not None]
+
+    async def activate(self, tenant: str, name: str, version: int) -> bool:
+        """Make ``version`` active; False when that version does not exist."""
+        key = _adapter_key(tenant, name)
+        if not await self._redis.hexists(key, f"v{version}"):
+            return False
+        await self._redis.hset(key, "active", version)
+        return True
+
+    async def delete(self, tenant: str, name: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(_adapter_key(tenant, name))
+            pipe.srem(_names_key(tenant), name)
+            await pipe.execute()
+
+    async def delete_tenant(self, tenant: str) -> list[str]:
+        names = await self.names(tenant)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name in names:
+                pipe.delete(_adapter_key(tenant, name))
+            pipe.delete(_names_key(tenant))
+            await pipe.execute()
+        return names

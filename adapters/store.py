@@ -1,0 +1,138 @@
+"""Object storage for adapter versions, behind a small Protocol.
+
+The S3 implementation uses boto3 (blocking) through ``asyncio.to_thread`` so that nothing blocks the
+event loop. botocore errors are translated here into :class:`StoreUnavailable` / :class:`ObjectMissing`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """Base of the object store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer or refused the request."""
+
+
+class ObjectMissing(StoreError):
+    """A key that should exist does not."""
+
+
+class ObjectStore(Protocol):
+    async def put_file(self, key: str, path: Path) -> None: ...
+    async def get_file(self, key: str, dest: Path) -> None: ...
+    async def list_keys(self, prefix: str) -> list[str]: ...
+    async def delete_prefix(self, prefix: str) -> int: ...
+    async def ping(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+
+def make_s3_client(config: S3Config) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=config.endpoint_url,
+        region_name=config.region,
+        aws_access_key_id=config.access_key_id,
+        aws_secret_access_key=config.secret_access_key,
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30,
+                      max_pool_connections=32),
+    )
+
+
+class S3ObjectStore:
+    """An :class:`ObjectStore` on any S3-compatible endpoint."""
+
+    def __init__(self, config: S3Config, client: Any | None = None) -> None:
+        self.config = config
+        self._client = client if client is not None else make_s3_client(config)
+
+    @property
+    def bucket(self) -> str:
+        return self.config.bucket
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._client, method)(**kwargs)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectMissing(kwargs.get("Key", "")) from e
+            raise StoreUnavailable(f"object storage refused {method}: {code}") from e
+        except BotoCoreError as e:
+            raise StoreUnavailable(f"object storage unreachable during {method}") from e
+
+    def ensure_bucket_sync(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._call("create_bucket", Bucket=self.bucket)
+
+    async def ensure_bucket(self) -> None:
+        await asyncio.to_thread(self.ensure_bucket_sync)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        def _put() -> None:
+            with path.open("rb") as fh:
+                self._call("put_object", Bucket=self.bucket, Key=key, Body=fh)
+
+        await asyncio.to_thread(_put)
+
+    def get_file_sync(self, key: str, dest: Path) -> None:
+        response = self._call("get_object", Bucket=self.bucket, Key=key)
+        body = response["Body"]
+        with dest.open("wb") as out:
+            for chunk in body.iter_chunks(1024 * 1024):
+                out.write(chunk)
+
+    async def get_file(self, key: str, dest: Path) -> None:
+        await asyncio.to_thread(self.get_file_sync, key, dest)
+
+    def list_keys_sync(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list_objects_v2", **kwargs)
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return keys
+            token = page.get("NextContinuationToken")
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self.list_keys_sync, prefix)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        def _delete() -> int:
+            keys = self.list_keys_sync(prefix)
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": k} for k in keys[start:start + 1000]]
+                self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            return len(keys)
+
+        return await asyncio.to_thread(_delete)
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self._call, "head_bucket", Bucket=self.bucket)

@@ -1,0 +1,1 @@
+"""Banyan's gateway: the HTTP surface and the request path."""

@@ -1,0 +1,1 @@
+"""The admin surface: tenants, keys, adapters and usage."""

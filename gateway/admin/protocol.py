@@ -1,0 +1,94 @@
+"""Wire models of the admin routes (no I/O)."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.naming import ID_PATTERN
+
+Limit = int | None
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=ID_PATTERN)
+    name: str = Field(default="", max_length=200)
+    rpm: Limit = Field(default=None, ge=1)
+    tpm: Limit = Field(default=None, ge=1)
+    max_concurrency: Limit = Field(default=None, ge=1)
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, max_length=200)
+    rpm: Limit = Field(default=None, ge=1)
+    tpm: Limit = Field(default=None, ge=1)
+    max_concurrency: Limit = Field(default=None, ge=1)
+
+
+class TenantOut(BaseModel):
+    id: str
+    object: str = "tenant"
+    name: str
+    created: int
+    rpm: Limit = None
+    tpm: Limit = None
+    max_concurrency: Limit = None
+
+
+T = TypeVar("T")
+
+
+class ListOut(BaseModel, Generic[T]):
+    object: str = "list"
+    data: list[T]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(default="", max_length=200)
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    object: str = "api_key"
+    name: str
+    created: int
+    prefix: str
+
+
+class KeyCreated(KeyOut):
+    key: str
+
+
+class AdapterVersionOut(BaseModel):
+    name: str
+    object: str = "adapter.version"
+    version: int
+    active: bool
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created: int
+
+
+class AdapterOut(BaseModel):
+    name: str
+    object: str = "adapter"
+    active_version: int | None
+    versions: list[AdapterVersionOut]
+
+
+class ActivateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True

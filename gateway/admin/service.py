@@ -1,0 +1,157 @@
+"""Admin operations: tenants, keys and the adapter upload pipeline.
+
+An upload goes: stage the files on local disk (archives extracted safely) -> validate hard against
+the base model -> allocate a version -> write the files to ``adapters/<tenant>/<name>/v<N>/`` with
+``manifest.json`` last -> record the version in Redis (the commit point). Any failure before the
+commit removes what was written, so a rejected or failed upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from adapters.archive import extract_archive
+from adapters.naming import AdapterRef, adapter_prefix, is_valid_id, new_uid
+from adapters.registry import AdapterRecord, VersionMeta
+from adapters.resolver import ADAPTER_FILES, MANIFEST
+from adapters.validation import check_file_set, validate_adapter_dir
+from gateway.admin.protocol import AdapterOut, AdapterVersionOut, TenantOut
+from gateway.errors import InvalidAdapter, InvalidRequest, NotFound
+from gateway.state import AppState
+from gateway.tenants import Tenant
+
+log = logging.getLogger("banyan.admin")
+
+_COPY_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedFile:
+    filename: str
+    file: BinaryIO
+
+
+def tenant_out(tenant: Tenant) -> TenantOut:
+    return TenantOut(**tenant.to_dict())
+
+
+def version_out(name: str, meta: VersionMeta, *, active: int | None) -> AdapterVersionOut:
+    return AdapterVersionOut(name=name, version=meta.version, active=meta.version == active, sha256=meta.sha256,
+                             rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules,
+                             size_bytes=meta.size_bytes, created=meta.created)
+
+
+def adapter_out(record: AdapterRecord) -> AdapterOut:
+    versions = [version_out(record.name, record.versions[v], active=record.active) for v in sorted(record.versions)]
+    return AdapterOut(name=record.name, active_version=record.active, versions=versions)
+
+
+async def require_tenant(state: AppState, tenant_id: str) -> Tenant:
+    tenant = await state.tenants.get(tenant_id) if is_valid_id(tenant_id) else None
+    if tenant is None:
+        raise NotFound(f"Tenant `{tenant_id}` does not exist.", param="tenant_id")
+    return tenant
+
+
+async def require_adapter(state: AppState, tenant_id: str, name: str) -> AdapterRecord:
+    await require_tenant(state, tenant_id)
+    record = await state.adapters.get(tenant_id, name) if is_valid_id(name) else None
+    if record is None:
+        raise NotFound(f"Adapter `{name}` does not exist.", param="name")
+    return record
+
+
+async def delete_adapter_everywhere(state: AppState, tenant_id: str, record: AdapterRecord) -> None:
+    """Registry first (no new request can pick it), then the engines, then the files."""
+    await state.adapters.delete(tenant_id, record.name)
+    for meta in record.versions.values():
+        await state.engines.unload(AdapterRef(tenant_id, record.name, meta.version, meta.uid).engine_name)
+    await state.store.delete_prefix(adapter_prefix(tenant_id, record.name))
+
+
+async def delete_tenant(state: AppState, tenant_id: str) -> None:
+    await require_tenant(state, tenant_id)
+    await state.tenants.delete(tenant_id)  # keys are revoked first: nothing new can start
+    for record in await state.adapters.list(tenant_id):
+        await delete_adapter_everywhere(state, tenant_id, record)
+    await state.adapters.delete_tenant(tenant_id)
+    await state.store.delete_prefix(adapter_prefix(tenant_id))
+
+
+class AdapterUpload:
+    """Stages, validates and stores one uploaded adapter version."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.settings = state.settings
+
+    async def run(self, tenant_id: str, *, name: str, files: list[UploadedFile], archive: UploadedFile | None,
+                  activate: bool) -> AdapterVersionOut:
+        await require_tenant(self.state, tenant_id)
+        if not is_valid_id(name):
+            raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
+        if bool(files) == bool(archive):
+            raise InvalidAdapter("Send the adapter either as `files` (adapter_config.json and "
+                                 "adapter_model.safetensors) or as one `archive`, not both or neither.",
+                                 param="files")
+        if self.state.base_spec is None:
+            raise InvalidRequest("This gateway has no base model configuration to check adapters against "
+                                 "(set BANYAN_BASE_MODEL_CONFIG).")
+        with tempfile.TemporaryDirectory(prefix="banyan-upload-") as tmp:
+            folder = await asyncio.to_thread(self._stage, Path(tmp), files, archive)
+            info = await asyncio.to_thread(validate_adapter_dir, folder, base=self.state.base_spec,
+                                           max_rank=self.settings.max_lora_rank,
+                                           max_bytes=self.settings.max_adapter_bytes)
+            version = await self.state.adapters.allocate_version(tenant_id, name)
+            meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank,
+                               alpha=info.alpha, target_modules=info.target_modules, size_bytes=info.size_bytes,
+                               created=int(time.time()))
+            ref = AdapterRef(tenant_id, name, version, meta.uid)
+            await self._store(ref, folder, meta, activate=activate)
+        self.state.metrics.adapter_uploads.labels("stored").inc()
+        return version_out(name, meta, active=version if activate else None)
+
+    def _stage(self, tmp: Path, files: list[UploadedFile], archive: UploadedFile | None) -> Path:
+        if archive is not None:
+            packed = tmp / "upload.archive"
+            _copy(archive.file, packed)
+            return extract_archive(packed, tmp / "extracted", filename=archive.filename,
+                                   max_member_bytes=self.settings.max_adapter_bytes,
+                                   max_total_bytes=self.settings.max_adapter_bytes)
+        names = [Path(f.filename).name for f in files]
+        if len(set(names)) != len(names):
+            raise InvalidAdapter("The same file was sent twice.", param="files")
+        check_file_set(names)
+        folder = tmp / "files"
+        folder.mkdir()
+        for upload, filename in zip(files, names, strict=True):
+            _copy(upload.file, folder / filename)
+        return folder
+
+    async def _store(self, ref: AdapterRef, folder: Path, meta: VersionMeta, *, activate: bool) -> None:
+        store = self.state.store
+        manifest = folder / MANIFEST
+        manifest.write_text(json.dumps({"uid": ref.uid, "sha256": meta.sha256, "version": ref.version}))
+        try:
+            for filename in ADAPTER_FILES:
+                await store.put_file(ref.s3_prefix + filename, folder / filename)
+            await store.put_file(ref.s3_prefix + MANIFEST, manifest)
+            await self.state.adapters.record_version(ref.tenant, ref.name, meta, activate=activate)
+        except BaseException:
+            self.state.metrics.adapter_uploads.labels("failed").inc()
+            await asyncio.shield(store.delete_prefix(ref.s3_prefix))
+            raise
+
+
+def _copy(source: BinaryIO, dest: Path) -> None:
+    source.seek(0)
+    with dest.open("wb") as out:
+        shutil.copyfileobj(source, out, _COPY_CHUNK)

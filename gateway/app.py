@@ -1,0 +1,82 @@
+"""The app factory: ``create_app(settings)`` builds every client into one typed state object.
+
+No import-time side effects: clients are made in the factory (or injected by tests behind their
+seams) and closed by the lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from adapters.basemodel import BaseModelSpec
+from adapters.registry import AdapterRegistry
+from adapters.store import ObjectStore, S3Config, S3ObjectStore
+from gateway import errors, ops
+from gateway.admin.api_router import router as admin_router
+from gateway.engine import EnginePool, HttpEnginePool
+from gateway.metrics import Metrics
+from gateway.middleware import RequestContextMiddleware
+from gateway.openai_api.api_router import router as openai_router
+from gateway.settings import Settings
+from gateway.state import AppState
+from gateway.tenants import TenantStore
+
+log = logging.getLogger("banyan.app")
+
+
+def s3_config(settings: Settings) -> S3Config:
+    return S3Config(
+        bucket=settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+        secret_access_key=(settings.s3_secret_access_key.get_secret_value()
+                           if settings.s3_secret_access_key else None),
+    )
+
+
+def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
+                engines: EnginePool | None = None, metrics: Metrics | None = None) -> AppState:
+    redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
+                                                         socket_connect_timeout=5.0, health_check_interval=30)
+    engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+    return AppState(
+        settings=settings,
+        redis=redis,
+        store=store if store is not None else S3ObjectStore(s3_config(settings)),
+        engines=engines if engines is not None else HttpEnginePool(
+            settings.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
+            read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections),
+        tenants=TenantStore(redis),
+        adapters=AdapterRegistry(redis),
+        metrics=metrics or Metrics(),
+        base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
+    )
+
+
+def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
+    app_state = state or build_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await app_state.engines.aclose()
+            await app_state.redis.aclose()
+
+    app = FastAPI(title="Banyan", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.banyan = app_state
+    errors.install_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(admin_router)
+    app.include_router(ops.router)
+    app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,  # type: ignore[arg-type]
+                       max_body_bytes=settings.max_request_bytes,
+                       max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024)
+    return app

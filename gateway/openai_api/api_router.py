@@ -1,0 +1,27 @@
+"""Routes of the OpenAI-compatible surface: parse, call the service, render."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from gateway.deps import StateDep, TenantDep
+from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from gateway.openai_api.serving import CompletionService, list_models
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models", response_model=ModelList)
+async def models(state: StateDep, tenant: TenantDep) -> ModelList:
+    return await list_models(state, tenant)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
+    return await CompletionService(state).handle(tenant=tenant, request=body, path="/v1/chat/completions")
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
+    return await CompletionService(state).handle(tenant=tenant, request=body, path="/v1/completions")

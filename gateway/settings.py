@@ -1,0 +1,70 @@
+"""The one typed configuration object of the gateway.
+
+Built once (by the CLI or a test) and passed down explicitly; nothing else in the gateway reads the
+environment. Every field maps to a ``BANYAN_<FIELD>`` environment variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ADMIN_KEY = "banyan-dev-admin-key"
+"""The admin key that only ``banyan dev`` may fall back to; ``banyan serve`` refuses it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BANYAN_", extra="ignore")
+
+    mode: Literal["dev", "prod"] = "prod"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".banyan")
+
+    admin_key: SecretStr = SecretStr("")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "banyan"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    engine_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"])
+    engine_api_key: SecretStr | None = None
+    base_model: str = "banyan-demo"
+    base_model_config: Path | None = None
+    """The base model's Hugging Face ``config.json`` (or its folder): adapter uploads are checked
+    against its module names and dimensions."""
+
+    max_lora_rank: int = Field(default=16, ge=1, le=512)
+    max_loras: int = Field(default=8, ge=1)
+    max_cpu_loras: int = Field(default=32, ge=1)
+    max_adapter_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    engine_connect_timeout_s: float = 5.0
+    engine_read_timeout_s: float = 600.0
+    engine_max_connections: int = Field(default=512, ge=1)
+    registry_cache_ttl_s: float = Field(default=2.0, ge=0.0)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _fail_fast_outside_dev(self) -> Settings:
+        if self.mode == "prod":
+            key = self.admin_key.get_secret_value()
+            if not key or key == DEV_ADMIN_KEY or len(key) < 16:
+                raise ValueError(
+                    "BANYAN_ADMIN_KEY must be set to a secret of at least 16 characters "
+                    "(not the dev default) outside `banyan dev`"
+                )
+        if not self.engine_urls:
+            raise ValueError("BANYAN_ENGINE_URLS needs at least one engine URL")
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,30 @@
+"""The typed state the app factory builds once and routes receive through dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+
+from adapters.registry import AdapterRegistry
+from adapters.store import ObjectStore
+from gateway.engine import EnginePool
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.tenants import TenantStore
+
+if TYPE_CHECKING:
+    from adapters.basemodel import BaseModelSpec
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: Redis
+    store: ObjectStore
+    engines: EnginePool
+    tenants: TenantStore
+    adapters: AdapterRegistry
+    metrics: Metrics
+    base_spec: BaseModelSpec | None

@@ -1,0 +1,1 @@
+"""Retrieval over each tenant's own documents (Redis search: vectors + BM25 + recency)."""
