@@ -278,6 +278,9 @@ def _tar_entries(raw: BinaryIO, limit: int) -> Generator[_Entry, None, None]:
         with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 yield _Entry(member.name, _tar_kind(member), member.size, _tar_opener(tar, member))
+        # tar stops at its end marker; read on so gzip checks its CRC (tar itself checksums only headers)
+        while stream.read(_CHUNK_BYTES):
+            pass
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:

