@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _ID_RE = re.compile(ID_PATTERN)
-_ENGINE_NAME_RE = re.compile(r"^banyan\.([a-z0-9][a-z0-9-]{0,62})\.([a-z0-9][a-z0-9-]{0,62})\.v([1-9][0-9]{0,8})\.([a-z0-9]{8,16})$")
+_ID = r"[a-z0-9][a-z0-9-]{0,62}"
+_ENGINE_NAME_RE = re.compile(rf"^banyan\.({_ID})\.({_ID})\.v([1-9][0-9]{{0,8}})\.([a-z0-9]{{8,16}})$")
 _UID_RE = re.compile(r"^[a-z0-9]{8,16}$")
 ADAPTER_PREFIX = "adapters"
 

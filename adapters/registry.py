@@ -19,6 +19,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _adapter_key(tenant: str, name: str) -> str:
     return f"banyan:adapter:{tenant}:{name}"
 
@@ -83,22 +87,18 @@ class AdapterRegistry:
         return version or None
 
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(_adapter_key(tenant, name))
-        versions = {
-            int(k[1:]): VersionMeta.from_json(v)
-            for k, v in ((k.decode(), v) for k, v in raw.items())
-            if k.startswith("v")
-        }
+        raw = {_text(k): v for k, v in (await self._redis.hgetall(_adapter_key(tenant, name))).items()}
+        versions = {int(k[1:]): VersionMeta.from_json(v) for k, v in raw.items() if k.startswith("v")}
         if not versions:
             return None
-        active = int(raw.get(b"active") or 0)
+        active = int(raw.get("active") or 0)
         return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
 
     async def names(self, tenant: str) -> list[str]:
         members = await self._redis.smembers(_names_key(tenant))
-        return sorted(m.decode() for m in members)
+        return sorted(_text(m) for m in members)
 
-    async def list(self, tenant: str) -> list[AdapterRecord]:
+    async def list_records(self, tenant: str) -> list[AdapterRecord]:
         records = [await self.get(tenant, name) for name in await self.names(tenant)]
         return [r for r in records if r is not None]
 

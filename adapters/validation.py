@@ -211,15 +211,21 @@ def _parse_config(data: bytes, *, base: BaseModelSpec, max_rank: int) -> _LoraCo
                        ranks=_module_ranks(config, targets=targets, rank=rank, max_rank=max_rank))
 
 
+def _json(value: Any) -> str:
+    """A config value as the user wrote it, cut short for a message."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _config_error(message: str) -> InvalidAdapterError:
     return InvalidAdapterError(f"{CONFIG_FILE}: {message}", code=AdapterErrorCode.INVALID_ADAPTER_CONFIG)
 
 
 def _check_rank(value: Any, *, what: str, max_rank: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _config_error(f"{what} must be a positive integer, got {shown(json.dumps(value))}")
+        raise _config_error(f"{what} must be a positive integer, got {_json(value)}")
     if value > max_rank:
-        raise InvalidAdapterError(f"{CONFIG_FILE}: LoRA rank {what}={value} is above this server's maximum "
+        raise InvalidAdapterError(f"{CONFIG_FILE}: {what}={value} is above this server's maximum LoRA "
                                   f"rank {max_rank}", code=AdapterErrorCode.RANK_TOO_LARGE)
     return value
 
@@ -227,7 +233,7 @@ def _check_rank(value: Any, *, what: str, max_rank: int) -> int:
 def _check_alpha(value: Any, *, what: str) -> float:
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or value <= 0:
-        raise _config_error(f"{what} must be a positive number, got {shown(json.dumps(value))}")
+        raise _config_error(f"{what} must be a positive number, got {_json(value)}")
     return float(value)
 
 
@@ -260,7 +266,7 @@ def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module],
         selected = _match_listed(raw, modules=modules, base=base, layers=layers)
     else:
         raise _config_error("target_modules must be a non-empty list of module names, "
-                            f"got {shown(json.dumps(raw))}")
+                            f"got {_json(raw)}")
     selected -= _excluded(config.get("exclude_modules"), modules=modules)
     if not selected:
         raise _unknown_targets("target_modules selects no module once exclude_modules is applied", base)
@@ -301,7 +307,7 @@ def _layers_to_transform(config: Mapping[str, Any], base: BaseModelSpec) -> froz
     layers = [raw] if isinstance(raw, int) else raw
     if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
         raise _config_error(f"layers_to_transform must be a layer index or a list of them, "
-                            f"got {shown(json.dumps(raw))}")
+                            f"got {_json(raw)}")
     outside = sorted({i for i in layers if not 0 <= i < base.num_layers})
     if outside:
         raise _config_error(f"layers_to_transform includes layer {outside[0]}, but the base model has "
@@ -322,7 +328,7 @@ def _excluded(raw: Any, *, modules: list[_Module]) -> set[_Module]:
     if isinstance(raw, list) and all(isinstance(e, str) for e in raw):
         index = _suffix_index(modules)
         return {m for e in raw for m in index.get(e, ())}
-    raise _config_error(f"exclude_modules must be a list of module names or a pattern, got {shown(str(raw))}")
+    raise _config_error(f"exclude_modules must be a list of module names or a pattern, got {_json(raw)}")
 
 
 def _match_regex(pattern: str, *, what: str, modules: list[_Module]) -> set[_Module]:
@@ -365,7 +371,7 @@ def _pattern_dict(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise _config_error(f"{key} must be an object, got {shown(json.dumps(raw))}")
+        raise _config_error(f"{key} must be an object, got {_json(raw)}")
     if len(raw) > _MAX_PATTERN_ENTRIES:
         raise _config_error(f"{key} has {len(raw):,} entries; the limit is {_MAX_PATTERN_ENTRIES:,}")
     return raw
@@ -489,7 +495,7 @@ def _check_layout(tensors: list[_Tensor], *, data_bytes: int) -> None:
             raise _weights_error(f"tensor {shown(t.name)} ends at data byte {t.end:,}, but the file holds "
                                  f"only {data_bytes:,} bytes of tensor data: the file is truncated")
         if t.begin < expected:
-            raise _weights_error(f"tensor {shown(t.name)} overlaps {previous} (data_offsets out of order)")
+            raise _weights_error(f"tensor {shown(t.name)} overlaps the data of {previous}")
         if t.begin > expected:
             raise _weights_error(f"there are {t.begin - expected:,} unused bytes before tensor "
                                  f"{shown(t.name)}")

@@ -76,7 +76,7 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(ops.router)
-    app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,  # type: ignore[arg-type]
+    app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,
                        max_body_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024)
     return app

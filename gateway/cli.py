@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import secrets
 import shlex
 import signal
@@ -49,8 +50,8 @@ def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
 
 
 def _curl(settings: Settings, key: str, model: str) -> str:
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello! Who are you?"}], '
-            '"max_tokens": 32}' % model)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                       "max_tokens": 32})
     return (f"curl -s http://{settings.host}:{settings.port}/v1/chat/completions "
             f"-H {shlex.quote('Authorization: Bearer ' + key)} -H 'Content-Type: application/json' "
             f"-d {shlex.quote(body)}")

@@ -69,8 +69,12 @@ def _encode(tenant: Tenant) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in tenant.to_dict().items()}
 
 
-def _decode(raw: dict[bytes, bytes]) -> Tenant:
-    fields = {k.decode(): json.loads(v) for k, v in raw.items()}
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode(raw: dict[bytes | str, bytes | str]) -> Tenant:
+    fields = {_text(k): json.loads(v) for k, v in raw.items()}
     return Tenant(**fields)
 
 
@@ -91,8 +95,8 @@ class TenantStore:
         raw = await self._redis.hgetall(_tenant_key(tenant_id))
         return _decode(raw) if raw else None
 
-    async def list(self) -> list[Tenant]:
-        ids = sorted(m.decode() for m in await self._redis.smembers("banyan:tenants"))
+    async def list_tenants(self) -> list[Tenant]:
+        ids = sorted(_text(m) for m in await self._redis.smembers("banyan:tenants"))
         tenants = [await self.get(i) for i in ids]
         return [t for t in tenants if t is not None]
 
@@ -100,7 +104,7 @@ class TenantStore:
         if not await self._redis.exists(_tenant_key(tenant_id)):
             return None
         if changes:
-            await self._redis.hset(_tenant_key(tenant_id),  # type: ignore[arg-type]
+            await self._redis.hset(_tenant_key(tenant_id),
                                    mapping={k: json.dumps(v) for k, v in changes.items()})
         return await self.get(tenant_id)
 
@@ -151,4 +155,4 @@ class TenantStore:
         if not looks_like_key(key):
             return None
         raw = await self._redis.get(_lookup_key(hash_key(key)))
-        return raw.decode().split(":", 1)[0] if raw else None
+        return _text(raw).split(":", 1)[0] if raw else None

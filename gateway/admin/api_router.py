@@ -37,7 +37,7 @@ async def create_tenant(body: TenantCreate, state: StateDep) -> TenantOut:
 
 @router.get("/tenants")
 async def list_tenants(state: StateDep) -> ListOut[TenantOut]:
-    return ListOut(data=[service.tenant_out(t) for t in await state.tenants.list()])
+    return ListOut(data=[service.tenant_out(t) for t in await state.tenants.list_tenants()])
 
 
 @router.get("/tenants/{tenant_id}")
@@ -100,7 +100,7 @@ async def upload_adapter(
 @router.get("/tenants/{tenant_id}/adapters")
 async def list_adapters(tenant_id: str, state: StateDep) -> ListOut[AdapterOut]:
     await service.require_tenant(state, tenant_id)
-    return ListOut(data=[service.adapter_out(r) for r in await state.adapters.list(tenant_id)])
+    return ListOut(data=[service.adapter_out(r) for r in await state.adapters.list_records(tenant_id)])
 
 
 @router.get("/tenants/{tenant_id}/adapters/{name}")

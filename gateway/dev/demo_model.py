@@ -78,7 +78,7 @@ def build_base_model(path: Path, *, seed: int = 0) -> Path:
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         # Special tokens get a constant zero logit, below the best of the 96 random text logits, so greedy
         # demo answers are never empty (the demo model has nothing to say, but it says it visibly).
@@ -108,5 +108,5 @@ def build_adapter(base_path: Path, out: Path, *, seed: int, rank: int = 8,
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     return out

@@ -66,7 +66,7 @@ async def resolve_model(state: AppState, tenant: str, model: str) -> ResolvedMod
 async def list_models(state: AppState, tenant: str) -> ModelList:
     base = state.settings.base_model
     cards = [ModelCard(id=base, created=0, owned_by="banyan", root=base)]
-    for record in await state.adapters.list(tenant):
+    for record in await state.adapters.list_records(tenant):
         meta = record.active_meta
         if meta is not None:
             cards.append(ModelCard(id=record.name, created=meta.created, owned_by=tenant, parent=base, root=base))
@@ -231,7 +231,7 @@ class _NameRewriter:
         if self._needle:
             events = events.replace(self._needle, self._replacement)
         if b'data: {"error"' in events:
-            events = b"".join(self._render_error(e) for e in events.split(b"\n\n") if e) 
+            events = b"".join(self._render_error(e) for e in events.split(b"\n\n") if e)
         return events
 
     def _render_error(self, event: bytes) -> bytes:
@@ -239,6 +239,7 @@ class _NameRewriter:
             return event + b"\n\n"
         parsed = json_or_none_bytes(event[len(b"data: "):])
         error = parsed.get("error", {}) if isinstance(parsed, dict) else {}
-        status = error.get("code") if isinstance(error.get("code"), int) else 500
+        code = error.get("code")
+        status = code if isinstance(code, int) else 500
         rendered = _upstream_error(status, json.dumps(parsed).encode(), self._resolved)
         return b"data: " + json.dumps(rendered.body()).encode() + b"\n\n"

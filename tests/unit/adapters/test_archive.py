@@ -5,7 +5,9 @@ import stat
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+
 import pytest
 
 from adapters.archive import extract_archive
@@ -21,7 +23,7 @@ MiB = 1024 * 1024
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def tar_gz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], **pax: str) -> Path:
+def tar_gz(path: Path, members: Sequence[tuple[tarfile.TarInfo, bytes | None]], **pax: str) -> Path:
     with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT, pax_headers=pax or None) as tar:
         for info, data in members:
             if data is not None:
@@ -40,7 +42,7 @@ def tar_special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.Tar
     return info, None
 
 
-def zip_archive(path: Path, members: list[tuple[str | zipfile.ZipInfo, bytes]]) -> Path:
+def zip_archive(path: Path, members: Sequence[tuple[str | zipfile.ZipInfo, bytes]]) -> Path:
     with warnings.catch_warnings(), zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         warnings.simplefilter("ignore")  # duplicate names are written on purpose
         for name, data in members:
@@ -76,13 +78,15 @@ def assert_extracted(folder: Path, dest: Path) -> None:
 def test_tar_gz_at_the_root_or_under_one_folder(folder: str, filename: str, tmp_path: Path) -> None:
     members = [tar_file(name, data) for name, data in adapter_members(folder)]
     archive = tar_gz(tmp_path / "upload", members)
-    assert_extracted(extract_archive(archive, tmp_path / "out", filename=filename, **LIMITS), tmp_path / "out")
+    extracted = extract_archive(archive, tmp_path / "out", filename=filename, **LIMITS)
+    assert_extracted(extracted, tmp_path / "out")
 
 
 def test_tar_gz_with_folder_entries(tmp_path: Path) -> None:
     top = tarfile.TarInfo("my-adapter")
     top.type = tarfile.DIRTYPE
-    archive = tar_gz(tmp_path / "upload", [(top, None)] + [tar_file(n, d) for n, d in adapter_members("my-adapter/")])
+    files = [tar_file(n, d) for n, d in adapter_members("my-adapter/")]
+    archive = tar_gz(tmp_path / "upload", [(top, None), *files])
     folder = extract_archive(archive, tmp_path / "out", filename="a.tar.gz", **LIMITS)
     assert folder.name == "my-adapter"
     assert_extracted(folder, tmp_path / "out")
@@ -90,7 +94,8 @@ def test_tar_gz_with_folder_entries(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("folder", ["", "my-adapter/"])
 def test_zip_at_the_root_or_under_one_folder(folder: str, tmp_path: Path) -> None:
-    archive = zip_archive(tmp_path / "upload", [*([(folder, b"")] if folder else []), *adapter_members(folder)])
+    folder_entry = [(folder, b"")] if folder else []
+    archive = zip_archive(tmp_path / "upload", [*folder_entry, *adapter_members(folder)])
     assert_extracted(extract_archive(archive, tmp_path / "out", filename="a.zip", **LIMITS), tmp_path / "out")
 
 
@@ -149,7 +154,8 @@ def test_a_corrupt_archive_is_refused(filename: str, tmp_path: Path) -> None:
 def test_a_truncated_tar_gz_is_refused(tmp_path: Path) -> None:
     archive = tar_gz(tmp_path / "upload", [tar_file("adapter_model.safetensors", bytes(range(256)) * 400)])
     archive.write_bytes(archive.read_bytes()[:-200])
-    assert "corrupt or truncated" in refusal(archive, tmp_path / "out", filename="a.tgz", code="invalid_archive")
+    message = refusal(archive, tmp_path / "out", filename="a.tgz", code="invalid_archive")
+    assert "corrupt or truncated" in message
 
 
 # -- unsafe members ---------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def test_a_truncated_tar_gz_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
 def test_members_escaping_the_folder_are_refused(fmt: str, name: str, why: str, tmp_path: Path) -> None:
     members = [*adapter_members(), (name, b"{}")]
-    archive = (zip_archive(tmp_path / "upload", members) if fmt == "zip"  # type: ignore[arg-type]
+    archive = (zip_archive(tmp_path / "upload", members) if fmt == "zip"
                else tar_gz(tmp_path / "upload", [tar_file(n, d) for n, d in members]))
     message = refusal(archive, tmp_path / "out", filename=f"a.{fmt}", code="unsafe_archive_member")
     assert why in message and "evil.json" in message
@@ -231,8 +237,8 @@ def test_the_total_counts_every_member(tmp_path: Path) -> None:
 def test_a_huge_tar_header_cannot_exhaust_memory(tmp_path: Path) -> None:
     members = [tar_file(n, d) for n, d in adapter_members()]
     archive = tar_gz(tmp_path / "upload", members, comment="x" * (3 * MiB))
-    refusal(archive, tmp_path / "out", filename="a.tar.gz", code="adapter_too_large", error=AdapterTooLargeError,
-            max_total_bytes=MiB)
+    refusal(archive, tmp_path / "out", filename="a.tar.gz", code="adapter_too_large",
+            error=AdapterTooLargeError, max_total_bytes=MiB)
 
 
 # -- layout -----------------------------------------------------------------------------------------
@@ -240,7 +246,8 @@ def test_a_huge_tar_header_cannot_exhaust_memory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("members", "words"), [
     ([("a/b/adapter_config.json", b"{}")], "nested too deep"),
-    ([("one/adapter_config.json", b"{}"), ("two/adapter_model.safetensors", b"")], "more than one top folder"),
+    ([("one/adapter_config.json", b"{}"), ("two/adapter_model.safetensors", b"")],
+     "more than one top folder"),
     ([("adapter_config.json", b"{}"), ("two/adapter_model.safetensors", b"")], "mixes files"),
     ([("adapter_config.json", b"{}"), ("adapter_config.json", b"{}")], "clashes"),
     ([("adapter_config.json", b"{}"), ("adapter_config.json/x", b"{}")], "clashes"),

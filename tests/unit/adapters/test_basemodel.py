@@ -59,11 +59,13 @@ def test_an_explicit_head_dim_wins_over_hidden_over_heads() -> None:
 
 
 def test_the_architecture_names_the_layout_when_model_type_is_absent() -> None:
-    config = {k: v for k, v in LLAMA3_8B.items() if k != "model_type"} | {"architectures": ["Qwen2ForCausalLM"]}
+    config = {k: v for k, v in LLAMA3_8B.items() if k != "model_type"}
+    config["architectures"] = ["Qwen2ForCausalLM"]
     assert BaseModelSpec.from_hf_config(config).num_layers == 32
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"])
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads"])
 def test_a_missing_field_is_named(field: str) -> None:
     config = {k: v for k, v in LLAMA3_8B.items() if k != field}
     with pytest.raises(ValueError, match=field):
@@ -78,7 +80,8 @@ def test_a_field_must_be_a_positive_integer(value: Any) -> None:
 
 def test_an_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="gpt2"):
-        BaseModelSpec.from_hf_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768})
+        BaseModelSpec.from_hf_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                      "n_embd": 768})
 
 
 def test_from_path_takes_a_file_or_its_folder(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from adapters.basemodel import BaseModelSpec
 from adapters.errors import AdapterError, AdapterTooLargeError, InvalidAdapterError
-from adapters.validation import CONFIG_FILE, WEIGHTS_FILE, check_file_set, validate_adapter_dir
+from adapters.validation import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo, check_file_set, validate_adapter_dir
 from gateway.dev.demo_model import LORA_TARGETS
 
 PREFIX = "base_model.model.model.layers"
@@ -67,18 +67,21 @@ def convert_weights(adapter: Path, dtype: str) -> None:
         values = np.frombuffer(data[begin:end], dtype="<f4")
         raw = (values.astype("<f2").tobytes() if dtype == "F16"
                else (values.view("<u4") >> 16).astype("<u2").tobytes())
-        out_header[name] = {"dtype": dtype, "shape": info["shape"], "data_offsets": [offset, offset + len(raw)]}
+        out_header[name] = {"dtype": dtype, "shape": info["shape"],
+                            "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
     write_safetensors(adapter / WEIGHTS_FILE, out_header, b"".join(chunks))
 
 
-def validate(adapter: Path, spec: BaseModelSpec, *, max_rank: int = MAX_RANK, max_bytes: int = MAX_BYTES) -> Any:
+def validate(adapter: Path, spec: BaseModelSpec, *, max_rank: int = MAX_RANK,
+             max_bytes: int = MAX_BYTES) -> AdapterInfo:
     return validate_adapter_dir(adapter, base=spec, max_rank=max_rank, max_bytes=max_bytes)
 
 
-def rejection(adapter: Path, spec: BaseModelSpec, *, code: str, error: type[AdapterError] = InvalidAdapterError,
-              max_rank: int = MAX_RANK, max_bytes: int = MAX_BYTES) -> str:
+def rejection(adapter: Path, spec: BaseModelSpec, *, code: str,
+              error: type[AdapterError] = InvalidAdapterError, max_rank: int = MAX_RANK,
+              max_bytes: int = MAX_BYTES) -> str:
     """Validate, expecting a refusal with ``code``; return the message, checked to hold no server path."""
     with pytest.raises(error) as caught:
         validate(adapter, spec, max_rank=max_rank, max_bytes=max_bytes)
@@ -117,7 +120,8 @@ def test_half_precision_weights_are_accepted(dtype: str, adapter_dir: Path, demo
     assert validate(adapter_dir, demo_spec).rank == 8
 
 
-def test_a_target_regex_is_resolved_against_the_base_model(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+def test_a_target_regex_is_resolved_against_the_base_model(adapter_dir: Path,
+                                                            demo_spec: BaseModelSpec) -> None:
     edit_config(adapter_dir, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")
     assert validate(adapter_dir, demo_spec).target_modules == sorted(LORA_TARGETS)
 
@@ -150,7 +154,7 @@ def test_pickle_weights_without_safetensors_say_why(demo_spec: BaseModelSpec) ->
 
 
 def test_an_unknown_file_is_named() -> None:
-    with pytest.raises(InvalidAdapterError, match="notes.txt") as caught:
+    with pytest.raises(InvalidAdapterError, match=r"notes\.txt") as caught:
         check_file_set(["adapter_config.json", "adapter_model.safetensors", "notes.txt"])
     assert caught.value.code == "unexpected_adapter_file"
 
@@ -194,7 +198,7 @@ def test_a_non_lora_adapter_is_refused(adapter_dir: Path, demo_spec: BaseModelSp
 
 def test_a_rank_above_the_limit_names_both(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
     message = rejection(adapter_dir, demo_spec, code="rank_too_large", max_rank=4)
-    assert "r=8" in message and "4" in message
+    assert "r=8" in message and "rank 4" in message
 
 
 @pytest.mark.parametrize("r", [0, -1, 8.0, True, "8"])
@@ -240,7 +244,8 @@ def test_features_we_cannot_serve_are_named(changes: dict[str, Any], words: str,
     assert words in rejection(adapter_dir, demo_spec, code="unsupported_lora_feature")
 
 
-def test_layers_to_transform_outside_the_model_is_refused(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+def test_layers_to_transform_outside_the_model_is_refused(adapter_dir: Path,
+                                                          demo_spec: BaseModelSpec) -> None:
     edit_config(adapter_dir, layers_to_transform=[0, 5])
     message = rejection(adapter_dir, demo_spec, code="invalid_adapter_config")
     assert "layer 5" in message and "2 layers" in message
@@ -293,7 +298,8 @@ def test_overlapping_tensors_are_refused(adapter_dir: Path, demo_spec: BaseModel
     assert "overlaps" in rejection(adapter_dir, demo_spec, code="invalid_safetensors")
 
 
-def test_offsets_that_disagree_with_the_shape_are_refused(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+def test_offsets_that_disagree_with_the_shape_are_refused(adapter_dir: Path,
+                                                          demo_spec: BaseModelSpec) -> None:
     def grow(header: dict[str, Any]) -> None:
         header[Q_A]["shape"] = [8, 129]
 
@@ -335,6 +341,17 @@ def test_a_tensor_for_a_module_not_in_target_modules_is_refused(adapter_dir: Pat
     edit_config(adapter_dir, target_modules=[t for t in LORA_TARGETS if t != "down_proj"])
     message = rejection(adapter_dir, demo_spec, code="unexpected_tensor")
     assert "down_proj" in message and "target_modules" in message
+
+
+def test_exclude_modules_narrows_the_targets(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, exclude_modules=["down_proj"])
+    assert "down_proj" in rejection(adapter_dir, demo_spec, code="unexpected_tensor")
+
+
+def test_layers_to_transform_narrows_the_targets(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, layers_to_transform=[0])
+    message = rejection(adapter_dir, demo_spec, code="unexpected_tensor")
+    assert f"{PREFIX}.1." in message and "target_modules" in message
 
 
 def test_lora_a_without_lora_b_is_refused(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:

@@ -1,0 +1,98 @@
+"""Small hand-written fakes behind the gateway's seams: the engine pool (an ``httpx.MockTransport``), the
+tenant store and the adapter registry. No services, no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from adapters.registry import AdapterRecord, VersionMeta
+from gateway.app import create_app
+from gateway.engine import HttpEnginePool
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.state import AppState
+
+ADMIN_KEY = "adm_unit_test_key_0123456789"
+TENANT_KEY = "bk_" + "t" * 43
+OTHER_KEY = "bk_" + "o" * 43
+
+
+class FakeTenants:
+    def __init__(self) -> None:
+        self.keys = {TENANT_KEY: "acme", OTHER_KEY: "globex"}
+
+    async def authenticate(self, key: str) -> str | None:
+        return self.keys.get(key)
+
+
+@dataclass
+class FakeRegistry:
+    records: dict[tuple[str, str], AdapterRecord] = field(default_factory=dict)
+
+    def add(self, tenant: str, name: str, version: int = 1, *, active: bool = True) -> None:
+        meta = VersionMeta(version=version, uid="abcdef012345", sha256="0" * 64, rank=8, alpha=16.0,
+                           target_modules=["q_proj"], size_bytes=10, created=1)
+        old = self.records.get((tenant, name))
+        versions = {**(old.versions if old else {}), version: meta}
+        self.records[(tenant, name)] = AdapterRecord(tenant, name, version if active else None, versions)
+
+    async def get(self, tenant: str, name: str) -> AdapterRecord | None:
+        return self.records.get((tenant, name))
+
+    async def list_records(self, tenant: str) -> list[AdapterRecord]:
+        return [r for (t, _), r in sorted(self.records.items()) if t == tenant]
+
+
+class FakeRedis:
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FakeStore:
+    async def ping(self) -> None:
+        return None
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+@dataclass
+class Harness:
+    client: TestClient
+    registry: FakeRegistry
+    engine_requests: list[httpx.Request]
+    metrics: Metrics
+
+    def tenant_headers(self, key: str = TENANT_KEY) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def make_harness() -> Callable[[Handler], Harness]:
+    def build(handler: Handler) -> Harness:
+        seen: list[httpx.Request] = []
+
+        def recording(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return handler(request)
+
+        settings = Settings(mode="dev", admin_key=SecretStr(ADMIN_KEY), engine_urls=["http://engine"])
+        registry = FakeRegistry()
+        metrics = Metrics()
+        state = AppState(settings=settings, redis=FakeRedis(), store=FakeStore(),  # type: ignore[arg-type]
+                         engines=HttpEnginePool(["http://engine"], transport=httpx.MockTransport(recording)),
+                         tenants=FakeTenants(), adapters=registry, metrics=metrics,  # type: ignore[arg-type]
+                         base_spec=None)
+        client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
+        return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics)
+
+    return build

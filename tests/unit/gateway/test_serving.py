@@ -1,0 +1,156 @@
+"""The completion request path against a fake engine: model resolution, name rewriting, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+
+from adapters.naming import AdapterRef
+from gateway.openai_api.serving import ResolvedModel, _NameRewriter, cache_salt
+from tests.unit.gateway.conftest import OTHER_KEY, Handler, Harness
+
+ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
+
+
+def _completion(model: str) -> dict:
+    return {"id": "cmpl-1", "object": "text_completion", "model": model,
+            "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+class _Chunks(httpx.AsyncByteStream):
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for chunk in self.chunks:
+            yield chunk
+
+
+def _echo_engine(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    if body.get("stream"):
+        chunk = json.dumps({"id": "c", "model": body["model"], "choices": [{"text": "x"}]})
+        stream = f"data: {chunk}\n\ndata: {chunk}\n\ndata: [DONE]\n\n".encode()
+        return httpx.Response(200, stream=_Chunks([stream[:7], stream[7:50], stream[50:]]),
+                              headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json=_completion(body["model"]))
+
+
+def test_adapter_request_uses_internal_name_and_echoes_public(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    h.registry.add("acme", "helper")
+    response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x"}, headers=h.tenant_headers())
+    assert response.status_code == 200
+    assert response.json()["model"] == "helper"
+    assert response.headers["x-banyan-adapter"] == "helper"
+    assert response.headers["x-banyan-adapter-version"] == "1"
+    sent = json.loads(h.engine_requests[0].content)
+    assert sent["model"] == ENGINE_NAME
+    assert sent["cache_salt"] == cache_salt("acme") != cache_salt("globex")
+    assert "rag" not in sent
+
+
+def test_stream_rewrites_internal_name(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    h.registry.add("acme", "helper")
+    response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x", "stream": True},
+                             headers=h.tenant_headers())
+    assert response.status_code == 200
+    assert ENGINE_NAME not in response.text and "banyan." not in response.text
+    assert response.text.count('"model": "helper"') + response.text.count('"model":"helper"') == 2
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_another_tenants_adapter_is_model_not_found(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    h.registry.add("acme", "helper")
+    response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x"},
+                             headers=h.tenant_headers(OTHER_KEY))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert h.engine_requests == []
+
+
+def test_inactive_adapter_is_not_served(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    h.registry.add("acme", "staged", active=False)
+    response = h.client.post("/v1/completions", json={"model": "staged", "prompt": "x"}, headers=h.tenant_headers())
+    assert response.status_code == 404
+    models = h.client.get("/v1/models", headers=h.tenant_headers()).json()["data"]
+    assert [m["id"] for m in models] == ["banyan-demo"]
+
+
+def test_engine_only_fields_are_refused(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    for field in ("cache_salt", "chat_template"):
+        response = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": "x", field: "y"},
+                                 headers=h.tenant_headers())
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == field
+    assert h.engine_requests == []
+
+
+def test_engine_unreachable_is_503(make_harness: Callable[[Handler], Harness]) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    h = make_harness(down)
+    for stream in (False, True):
+        response = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": "x", "stream": stream},
+                                 headers=h.tenant_headers())
+        assert response.status_code == 503
+        assert response.json()["error"] == {"message": response.json()["error"]["message"], "type": "server_error",
+                                            "param": None, "code": "engine_unavailable"}
+
+
+def test_engine_4xx_passes_through_without_internal_name(make_harness: Callable[[Handler], Harness]) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        return httpx.Response(400, json={"error": {"message": f"bad max_tokens for {model}", "type": "BadRequestError",
+                                                   "param": "max_tokens", "code": 400}})
+
+    h = make_harness(refuse)
+    h.registry.add("acme", "helper")
+    response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x", "max_tokens": -1},
+                             headers=h.tenant_headers())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"] == "bad max_tokens for helper"
+    assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens" and error["code"] is None
+
+
+def test_stream_broken_midway_ends_with_error_event(make_harness: Callable[[Handler], Harness]) -> None:
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b'data: {"model": "banyan-demo", "choices": []}\n\n'
+            raise httpx.ReadError("connection reset")
+
+    h = make_harness(lambda request: httpx.Response(200, stream=Broken()))
+    response = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": "x", "stream": True},
+                             headers=h.tenant_headers())
+    assert response.status_code == 200
+    events = [e for e in response.text.split("\n\n") if e]
+    assert json.loads(events[-2][6:])["error"]["code"] == "engine_unavailable"
+    assert events[-1] == "data: [DONE]"
+
+
+def test_name_rewriter_handles_events_split_anywhere() -> None:
+    ref = AdapterRef("acme", "helper", 3, "abcdef012345")
+    resolved = ResolvedModel(public="helper", engine=ref.engine_name, adapter=ref)
+    event = f'data: {{"model":"{ref.engine_name}","x":1}}\n\n'.encode() * 3
+    for cut in range(1, len(event)):
+        rewriter = _NameRewriter(resolved)
+        out = rewriter.feed(event[:cut]) + rewriter.feed(event[cut:]) + rewriter.flush()
+        assert out == b'data: {"model":"helper","x":1}\n\n' * 3, cut
+
+
+def test_name_rewriter_renders_engine_error_events() -> None:
+    ref = AdapterRef("acme", "helper", 3, "abcdef012345")
+    resolved = ResolvedModel(public="helper", engine=ref.engine_name, adapter=ref)
+    rewriter = _NameRewriter(resolved)
+    raw = b'data: {"error": {"message": "boom", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+    out = json.loads(rewriter.feed(raw)[6:])
+    assert out["error"]["type"] == "server_error" and out["error"]["code"] == "engine_unavailable"
