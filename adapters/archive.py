@@ -27,15 +27,15 @@ _TAR_OVERHEAD_BYTES = 1024 * 1024
 """Room for tar headers and padding on top of the content limit when bounding decompression."""
 _CORRUPT_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
 
-FILE = "file"
-FOLDER = "folder"
+_FILE = "file"
+_FOLDER = "folder"
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     name: str
     kind: str
-    """``FILE``, ``FOLDER``, or what else the member is ("a symlink"), which is refused."""
+    """``_FILE``, ``_FOLDER``, or what else the member is ("a symlink"), which is refused."""
     size: int
     """The size the archive declares; the bytes actually read are counted separately."""
     open: Callable[[], IO[bytes]]
@@ -117,14 +117,14 @@ def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_
                 if written is not None:
                     files.append(written)
     except _CORRUPT_ERRORS as e:
-        where = f" (at member {shown(current)})" if current else ""
+        where = f" (near member {shown(current)})" if current else ""
         raise InvalidAdapterError(f"{shown(filename)} is not a valid {fmt.label} archive: it is corrupt or "
                                   f"truncated{where}", code=AdapterErrorCode.INVALID_ARCHIVE) from e
     return files
 
 
 def _extract_entry(entry: _Entry, root: Path, *, budget: _Budget) -> tuple[str, ...] | None:
-    if entry.kind not in (FILE, FOLDER):
+    if entry.kind not in (_FILE, _FOLDER):
         raise InvalidAdapterError(f"archive member {shown(entry.name)} is {entry.kind}; only regular files "
                                   "and folders are accepted", code=AdapterErrorCode.UNSAFE_ARCHIVE_MEMBER)
     parts = _safe_parts(entry.name)
@@ -133,7 +133,7 @@ def _extract_entry(entry: _Entry, root: Path, *, budget: _Budget) -> tuple[str, 
     target = root.joinpath(*parts)
     if not target.resolve().is_relative_to(root.resolve()):
         raise _unsafe(entry.name, "resolves outside the archive")
-    if entry.kind == FOLDER:
+    if entry.kind == _FOLDER:
         _check_depth(entry.name, parts, max_depth=1)
         _make_folder(target, name=entry.name)
         return None
@@ -285,11 +285,11 @@ def _tar_entries(raw: BinaryIO, limit: int) -> Generator[_Entry, None, None]:
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
     if member.isdir():
-        return FOLDER
+        return _FOLDER
     if member.issparse():
         return "a sparse file"
     if member.isreg():
-        return FILE
+        return _FILE
     return _TAR_REFUSED_KINDS.get(member.type, "an unsupported kind of member")
 
 
@@ -317,7 +317,7 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     file_type = stat.S_IFMT(info.external_attr >> 16)
     if file_type in _ZIP_REFUSED_KINDS:
         return _ZIP_REFUSED_KINDS[file_type]
-    return FOLDER if info.is_dir() else FILE
+    return _FOLDER if info.is_dir() else _FILE
 
 
 def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:

@@ -17,6 +17,7 @@ translates them at its boundary.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -69,3 +70,10 @@ def shown(text: str, *, limit: int = 120) -> str:
     """``text`` quoted for an error message: repr-escaped (no control characters) and cut short."""
     quoted = repr(text)
     return quoted if len(quoted) <= limit else quoted[: limit - 4] + "...'"
+
+
+def shown_list(texts: Iterable[str], *, limit: int = 5) -> str:
+    """Up to ``limit`` quoted items, comma-separated, then how many more there are."""
+    items = list(texts)
+    head = ", ".join(shown(t) for t in items[:limit])
+    return head if len(items) <= limit else f"{head} and {len(items) - limit} more"

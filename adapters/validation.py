@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adapters.basemodel import BaseModelSpec
-from adapters.errors import AdapterErrorCode, AdapterTooLargeError, InvalidAdapterError, shown
+from adapters.errors import AdapterErrorCode, AdapterTooLargeError, InvalidAdapterError, shown, shown_list
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -75,7 +75,7 @@ def check_file_set(names: Iterable[str]) -> None:
     pickled = sorted(n for n in present if n.lower().endswith(PICKLE_SUFFIXES))
     if pickled:
         raise InvalidAdapterError(
-            f"{', '.join(map(shown, pickled))}: only safetensors weights ({WEIGHTS_FILE}) are accepted; "
+            f"{shown_list(pickled)}: only safetensors weights ({WEIGHTS_FILE}) are accepted; "
             "pickle-based formats (.bin, .pt, .pth, .ckpt) can run code when loaded",
             code=AdapterErrorCode.UNSAFE_WEIGHTS_FORMAT)
     missing = [n for n in REQUIRED_FILES if n not in present]
@@ -85,7 +85,7 @@ def check_file_set(names: Iterable[str]) -> None:
     unexpected = sorted(present - set(REQUIRED_FILES) - set(IGNORED_FILES))
     if unexpected:
         raise InvalidAdapterError(
-            f"unexpected file {', '.join(map(shown, unexpected))}: an adapter holds only "
+            f"unexpected file {shown_list(unexpected)}: an adapter holds only "
             f"{' and '.join(REQUIRED_FILES)} (and optionally {', '.join(IGNORED_FILES)})",
             code=AdapterErrorCode.UNEXPECTED_ADAPTER_FILE)
 
@@ -294,7 +294,7 @@ def _match_listed(targets: list[str], *, modules: list[_Module], base: BaseModel
     index = _suffix_index(modules)
     unknown = [t for t in targets if t not in index]
     if unknown:
-        raise _unknown_targets(f"target_modules names {', '.join(map(shown, unknown))}, which the base model "
+        raise _unknown_targets(f"target_modules names {shown_list(unknown)}, which the base model "
                                "does not have", base)
     # As in PEFT, a full module name is taken as is; layers_to_transform filters suffix matches.
     return {m for t in targets for m in index[t] if layers is None or m.layer in layers or t == m.name}
