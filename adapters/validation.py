@@ -19,6 +19,7 @@ import json
 import math
 import re
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,7 +43,12 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 _CHUNK_BYTES = 1024 * 1024  # a multiple of every accepted element size
 _MAX_PATTERN_CHARS = 256
 _MAX_PATTERN_REPEATS = 4
+_MAX_PATTERN_GROUPS = 3
+_MAX_PATTERN_BRANCHES = 16
+_QUANTIFIER = re.compile(r"(?<!\()[*+?]|\{")  # "(?" opens a group extension, it quantifies nothing
+_NESTED_OR_BACKREFERENCE = re.compile(r"\)[*+?{]|\\[1-9]|\(\?P=")
 _MAX_PATTERN_ENTRIES = 1024
+_PATTERN_SECONDS = 1.0  # matching legitimate patterns against every module takes about a millisecond
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -205,10 +211,12 @@ def _parse_config(data: bytes, *, base: BaseModelSpec, max_rank: int) -> _LoraCo
     rank = _check_rank(config.get("r"), what="r", max_rank=max_rank)
     alpha = _check_alpha(config.get("lora_alpha"), what="lora_alpha")
     modules = _base_modules(base)
-    targets = _resolve_targets(config, modules=modules, base=base)
+    deadline = time.monotonic() + _PATTERN_SECONDS
+    targets = _resolve_targets(config, modules=modules, base=base, deadline=deadline)
     _check_features(config)
     return _LoraConfig(rank=rank, alpha=alpha,
-                       ranks=_module_ranks(config, targets=targets, rank=rank, max_rank=max_rank))
+                       ranks=_module_ranks(config, targets=targets, rank=rank, max_rank=max_rank,
+                                           deadline=deadline))
 
 
 def _json(value: Any) -> str:
@@ -250,8 +258,8 @@ def _base_modules(base: BaseModelSpec) -> list[_Module]:
             for layer in range(base.num_layers) for leaf in sorted(base.modules)]
 
 
-def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module],
-                     base: BaseModelSpec) -> set[_Module]:
+def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module], base: BaseModelSpec,
+                     deadline: float) -> set[_Module]:
     """The modules ``target_modules`` selects, with PEFT's rules (list: name or dotted suffix,
     limited by ``layers_to_transform``; string: a regular expression over full names)."""
     raw = config.get("target_modules")
@@ -259,7 +267,7 @@ def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module],
     if isinstance(raw, str) and (raw in base.modules or raw.lower() == "all-linear"):
         raw = [raw] if raw in base.modules else sorted(base.modules)
     if isinstance(raw, str):
-        selected = _match_regex(raw, what="target_modules", modules=modules)
+        selected = _match_regex(raw, what="target_modules pattern", modules=modules, deadline=deadline)
         if not selected:
             raise _unknown_targets(f"target_modules pattern {shown(raw)} matches no module", base)
     elif isinstance(raw, list) and raw and all(isinstance(t, str) and t for t in raw):
@@ -267,7 +275,7 @@ def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module],
     else:
         raise _config_error("target_modules must be a non-empty list of module names, "
                             f"got {_json(raw)}")
-    selected -= _excluded(config.get("exclude_modules"), modules=modules)
+    selected -= _excluded(config.get("exclude_modules"), modules=modules, deadline=deadline)
     if not selected:
         raise _unknown_targets("target_modules selects no module once exclude_modules is applied", base)
     return selected
@@ -320,49 +328,69 @@ def _layers_to_transform(config: Mapping[str, Any], base: BaseModelSpec) -> froz
     return frozenset(layers)
 
 
-def _excluded(raw: Any, *, modules: list[_Module]) -> set[_Module]:
+def _excluded(raw: Any, *, modules: list[_Module], deadline: float) -> set[_Module]:
     if not raw:
         return set()
     if isinstance(raw, str):
-        return _match_regex(raw, what="exclude_modules", modules=modules)
+        return _match_regex(raw, what="exclude_modules pattern", modules=modules, deadline=deadline)
     if isinstance(raw, list) and all(isinstance(e, str) for e in raw):
         index = _suffix_index(modules)
         return {m for e in raw for m in index.get(e, ())}
     raise _config_error(f"exclude_modules must be a list of module names or a pattern, got {_json(raw)}")
 
 
-def _match_regex(pattern: str, *, what: str, modules: list[_Module]) -> set[_Module]:
+def _match_regex(pattern: str, *, what: str, modules: list[_Module], deadline: float) -> set[_Module]:
     regex = _compile_pattern(pattern, what=what, template="{}")
-    return {m for m in modules if regex.fullmatch(m.name)}
+    selected = set()
+    for module in modules:
+        _check_deadline(deadline, what=what, pattern=pattern)
+        if regex.fullmatch(module.name):
+            selected.add(module)
+    return selected
+
+
+def _check_deadline(deadline: float, *, what: str, pattern: str) -> None:
+    """The structural limits bound one match; this bounds them all (a pattern per module per layer)."""
+    if time.monotonic() > deadline:
+        raise _too_complex(what, pattern)
+
+
+def _too_complex(what: str, pattern: str) -> InvalidAdapterError:
+    return _config_error(f"{what} {shown(pattern)} is too complex to check; list module names instead")
 
 
 def _compile_pattern(pattern: str, *, what: str, template: str) -> re.Pattern[str]:
     """Compile a user's regular expression, refusing the shapes that can backtrack for ever (the stdlib
-    ``re`` has no timeout): nested or grouped repetition, back-references, many repeats."""
-    repeats = sum(pattern.count(c) for c in "*+{")
-    if (len(pattern) > _MAX_PATTERN_CHARS or repeats > _MAX_PATTERN_REPEATS
-            or re.search(r"\)[*+{]|\\[1-9]|\(\?P=", pattern)):
-        raise _config_error(f"{what} pattern {shown(pattern)} is too complex to check; list module names "
-                            "instead")
+    ``re`` has no timeout): repeated groups, back-references, and more than a few quantifiers, groups
+    or alternatives. Crude on purpose: a pattern refused here can always be written as a list."""
+    if (len(pattern) > _MAX_PATTERN_CHARS
+            or len(_QUANTIFIER.findall(pattern)) > _MAX_PATTERN_REPEATS
+            or pattern.count("(") > _MAX_PATTERN_GROUPS or pattern.count("|") > _MAX_PATTERN_BRANCHES
+            or _NESTED_OR_BACKREFERENCE.search(pattern)):
+        raise _too_complex(what, pattern)
     try:
         return re.compile(template.format(pattern))
     except re.error as e:
         raise _config_error(f"{what} {shown(pattern)} is not a valid regular expression ({e.msg})") from e
 
 
-def _module_ranks(config: Mapping[str, Any], *, targets: set[_Module], rank: int,
-                  max_rank: int) -> dict[tuple[int, str], int]:
+def _module_ranks(config: Mapping[str, Any], *, targets: set[_Module], rank: int, max_rank: int,
+                  deadline: float) -> dict[tuple[int, str], int]:
     """The rank of each targeted module: the first ``rank_pattern`` key matching it (PEFT's rule), else r."""
     rank_pattern = _pattern_dict(config, "rank_pattern")
     for key, value in _pattern_dict(config, "alpha_pattern").items():
         _check_alpha(value, what=f"alpha_pattern[{shown(key)}]")
-    patterns = [(_compile_pattern(key, what="rank_pattern key", template=r"(.*\.)?({})$"),
+    patterns = [(key, _compile_pattern(key, what="rank_pattern key", template=r"(.*\.)?({})$"),
                  _check_rank(value, what=f"rank_pattern[{shown(key)}]", max_rank=max_rank))
                 for key, value in rank_pattern.items()]
     ranks: dict[tuple[int, str], int] = {}
     for module in targets:
-        found = (r for regex, r in patterns if regex.match(module.name))
-        ranks[(module.layer, module.leaf)] = next(found, rank)
+        ranks[(module.layer, module.leaf)] = rank
+        for key, regex, key_rank in patterns:
+            _check_deadline(deadline, what="rank_pattern key", pattern=key)
+            if regex.match(module.name):
+                ranks[(module.layer, module.leaf)] = key_rank
+                break
     return ranks
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,17 @@ def test_a_catastrophic_target_regex_is_refused_without_running_it(adapter_dir: 
                                                                    demo_spec: BaseModelSpec) -> None:
     edit_config(adapter_dir, target_modules="(.*)*x")
     assert "too complex" in rejection(adapter_dir, demo_spec, code="invalid_adapter_config")
+
+
+def test_a_slow_target_regex_is_cut_short(adapter_dir: Path) -> None:
+    big_model = BaseModelSpec.from_hf_config({
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 128,
+        "num_attention_heads": 64, "num_key_value_heads": 8})
+    # Within the structural limits, yet about 10 ms per module name: seconds over 896 modules.
+    edit_config(adapter_dir, target_modules="(.|.|.|.|.|.).*(.|.|.|.|.|.).*(.|.|.|.|.).*.*!")
+    started = time.monotonic()
+    assert "too complex" in rejection(adapter_dir, big_model, code="invalid_adapter_config")
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize(("changes", "words"), [

@@ -1,0 +1,42 @@
+"""Errors of the retrieval package. The gateway translates them (by type) into HTTP errors.
+
+::
+
+    RetrievalError
+     +-- InvalidDocument      a document the caller sent is not acceptable (400)
+     |    +-- DocumentTooLarge   its text is above the size limit (413)
+     +-- InvalidQuery         a retrieval query or grounding request is not acceptable (400)
+     +-- DocumentNotFound     no such document for this tenant (404)
+     +-- RetrievalUnavailable the embedding model or the search index cannot serve (503)
+
+Redis errors are not wrapped: the gateway already translates ``redis.exceptions.RedisError``.
+"""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidDocument(RetrievalError):
+    pass
+
+
+class DocumentTooLarge(InvalidDocument):
+    pass
+
+
+class InvalidQuery(RetrievalError):
+    pass
+
+
+class DocumentNotFound(RetrievalError):
+    pass
+
+
+class RetrievalUnavailable(RetrievalError):
+    pass

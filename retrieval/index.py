@@ -1,0 +1,338 @@
+"""The retrieval corpus in Redis with the search module: one index for every tenant.
+
+Layout (``<p>`` is the key prefix, ``banyan`` by default)::
+
+    <p>:chunk:<tenant>:<document>:<n>  HASH  one chunk: tenant, collection, document_id, chunk, title,
+                                             text, timestamp (epoch seconds), embedding (float32 bytes)
+    <p>:doc:<tenant>:<document>        HASH  the document record: title, timestamp, collection, chunks,
+                                             created, metadata (JSON)
+    <p>:docs:<tenant>                  ZSET  document ids scored by creation time, for listing
+
+The search index covers ``<p>:chunk:`` hashes: ``embedding`` VECTOR (HNSW, cosine), ``title`` and
+``text`` TEXT (BM25), ``tenant`` and ``collection`` TAG, ``timestamp`` NUMERIC.
+
+Isolation: every query this module sends starts with ``@tenant:{<tenant>}``, built here from a
+validated tenant id with every non-alphanumeric character escaped, and the caller's words only ever
+enter a query as escaped single terms (``\\w+`` runs) OR-ed together, so no input can change the
+query's structure or widen its scope. Keys hold the tenant too, so a document id from another tenant
+simply does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from retrieval.errors import InvalidQuery
+
+# The search module's default English stop words, set explicitly so the index and the query
+# builder agree: a text clause made only of stop words would match every chunk of the tenant.
+STOPWORDS = frozenset((
+    "a", "is", "the", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "it",
+    "no", "not", "of", "on", "or", "such", "that", "their", "then", "there", "these", "they", "this", "to",
+    "was", "will", "with",
+))
+MAX_QUERY_TERMS = 32
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_DOCUMENT_RE = re.compile(r"^doc_[0-9a-f]{24}$")
+_WORD_RE = re.compile(r"\w+")
+_ESCAPE_RE = re.compile(r"([^A-Za-z0-9\u0080-\U0010ffff])")
+_RETURNED = ("document_id", "chunk", "title", "text", "timestamp", "collection", "embedding")
+
+
+def escape(value: str) -> str:
+    """Backslash-escape every ASCII character that is not a letter or digit (TAG values, terms)."""
+    return _ESCAPE_RE.sub(r"\\\1", value)
+
+
+def query_terms(text: str, *, limit: int = MAX_QUERY_TERMS) -> list[str]:
+    """The distinct searchable words of ``text`` (lower case, no stop words), in order."""
+    seen: dict[str, None] = {}
+    for word in _WORD_RE.findall(text.lower()):
+        if word not in STOPWORDS and word not in seen:
+            seen[word] = None
+            if len(seen) == limit:
+                break
+    return list(seen)
+
+
+def is_document_id(value: str) -> bool:
+    return bool(_DOCUMENT_RE.match(value))
+
+
+def _check_tenant(tenant: str) -> str:
+    if not _TENANT_RE.match(tenant):
+        raise ValueError("invalid tenant id")  # the gateway validates tenants; this is a bug guard
+    return tenant
+
+
+def scope_filter(tenant: str, collection: str | None) -> str:
+    """The filter in front of every query: the tenant, and the collection when one is asked for."""
+    clause = f"@tenant:{{{escape(_check_tenant(tenant))}}}"
+    if collection is not None:
+        clause += f" @collection:{{{escape(collection)}}}"
+    return clause
+
+
+@dataclass(frozen=True, slots=True)
+class HnswConfig:
+    m: int = 16
+    ef_construction: int = 200
+    ef_runtime: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    number: int
+    text: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRecord:
+    id: str
+    tenant: str
+    title: str | None
+    timestamp: float
+    collection: str
+    chunks: int
+    created: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Hit:
+    """One chunk found by a query, with what ranking and rendering need."""
+
+    key: str
+    document_id: str
+    number: int
+    title: str | None
+    text: str
+    timestamp: float
+    collection: str
+    vector: np.ndarray
+
+
+class ChunkIndex:
+    """Chunks, document records and the search index, in one Redis."""
+
+    def __init__(self, redis: Redis, *, name: str = "banyan-chunks", prefix: str = "banyan", dimension: int = 384,
+                 hnsw: HnswConfig | None = None) -> None:
+        self._redis = redis
+        self.name = name
+        self.prefix = prefix
+        self.dimension = dimension
+        self.hnsw = hnsw or HnswConfig()
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def chunk_key(self, tenant: str, document_id: str, number: int) -> str:
+        return f"{self.prefix}:chunk:{_check_tenant(tenant)}:{document_id}:{number}"
+
+    def _doc_key(self, tenant: str, document_id: str) -> str:
+        return f"{self.prefix}:doc:{_check_tenant(tenant)}:{document_id}"
+
+    def _list_key(self, tenant: str) -> str:
+        return f"{self.prefix}:docs:{_check_tenant(tenant)}"
+
+    # -- the index ------------------------------------------------------------------------------
+
+    async def exists(self) -> bool:
+        names = await self._redis.execute_command("FT._LIST")
+        return self.name in {_text(n) for n in names}
+
+    async def ensure(self) -> bool:
+        """Create the search index if it is absent; True when this call created it."""
+        if await self.exists():
+            return False
+        try:
+            await self._redis.execute_command("FT.CREATE", *self._schema())
+        except ResponseError:
+            if await self.exists():  # another gateway replica created it first
+                return False
+            raise
+        return True
+
+    def _schema(self) -> list[str | int | float]:
+        h = self.hnsw
+        return [
+            self.name, "ON", "HASH", "PREFIX", 1, f"{self.prefix}:chunk:",
+            "STOPWORDS", len(STOPWORDS), *sorted(STOPWORDS),
+            "SCHEMA",
+            "tenant", "TAG", "CASESENSITIVE",
+            "collection", "TAG", "CASESENSITIVE",
+            "title", "TEXT", "WEIGHT", 2.0,
+            "text", "TEXT",
+            "timestamp", "NUMERIC", "SORTABLE",
+            "embedding", "VECTOR", "HNSW", 12, "TYPE", "FLOAT32", "DIM", self.dimension,
+            "DISTANCE_METRIC", "COSINE", "M", h.m, "EF_CONSTRUCTION", h.ef_construction, "EF_RUNTIME", h.ef_runtime,
+        ]
+
+    # -- documents ------------------------------------------------------------------------------
+
+    async def add_document(self, document: DocumentRecord, chunks: Sequence[ChunkRecord]) -> None:
+        """Write a document and its chunks in one transaction: searchable all at once or not at all."""
+        tenant = document.tenant
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for chunk in chunks:
+                pipe.hset(self.chunk_key(tenant, document.id, chunk.number), mapping={
+                    "tenant": tenant, "collection": document.collection, "document_id": document.id,
+                    "chunk": chunk.number, "title": document.title or "", "text": chunk.text,
+                    "timestamp": repr(document.timestamp),
+                    "embedding": np.asarray(chunk.vector, dtype=np.float32).tobytes(),
+                })
+            pipe.hset(self._doc_key(tenant, document.id), mapping=_encode_document(document))
+            pipe.zadd(self._list_key(tenant), {document.id: document.created})
+            await pipe.execute()
+
+    async def get_document(self, tenant: str, document_id: str) -> DocumentRecord | None:
+        if not is_document_id(document_id):
+            return None
+        raw = await self._redis.hgetall(self._doc_key(tenant, document_id))
+        return _decode_document(tenant, raw) if raw else None
+
+    async def list_documents(self, tenant: str, *, limit: int, after: str | None) -> tuple[list[DocumentRecord], bool]:
+        """A page of the tenant's documents, newest first; ``after`` is the last id of the previous page."""
+        start = 0
+        if after is not None:
+            rank = await self._redis.zrevrank(self._list_key(tenant), after) if is_document_id(after) else None
+            if not isinstance(rank, int):
+                raise InvalidQuery("`after` is not the id of one of your documents.", param="after")
+            start = rank + 1
+        ids = [_text(i) for i in await self._redis.zrevrange(self._list_key(tenant), start, start + limit)]
+        has_more = len(ids) > limit
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for document_id in ids[:limit]:
+                pipe.hgetall(self._doc_key(tenant, document_id))
+            raws = await pipe.execute()
+        return [_decode_document(tenant, raw) for raw in raws if raw], has_more
+
+    async def delete_document(self, tenant: str, document_id: str) -> bool:
+        document = await self.get_document(tenant, document_id)
+        if document is None:
+            return False
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._doc_key(tenant, document_id),
+                        *(self.chunk_key(tenant, document_id, n) for n in range(document.chunks)))
+            pipe.zrem(self._list_key(tenant), document_id)
+            await pipe.execute()
+        return True
+
+    async def delete_tenant(self, tenant: str) -> int:
+        """Remove every document and chunk of a tenant; the number of keys removed."""
+        removed = 0
+        ids = [_text(i) for i in await self._redis.zrange(self._list_key(tenant), 0, -1)]
+        for start in range(0, len(ids), 200):
+            batch = ids[start:start + 200]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for document_id in batch:
+                    pipe.hget(self._doc_key(tenant, document_id), "chunks")
+                counts = await pipe.execute()
+            keys = [self._doc_key(tenant, d) for d in batch]
+            for document_id, count in zip(batch, counts, strict=True):
+                keys.extend(self.chunk_key(tenant, document_id, n) for n in range(int(count or 0)))
+            removed += int(await self._redis.delete(*keys))
+        # A sweep for anything a concurrent ingestion wrote while we were deleting.
+        for pattern in (f"{self.prefix}:chunk:{tenant}:*", f"{self.prefix}:doc:{tenant}:*"):
+            removed += await self._delete_matching(pattern)
+        removed += int(await self._redis.delete(self._list_key(tenant)))
+        return removed
+
+    async def _delete_matching(self, pattern: str) -> int:
+        removed = 0
+        batch: list[Any] = []
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) == 500:
+                removed += int(await self._redis.delete(*batch))
+                batch = []
+        if batch:
+            removed += int(await self._redis.delete(*batch))
+        return removed
+
+    # -- queries --------------------------------------------------------------------------------
+
+    async def knn(self, tenant: str, vector: np.ndarray, *, k: int, collection: str | None) -> list[Hit]:
+        """The ``k`` nearest chunks of the tenant (cosine), nearest first."""
+        query = f"({scope_filter(tenant, collection)})=>[KNN $k @embedding $vec EF_RUNTIME $ef AS knn_distance]"
+        blob = np.asarray(vector, dtype=np.float32).tobytes()
+        reply = await self._redis.execute_command(
+            "FT.SEARCH", self.name, query, "PARAMS", 6, "k", k, "vec", blob, "ef", max(k, self.hnsw.ef_runtime),
+            "SORTBY", "knn_distance", "LIMIT", 0, k, "RETURN", len(_RETURNED), *_RETURNED, "DIALECT", 2)
+        return [self._hit(key, fields) for key, fields in parse_search_reply(reply)]
+
+    async def bm25(self, tenant: str, terms: Sequence[str], *, k: int, collection: str | None) -> list[Hit]:
+        """The ``k`` best chunks of the tenant for any of ``terms`` by BM25, best first."""
+        if not terms:
+            return []
+        words = "|".join(escape(t) for t in terms)
+        query = f"{scope_filter(tenant, collection)} ({words})"
+        reply = await self._redis.execute_command(
+            "FT.SEARCH", self.name, query, "SCORER", "BM25", "LIMIT", 0, k, "RETURN", len(_RETURNED), *_RETURNED,
+            "DIALECT", 2)
+        return [self._hit(key, fields) for key, fields in parse_search_reply(reply)]
+
+    def _hit(self, key: str, fields: Mapping[str, bytes]) -> Hit:
+        vector = np.frombuffer(fields.get("embedding", b""), dtype=np.float32)
+        if vector.shape != (self.dimension,):
+            vector = np.zeros(self.dimension, dtype=np.float32)
+        title = _text(fields.get("title", b""))
+        return Hit(key=key, document_id=_text(fields.get("document_id", b"")), number=int(fields.get("chunk", 0)),
+                   title=title or None, text=_text(fields.get("text", b"")),
+                   timestamp=float(fields.get("timestamp", 0.0)), collection=_text(fields.get("collection", b"")),
+                   vector=vector)
+
+
+def parse_search_reply(reply: Any) -> list[tuple[str, dict[str, bytes]]]:
+    """``FT.SEARCH`` results as (key, fields), for both reply shapes redis-py may hand back: the RESP2
+    list ``[total, key, [field, value, ...], ...]`` and the map with ``results`` (RESP3, and what recent
+    redis-py versions turn RESP2 replies into)."""
+    if isinstance(reply, Mapping):
+        results = _get(reply, "results") or []
+        out = []
+        for item in results:
+            attributes = _get(item, "extra_attributes") or {}
+            out.append((_text(_get(item, "id")), {_text(k): _raw(v) for k, v in attributes.items()}))
+        return out
+    items = list(reply)[1:]
+    out = []
+    for key, values in zip(items[0::2], items[1::2], strict=False):
+        flat = list(values or [])
+        out.append((_text(key), {_text(f): _raw(v) for f, v in zip(flat[0::2], flat[1::2], strict=False)}))
+    return out
+
+
+def _get(mapping: Mapping[Any, Any], name: str) -> Any:
+    return mapping.get(name, mapping.get(name.encode()))
+
+
+def _raw(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _encode_document(document: DocumentRecord) -> dict[Any, str | int | float]:
+    return {"id": document.id, "title": document.title or "", "timestamp": repr(document.timestamp),
+            "collection": document.collection, "chunks": document.chunks, "created": repr(document.created),
+            "metadata": json.dumps(document.metadata)}
+
+
+def _decode_document(tenant: str, raw: Mapping[Any, Any]) -> DocumentRecord:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return DocumentRecord(id=fields["id"], tenant=tenant, title=fields.get("title") or None,
+                          timestamp=float(fields["timestamp"]), collection=fields["collection"],
+                          chunks=int(fields["chunks"]), created=float(fields["created"]),
+                          metadata=json.loads(fields.get("metadata") or "{}"))
