@@ -18,6 +18,7 @@ _ID = r"[a-z0-9][a-z0-9-]{0,62}"
 _ENGINE_NAME_RE = re.compile(rf"^banyan\.({_ID})\.({_ID})\.v([1-9][0-9]{{0,8}})\.([a-z0-9]{{8,16}})$")
 _UID_RE = re.compile(r"^[a-z0-9]{8,16}$")
 ADAPTER_PREFIX = "adapters"
+ENGINE_NAME_PREFIX = "banyan."
 
 
 def new_uid() -> str:

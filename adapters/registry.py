@@ -13,10 +13,19 @@ recorded only after its files are in object storage: the registry entry is the c
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
+
+from adapters.naming import AdapterRef
+
+_PENDING = "banyan:uploads:pending"
+
+
+def _pending_member(ref: AdapterRef) -> str:
+    return f"{ref.tenant}/{ref.name}/{ref.version}/{ref.uid}"
 
 
 def _text(value: bytes | str) -> str:
@@ -115,6 +124,26 @@ class AdapterRegistry:
             pipe.delete(_adapter_key(tenant, name))
             pipe.srem(_names_key(tenant), name)
             await pipe.execute()
+
+    async def mark_pending(self, ref: AdapterRef) -> None:
+        """Note an upload whose files are being written: if the process dies before the version is
+        recorded, :func:`abandoned` finds it so its files can be removed."""
+        await self._redis.zadd(_PENDING, {_pending_member(ref): time.time()})
+
+    async def clear_pending(self, ref: AdapterRef) -> None:
+        await self._redis.zrem(_PENDING, _pending_member(ref))
+
+    async def abandoned(self, *, older_than_s: float) -> list[AdapterRef]:
+        members = await self._redis.zrangebyscore(_PENDING, "-inf", time.time() - older_than_s)
+        refs = []
+        for member in members:
+            tenant, name, version, uid = _text(cast(bytes, member)).split("/")
+            refs.append(AdapterRef(tenant, name, int(version), uid))
+        return refs
+
+    async def is_recorded(self, ref: AdapterRef) -> bool:
+        raw = await self._redis.hget(_adapter_key(ref.tenant, ref.name), f"v{ref.version}")
+        return raw is not None and VersionMeta.from_json(raw).uid == ref.uid
 
     async def delete_tenant(self, tenant: str) -> list[str]:
         names = await self.names(tenant)

@@ -3,32 +3,37 @@
 vLLM loads this module through the ``vllm.general_plugins`` entry point (see ``pyproject.toml``) in
 each of its processes; :func:`register` adds :class:`S3LoRAResolver` to vLLM's resolver registry. With
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, a request whose ``model`` vLLM does not know is offered to
-the resolver, which parses the internal name (``banyan.<tenant>.<adapter>.v<version>.<uid>``),
-downloads that immutable version into a local disk cache (once, single-flight per name) and hands
-vLLM a ``LoRARequest`` pointing at it. Names that are not Banyan's are left to other resolvers.
+the resolver, which parses the internal name (``banyan.<tenant>.<adapter>.v<version>.<uid>``), makes
+that immutable version available in the bounded disk cache (:mod:`adapters.cache`) and hands vLLM a
+``LoRARequest`` pointing at it. Names that are not Banyan's are left to other resolvers.
 
-This is the only module in Banyan that imports vLLM.
+The resolver talks to its own server over loopback (``BANYAN_ENGINE_SELF_URL``) to learn which names
+are registered and busy, and to unload one before its files go. Its metrics are registered in the
+process' default Prometheus registry, which vLLM serves on its own ``/metrics``.
+
+This is the only module in Banyan that imports vLLM (inside functions, so the rest stays importable).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import shutil
-import uuid
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.cache import ADAPTER_FILES, MANIFEST, AdapterDiskCache, AdapterFetchError
 from adapters.naming import AdapterRef
-from adapters.store import ObjectMissing, ObjectStore, S3Config, S3ObjectStore
+from adapters.store import S3Config, S3ObjectStore
+
+__all__ = ["ADAPTER_FILES", "MANIFEST", "ResolverSettings", "register"]
 
 log = logging.getLogger("banyan.resolver")
 
-MANIFEST = "manifest.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_LORA_INFO = "vllm:lora_requests_info{"
 
 
 class ResolverSettings(BaseSettings):
@@ -42,6 +47,10 @@ class ResolverSettings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     lora_cache_dir: Path = Path(".banyan/lora-cache")
+    lora_cache_max_bytes: int = 2 * 1024**3
+    lora_failure_ttl_s: float = 30.0
+    engine_self_url: str = "http://127.0.0.1:8000"
+    engine_api_key: SecretStr | None = None
 
     def s3(self) -> S3Config:
         return S3Config(
@@ -54,93 +63,125 @@ class ResolverSettings(BaseSettings):
         )
 
 
-class AdapterFetchError(Exception):
-    """The adapter's files could not be fetched or do not match its name."""
+class HttpEngineControl:
+    """The cache's view of the vLLM server it runs in, over loopback HTTP."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=30.0)
+
+    async def registered(self) -> set[str]:
+        response = await self._client.get("/v1/models")
+        response.raise_for_status()
+        return {m["id"] for m in response.json().get("data", [])}
+
+    async def busy(self) -> set[str]:
+        """Adapters of running or waiting requests, from vLLM's ``vllm:lora_requests_info`` gauge (its
+        newest sample: the gauge's value is the time it was set)."""
+        response = await self._client.get("/metrics")
+        response.raise_for_status()
+        return parse_busy_adapters(response.text)
+
+    async def unload(self, name: str) -> None:
+        response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        if response.status_code not in (200, 404):
+            response.raise_for_status()
 
 
-class AdapterDiskCache:
-    """Immutable adapter versions on local disk, fetched once per name (single flight)."""
-
-    def __init__(self, root: Path, store: ObjectStore) -> None:
-        self.root = root
-        self._store = store
-        self._inflight: dict[str, asyncio.Future[Path]] = {}
-
-    def path_for(self, ref: AdapterRef) -> Path:
-        return self.root / ref.tenant / ref.name / f"v{ref.version}-{ref.uid}"
-
-    async def ensure(self, ref: AdapterRef) -> Path:
-        target = self.path_for(ref)
-        if (target / MANIFEST).exists():
-            return target
-        pending = self._inflight.get(ref.engine_name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
-        self._inflight[ref.engine_name] = future
+def parse_busy_adapters(metrics_text: str) -> set[str]:
+    newest: tuple[float, set[str]] = (-1.0, set())
+    for line in metrics_text.splitlines():
+        if not line.startswith(_LORA_INFO):
+            continue
+        labels_part, _, value = line.rpartition("} ")
         try:
-            await self._download(ref, target)
-            future.set_result(target)
-            return target
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._inflight[ref.engine_name]
-
-    async def _download(self, ref: AdapterRef, target: Path) -> None:
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        try:
-            try:
-                await self._store.get_file(ref.s3_prefix + MANIFEST, staging / MANIFEST)
-                manifest = json.loads((staging / MANIFEST).read_text())
-                if manifest.get("uid") != ref.uid:
-                    raise AdapterFetchError(f"{ref.engine_name}: stored files belong to another upload")
-                for name in ADAPTER_FILES:
-                    await self._store.get_file(ref.s3_prefix + name, staging / name)
-            except ObjectMissing as e:
-                raise AdapterFetchError(f"{ref.engine_name}: not in object storage") from e
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            stamp = float(value)
+        except ValueError:
+            continue
+        if stamp <= newest[0]:
+            continue
+        names: set[str] = set()
+        for key in ("running_lora_adapters", "waiting_lora_adapters"):
+            marker = f'{key}="'
+            start = labels_part.find(marker)
+            if start >= 0:
+                raw = labels_part[start + len(marker):labels_part.find('"', start + len(marker))]
+                names.update(n for n in raw.split(",") if n)
+        newest = (stamp, names)
+    return newest[1]
 
 
-def _make_resolver_class() -> type:
+class ResolverMetrics:
+    """The resolver's Prometheus metrics (bounded labels: ``stage``, ``result``, ``reason``)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.loads = Counter("banyan_resolver_adapter_loads_total",
+                             "Adapter resolutions in the engine by stage (disk, fetch) and result.",
+                             ["stage", "result"])
+        self.load_seconds = Histogram("banyan_resolver_adapter_fetch_seconds",
+                                      "Time to fetch an adapter version from object storage to local disk.",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        self.cache_bytes = Gauge("banyan_resolver_disk_cache_bytes", "Bytes of adapter files in the disk cache.")
+        self.cache_peak_bytes = Gauge("banyan_resolver_disk_cache_peak_bytes",
+                                      "The most bytes the disk cache has held (reserved included).")
+        self.cache_max_bytes = Gauge("banyan_resolver_disk_cache_max_bytes", "The disk cache's bound in bytes.")
+        self.resident = Gauge("banyan_resolver_resident_adapters", "Adapter versions ready on local disk.")
+        self.evictions = Counter("banyan_resolver_evictions_total", "Adapter versions evicted from the disk cache.",
+                                 ["reason"])
+
+    def load(self, *, stage: str, result: str, seconds: float | None = None) -> None:
+        self.loads.labels(stage, result).inc()
+        if seconds is not None:
+            self.load_seconds.observe(seconds)
+
+    def usage(self, *, used_bytes: int, peak_bytes: int, resident: int) -> None:
+        self.cache_bytes.set(used_bytes)
+        self.cache_peak_bytes.set(peak_bytes)
+        self.resident.set(resident)
+
+    def evicted(self, reason: str) -> None:
+        self.evictions.labels(reason).inc()
+
+
+def _make_resolver(cache: AdapterDiskCache) -> Any:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
     class S3LoRAResolver(LoRAResolver):
         """Resolves Banyan's internal adapter names from S3 through the disk cache."""
 
-        def __init__(self, cache: AdapterDiskCache) -> None:
-            self._cache = cache
-
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             ref = AdapterRef.from_engine_name(lora_name)
             if ref is None:
                 return None
+            started = time.monotonic()
             try:
-                path = await self._cache.ensure(ref)
+                path = await cache.ensure(ref)
             except AdapterFetchError as e:
                 log.warning("banyan resolver: %s", e)
                 return None
+            log.info("banyan resolver: %s ready in %.3f s", lora_name, time.monotonic() - started)
             # vLLM assigns the integer id itself after resolution.
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path),
                                base_model_name=base_model_name)
 
-    return S3LoRAResolver
+    return S3LoRAResolver()
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register the resolver with vLLM."""
+    """The ``vllm.general_plugins`` entry point: register the resolver with vLLM (once per process)."""
     from vllm.lora.resolver import LoRAResolverRegistry
 
     if "banyan-s3" in LoRAResolverRegistry.get_supported_resolvers():
         return
     settings = ResolverSettings()
-    store = S3ObjectStore(settings.s3())
-    cache = AdapterDiskCache(settings.lora_cache_dir, store)
-    LoRAResolverRegistry.register_resolver("banyan-s3", _make_resolver_class()(cache))
+    metrics = ResolverMetrics()
+    metrics.cache_max_bytes.set(settings.lora_cache_max_bytes)
+    engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+    cache = AdapterDiskCache(settings.lora_cache_dir, S3ObjectStore(settings.s3()),
+                             max_bytes=settings.lora_cache_max_bytes,
+                             engine=HttpEngineControl(settings.engine_self_url, api_key=engine_key),
+                             failure_ttl_s=settings.lora_failure_ttl_s, metrics=metrics)
+    LoRAResolverRegistry.register_resolver("banyan-s3", _make_resolver(cache))

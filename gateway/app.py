@@ -6,6 +6,7 @@ seams) and closed by the lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from adapters.registry import AdapterRegistry
 from adapters.store import ObjectStore, S3Config, S3ObjectStore
 from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
+from gateway.admin.service import sweep_abandoned_uploads
 from gateway.engine import EnginePool, HttpEnginePool
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware
@@ -42,6 +44,7 @@ def s3_config(settings: Settings) -> S3Config:
 
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
                 engines: EnginePool | None = None, metrics: Metrics | None = None) -> AppState:
+    metrics = metrics or Metrics()
     redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
                                                          socket_connect_timeout=5.0, health_check_interval=30)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
@@ -51,12 +54,23 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         store=store if store is not None else S3ObjectStore(s3_config(settings)),
         engines=engines if engines is not None else HttpEnginePool(
             settings.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
-            read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections),
+            read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
+            max_resident=settings.engine_resident_adapters, metrics=metrics),
         tenants=TenantStore(redis),
         adapters=AdapterRegistry(redis),
-        metrics=metrics or Metrics(),
+        metrics=metrics,
         base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
     )
+
+
+async def _sweep_uploads_forever(state: AppState) -> None:
+    """Every few minutes, remove the files of uploads whose writer died before recording them."""
+    while True:
+        try:
+            await sweep_abandoned_uploads(state, older_than_s=state.settings.upload_sweep_after_s)
+        except Exception as e:  # the sweeper must outlive a Redis or S3 outage
+            log.warning("sweeping abandoned uploads failed: %s", type(e).__name__)
+        await asyncio.sleep(min(300.0, state.settings.upload_sweep_after_s))
 
 
 def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
@@ -64,9 +78,11 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_uploads_forever(app_state))
         try:
             yield
         finally:
+            sweeper.cancel()
             await app_state.engines.aclose()
             await app_state.redis.aclose()
 

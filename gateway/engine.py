@@ -2,8 +2,13 @@
 
 Routing is adapter-aware: an adapter request goes to a replica that already holds it when one is
 healthy and not saturated, else to its rendezvous-hash home, else (home saturated) to the least
-loaded replica; base-model requests go to the least loaded replica. Residency is learned from what
-the gateway routed. Connections are pooled per replica (one ``httpx.AsyncClient`` each).
+loaded replica; base-model requests go to the least loaded replica. Residency is learned from the
+replicas (``GET /v1/models`` on each health check) and from what the gateway routed.
+
+Residency is bounded per replica: when a replica holds more adapters than ``max_resident``, the
+gateway unloads the least recently used ones that have no request in flight through it
+(``/v1/unload_lora_adapter``), which also lets the replica's resolver free their disk space.
+Connections are pooled per replica (one ``httpx.AsyncClient`` each).
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
 
+from adapters.naming import ENGINE_NAME_PREFIX
 from gateway.errors import EngineUnavailable
+from gateway.metrics import Metrics
 
 log = logging.getLogger("banyan.engine")
 
@@ -30,7 +37,8 @@ class Replica:
     client: httpx.AsyncClient
     healthy: bool = True
     inflight: int = 0
-    resident: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    resident: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    """Adapters this replica holds, least recently used first, with requests in flight through us."""
 
 
 class EnginePool(Protocol):
@@ -38,6 +46,7 @@ class EnginePool(Protocol):
 
     def lease(self, engine_model: str, *, adapter: bool) -> AbstractAsyncContextManager[Replica]: ...
     async def check(self) -> dict[str, bool]: ...
+    def warm(self, engine_model: str) -> None: ...
     async def unload(self, engine_model: str) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -51,7 +60,7 @@ class HttpEnginePool:
 
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
-                 max_resident_per_replica: int = 4096,
+                 max_resident: int = 64, metrics: Metrics | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -62,43 +71,72 @@ class HttpEnginePool:
             for u in urls
         ]
         self._saturation = saturation
-        self._max_resident = max_resident_per_replica
+        self._max_resident = max_resident
+        self._metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
 
-    def choose(self, engine_model: str, *, adapter: bool) -> Replica:
+    def choose(self, engine_model: str, *, adapter: bool) -> tuple[Replica, str]:
+        """The replica for a request, and why (``resident``, ``home``, ``spill`` or ``base``)."""
         candidates = [r for r in self.replicas if r.healthy] or self.replicas
-        if len(candidates) == 1:
-            return candidates[0]
-        if adapter:
-            for replica in candidates:
-                if engine_model in replica.resident and replica.inflight < self._saturation:
-                    return replica
-            home = max(candidates, key=lambda r: _score(r.url, engine_model))
-            if home.inflight < self._saturation:
-                return home
-        return min(candidates, key=lambda r: r.inflight)
-
-    def _note_resident(self, replica: Replica, engine_model: str) -> None:
-        replica.resident[engine_model] = None
-        replica.resident.move_to_end(engine_model)
-        while len(replica.resident) > self._max_resident:
-            replica.resident.popitem(last=False)
+        if not adapter:
+            return min(candidates, key=lambda r: r.inflight), "base"
+        for replica in candidates:
+            if engine_model in replica.resident and replica.inflight < self._saturation:
+                return replica, "resident"
+        home = max(candidates, key=lambda r: _score(r.url, engine_model))
+        if home.inflight < self._saturation or len(candidates) == 1:
+            return home, "home"
+        return min(candidates, key=lambda r: r.inflight), "spill"
 
     @asynccontextmanager
     async def lease(self, engine_model: str, *, adapter: bool) -> AsyncIterator[Replica]:
-        replica = self.choose(engine_model, adapter=adapter)
+        replica, placement = self.choose(engine_model, adapter=adapter)
+        if self._metrics is not None:
+            self._metrics.adapter_placements.labels(placement).inc()
         replica.inflight += 1
+        if adapter:
+            replica.resident[engine_model] = replica.resident.get(engine_model, 0) + 1
+            replica.resident.move_to_end(engine_model)
         try:
             yield replica
         finally:
             replica.inflight -= 1
             if adapter:
-                self._note_resident(replica, engine_model)
+                replica.resident[engine_model] = max(0, replica.resident.get(engine_model, 1) - 1)
+                self._trim(replica)
+
+    def _trim(self, replica: Replica) -> None:
+        excess = len(replica.resident) - self._max_resident
+        if excess <= 0:
+            return
+        victims = [name for name, inflight in replica.resident.items() if inflight == 0][:excess]
+        for name in victims:
+            del replica.resident[name]
+            self._spawn(self._unload_one(replica, name))
+        self._report_resident()
+
+    def _report_resident(self) -> None:
+        if self._metrics is not None:
+            self._metrics.resident_adapters.set(sum(len(r.resident) for r in self.replicas))
+
+    async def _unload_one(self, replica: Replica, engine_model: str) -> None:
+        try:
+            response = await replica.client.post("/v1/unload_lora_adapter", json={"lora_name": engine_model})
+            result = "ok" if response.status_code in (200, 404) else f"status_{response.status_code // 100}xx"
+        except httpx.HTTPError as e:
+            log.warning("unload of an adapter failed on %s: %s", replica.url, type(e).__name__)
+            result = "unreachable"
+        if self._metrics is not None:
+            self._metrics.adapter_unloads.labels(result).inc()
 
     async def check(self) -> dict[str, bool]:
+        """Probe every replica's health and learn which adapters it holds."""
         async def _one(replica: Replica) -> bool:
             try:
                 response = await replica.client.get("/health", timeout=3.0)
                 replica.healthy = response.status_code == 200
+                if replica.healthy:
+                    await self._learn_residency(replica)
             except httpx.HTTPError:
                 replica.healthy = False
             return replica.healthy
@@ -106,15 +144,46 @@ class HttpEnginePool:
         results = await asyncio.gather(*(_one(r) for r in self.replicas))
         return {r.url: ok for r, ok in zip(self.replicas, results, strict=True)}
 
+    def warm(self, engine_model: str) -> None:
+        """Have the adapter's home replica load it now (in the background), so the first request is hot."""
+        self._spawn(self._warm_one(engine_model))
+
+    async def _warm_one(self, engine_model: str) -> None:
+        try:
+            async with self.lease(engine_model, adapter=True) as replica:
+                await replica.client.post("/v1/completions", json={
+                    "model": engine_model, "prompt": "\n", "max_tokens": 1, "cache_salt": "banyan-warmup"})
+        except httpx.HTTPError as e:
+            log.warning("warming an adapter failed: %s", type(e).__name__)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _learn_residency(self, replica: Replica) -> None:
+        response = await replica.client.get("/v1/models", timeout=5.0)
+        if response.status_code != 200:
+            return
+        names = {m.get("id") for m in (json_or_none(response) or {}).get("data", [])}
+        held = {n for n in names if isinstance(n, str) and n.startswith(ENGINE_NAME_PREFIX)}
+        for name in held - replica.resident.keys():
+            replica.resident[name] = 0
+            replica.resident.move_to_end(name, last=False)  # unknown use: first to go
+        for name in [n for n, inflight in replica.resident.items() if n not in held and inflight == 0]:
+            del replica.resident[name]
+        self._trim(replica)
+
     async def unload(self, engine_model: str) -> None:
+        """Unload a name from every replica (an adapter version was deleted)."""
         for replica in self.replicas:
             replica.resident.pop(engine_model, None)
-            try:
-                await replica.client.post("/v1/unload_lora_adapter", json={"lora_name": engine_model})
-            except httpx.HTTPError as e:
-                log.warning("unload of an adapter failed on %s: %s", replica.url, type(e).__name__)
+        await asyncio.gather(*(self._unload_one(r, engine_model) for r in self.replicas))
+        self._report_resident()
 
     async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         await asyncio.gather(*(r.client.aclose() for r in self.replicas))
 
 

@@ -33,5 +33,14 @@ class Metrics:
                                      "stream_broken).", ["kind"], registry=r)
         self.tokens = Counter("banyan_tokens_total", "Tokens processed, by kind (prompt, completion).",
                               ["kind"], registry=r)
+        self.adapter_placements = Counter("banyan_adapter_placements_total",
+                                          "Where completion requests were routed: resident (a replica already "
+                                          "held the adapter), home (its rendezvous home), spill (home "
+                                          "saturated), base (no adapter).", ["placement"], registry=r)
+        self.adapter_unloads = Counter("banyan_adapter_unloads_total",
+                                       "Adapter unloads the gateway asked of replicas, by result.", ["result"],
+                                       registry=r)
+        self.resident_adapters = Gauge("banyan_resident_adapters",
+                                       "Adapters the gateway believes resident, summed over replicas.", registry=r)
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)

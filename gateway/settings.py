@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=16, ge=1, le=512)
     max_loras: int = Field(default=8, ge=1)
     max_cpu_loras: int = Field(default=32, ge=1)
+    engine_resident_adapters: int = Field(default=64, ge=1)
+    """Adapters the gateway lets one replica hold before it unloads the least recently used idle ones."""
+    lora_cache_max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
+    """The engine-side adapter disk cache bound (passed to the engine `banyan dev` starts)."""
+    prefetch_on_activate: bool = True
+    """Warm an adapter version on its home replica as soon as it becomes active."""
+    upload_sweep_after_s: float = Field(default=900.0, gt=0)
+    """Files of an upload not recorded this long after it began are removed (the writer died)."""
     max_adapter_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 

@@ -11,11 +11,11 @@ Layout (``<p>`` is the key prefix, ``banyan`` by default)::
 The search index covers ``<p>:chunk:`` hashes: ``embedding`` VECTOR (HNSW, cosine), ``title`` and
 ``text`` TEXT (BM25), ``tenant`` and ``collection`` TAG, ``timestamp`` NUMERIC.
 
-Isolation: every query this module sends starts with ``@tenant:{<tenant>}``, built here from a
-validated tenant id with every non-alphanumeric character escaped, and the caller's words only ever
-enter a query as escaped single terms (``\\w+`` runs) OR-ed together, so no input can change the
-query's structure or widen its scope. Keys hold the tenant too, so a document id from another tenant
-simply does not exist.
+Isolation: every query this module sends is scoped by ``@tenant:{<tenant>}`` (in every alternative
+of a union: see :func:`bm25_query`), built here from a validated tenant id with every
+non-alphanumeric character escaped, and the caller's words only ever enter a query as escaped single
+terms (``\\w+`` runs), so no input can change the query's structure or widen its scope. Keys hold
+the tenant too, so a document id from another tenant simply does not exist.
 """
 
 from __future__ import annotations
@@ -79,6 +79,17 @@ def scope_filter(tenant: str, collection: str | None) -> str:
     if collection is not None:
         clause += f" @collection:{{{escape(collection)}}}"
     return clause
+
+
+def bm25_query(tenant: str, terms: Sequence[str], collection: str | None) -> str:
+    """``(<scope> t1) | (<scope> t2) | ...``: the scope is repeated inside every alternative.
+
+    The plain form ``<scope> (t1|t2)`` is not used because the search module scores a union that sits
+    under an intersection by the first term it finds in a chunk, not by all of them, so BM25 would
+    depend on the order of the words. A union at the top sums its terms; every alternative is still
+    an intersection with the tenant (and collection), so the result set is exactly as scoped."""
+    scope = scope_filter(tenant, collection)
+    return " | ".join(f"({scope} {escape(term)})" for term in terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,11 +284,9 @@ class ChunkIndex:
         """The ``k`` best chunks of the tenant for any of ``terms`` by BM25, best first."""
         if not terms:
             return []
-        words = "|".join(escape(t) for t in terms)
-        query = f"{scope_filter(tenant, collection)} ({words})"
         reply = await self._redis.execute_command(
-            "FT.SEARCH", self.name, query, "SCORER", "BM25", "LIMIT", 0, k, "RETURN", len(_RETURNED), *_RETURNED,
-            "DIALECT", 2)
+            "FT.SEARCH", self.name, bm25_query(tenant, terms, collection), "SCORER", "BM25STD", "LIMIT", 0, k,
+            "RETURN", len(_RETURNED), *_RETURNED, "DIALECT", 2)
         return [self._hit(key, fields) for key, fields in parse_search_reply(reply)]
 
     def _hit(self, key: str, fields: Mapping[str, bytes]) -> Hit:

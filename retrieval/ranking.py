@@ -34,6 +34,7 @@ statements about one subject 0.77-0.93, different subjects of one domain below 0
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,12 +48,15 @@ class RankingConfig:
     rrf_k: float = 60.0
     list_weights: dict[str, float] = field(default_factory=lambda: {"vector": 1.0, "bm25": 1.0})
     min_similarity: float = 0.15
+    relevance_power: float = 2.0
     recency_half_life_days: float = 180.0
     recency_floor: float = 0.85
     duplicate_similarity: float = 0.97
     same_subject_similarity: float = 0.72
+    shared_term_similarity: float = 0.6
+    distinctive_share: float = 0.2
     supersede_margin: float = 1e-3
-    stages: tuple[str, ...] = ("rrf", "floor", "recency", "collapse", "supersede")
+    stages: tuple[str, ...] = ("rrf", "floor", "relevance", "recency", "collapse", "supersede")
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.stages if name not in STAGES]
@@ -71,6 +75,7 @@ class Candidate:
     similarity: float = 0.0
     ranks: dict[str, int] = field(default_factory=dict)  # list name -> 1-based rank
     score: float = 0.0
+    terms: frozenset[str] = frozenset()
     payload: object = None  # what the caller renders (a search hit); ranking never looks inside
 
 
@@ -95,6 +100,16 @@ def fuse_rrf(candidates: list[Candidate], ctx: RankingContext) -> list[Candidate
 
 def similarity_floor(candidates: list[Candidate], ctx: RankingContext) -> list[Candidate]:
     return [c for c in candidates if set(c.ranks) - {"vector"} or c.similarity >= ctx.config.min_similarity]
+
+
+def weigh_relevance(candidates: list[Candidate], ctx: RankingContext) -> list[Candidate]:
+    best = max((c.similarity for c in candidates), default=0.0)
+    if best <= 0.0:
+        return candidates
+    power = ctx.config.relevance_power
+    for c in candidates:
+        c.score *= max(0.0, c.similarity / best) ** power
+    return candidates
 
 
 def weigh_recency(candidates: list[Candidate], ctx: RankingContext) -> list[Candidate]:
@@ -128,18 +143,28 @@ def collapse_duplicates(candidates: list[Candidate], ctx: RankingContext) -> lis
 
 
 def supersede_older(candidates: list[Candidate], ctx: RankingContext) -> list[Candidate]:
-    threshold, margin = ctx.config.same_subject_similarity, ctx.config.supersede_margin
+    config = ctx.config
+    frequency = Counter(t for c in candidates for t in c.terms)
+    limit = max(2.0, config.distinctive_share * len(candidates))
+    distinctive = {c.key: {t for t in c.terms if frequency[t] <= limit} for c in candidates}
+
+    def same_subject(a: Candidate, b: Candidate) -> bool:
+        similarity = ctx.similar(a, b)
+        return similarity >= config.same_subject_similarity or (
+            similarity >= config.shared_term_similarity and bool(distinctive[a.key] & distinctive[b.key]))
+
     by_age = sorted(candidates, key=lambda c: c.timestamp)
     for i, newer in enumerate(by_age):
         for older in by_age[:i]:
-            if older.timestamp < newer.timestamp and ctx.similar(newer, older) >= threshold:
-                newer.score = max(newer.score, older.score * (1.0 + margin))
+            if older.timestamp < newer.timestamp and same_subject(newer, older):
+                newer.score = max(newer.score, older.score * (1.0 + config.supersede_margin))
     return candidates
 
 
 STAGES: dict[str, Stage] = {
     "rrf": fuse_rrf,
     "floor": similarity_floor,
+    "relevance": weigh_relevance,
     "recency": weigh_recency,
     "collapse": collapse_duplicates,
     "supersede": supersede_older,
@@ -153,6 +178,7 @@ class Ranked:
     key: str
     timestamp: float
     vector: np.ndarray
+    terms: frozenset[str] = frozenset()
     payload: object = None
 
 
@@ -167,7 +193,7 @@ def rank(lists: Mapping[str, Sequence[Ranked]], query: np.ndarray, config: Ranki
             candidate = by_key.get(item.key)
             if candidate is None:
                 candidate = by_key[item.key] = Candidate(key=item.key, timestamp=item.timestamp, row=len(vectors),
-                                                         payload=item.payload)
+                                                         terms=item.terms, payload=item.payload)
                 vectors.append(item.vector)
             candidate.ranks.setdefault(name, position)
     if not by_key:

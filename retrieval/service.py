@@ -31,6 +31,7 @@ log = logging.getLogger("banyan.retrieval")
 
 MAX_TOP_K = 20
 MAX_QUERY_CHARS = 8192
+_MAX_PASSAGE_TERMS = 400
 
 
 class Observer(Protocol):
@@ -192,7 +193,8 @@ def _check_query(query: str, top_k: int, collection: str | None) -> None:
 
 
 def _ranked(hit: Hit) -> Ranked:
-    return Ranked(key=hit.key, timestamp=hit.timestamp, vector=hit.vector, payload=hit)
+    terms = frozenset(query_terms(f"{hit.title or ''} {hit.text}", limit=_MAX_PASSAGE_TERMS))
+    return Ranked(key=hit.key, timestamp=hit.timestamp, vector=hit.vector, terms=terms, payload=hit)
 
 
 def _passage(hit: Hit, score: float) -> Passage:

@@ -110,10 +110,7 @@ async def get_adapter(tenant_id: str, name: str, state: StateDep) -> AdapterOut:
 
 @router.post("/tenants/{tenant_id}/adapters/{name}/activate")
 async def activate_adapter(tenant_id: str, name: str, body: ActivateIn, state: StateDep) -> AdapterOut:
-    record = await service.require_adapter(state, tenant_id, name)
-    if not await state.adapters.activate(tenant_id, name, body.version):
-        raise NotFound(f"Adapter `{name}` has no version {body.version}.", param="version")
-    return service.adapter_out(await service.require_adapter(state, tenant_id, record.name))
+    return service.adapter_out(await service.activate_version(state, tenant_id, name, body.version))
 
 
 @router.delete("/tenants/{tenant_id}/adapters/{name}")

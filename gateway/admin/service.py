@@ -139,16 +139,46 @@ class AdapterUpload:
     async def _store(self, ref: AdapterRef, folder: Path, meta: VersionMeta, *, activate: bool) -> None:
         store = self.state.store
         manifest = folder / MANIFEST
-        manifest.write_text(json.dumps({"uid": ref.uid, "sha256": meta.sha256, "version": ref.version}))
+        manifest.write_text(json.dumps({"uid": ref.uid, "sha256": meta.sha256, "version": ref.version,
+                                        "size_bytes": meta.size_bytes}))
+        registry = self.state.adapters
+        await registry.mark_pending(ref)
         try:
             for filename in ADAPTER_FILES:
                 await store.put_file(ref.s3_prefix + filename, folder / filename)
             await store.put_file(ref.s3_prefix + MANIFEST, manifest)
-            await self.state.adapters.record_version(ref.tenant, ref.name, meta, activate=activate)
+            await registry.record_version(ref.tenant, ref.name, meta, activate=activate)
         except BaseException:
             self.state.metrics.adapter_uploads.labels("failed").inc()
             await asyncio.shield(store.delete_prefix(ref.s3_prefix))
             raise
+        finally:
+            await asyncio.shield(registry.clear_pending(ref))
+        if activate and self.settings.prefetch_on_activate:
+            self.state.engines.warm(ref.engine_name)
+
+
+async def sweep_abandoned_uploads(state: AppState, *, older_than_s: float) -> int:
+    """Remove the files of uploads that never got recorded (the process died mid-upload)."""
+    removed = 0
+    for ref in await state.adapters.abandoned(older_than_s=older_than_s):
+        if not await state.adapters.is_recorded(ref):
+            await state.store.delete_prefix(ref.s3_prefix)
+            removed += 1
+            log.warning("removed the files of an abandoned upload", extra={"tenant": ref.tenant, "adapter": ref.name,
+                                                                          "version": ref.version})
+        await state.adapters.clear_pending(ref)
+    return removed
+
+
+async def activate_version(state: AppState, tenant_id: str, name: str, version: int) -> AdapterRecord:
+    record = await require_adapter(state, tenant_id, name)
+    if not await state.adapters.activate(tenant_id, name, version):
+        raise NotFound(f"Adapter `{name}` has no version {version}.", param="version")
+    meta = record.versions[version]
+    if state.settings.prefetch_on_activate:
+        state.engines.warm(AdapterRef(tenant_id, name, version, meta.uid).engine_name)
+    return await require_adapter(state, tenant_id, name)
 
 
 def _copy(source: BinaryIO, dest: Path) -> None:

@@ -123,6 +123,8 @@ class DevStack:
             "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev",
             "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
             "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
+            "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
+            "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
         }
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",

@@ -25,6 +25,7 @@ from gateway.dev.demo_model import build_adapter
 from gateway.dev.processes import free_port
 
 READY_LINE = "banyan dev is ready"
+CACHE_MAX_BYTES = 12 * 1024 * 1024
 STACK_TIMEOUT_S = 420
 
 
@@ -45,6 +46,18 @@ class RunningStack:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.info["redis_url"])
 
+    def engine_metric(self, name: str, **labels: str) -> float:
+        """The sum of one metric's samples (matching ``labels``) on the engine's own /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.info["engine_url"] + "/metrics", timeout=30).text
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
     def s3_keys(self, prefix: str = "") -> list[str]:
         s3 = boto3.client("s3", endpoint_url=self.info["s3_endpoint_url"], region_name="us-east-1",
                           aws_access_key_id="banyan-dev", aws_secret_access_key="banyan-dev-secret")
@@ -54,11 +67,11 @@ class RunningStack:
         return keys
 
 
-def start_dev(data_dir: Path, *, empty: bool, admin_key: str | None = None,
+def start_dev(data_dir: Path, *, empty: bool, admin_key: str | None = None, extra_env: dict[str, str] | None = None,
               timeout: float = STACK_TIMEOUT_S) -> tuple[subprocess.Popen[bytes], Path, int]:
     """Start ``banyan dev`` as a user would; return the process, its output file and the gateway port."""
     port = free_port()
-    env = {**os.environ, "BANYAN_DATA_DIR": str(data_dir), "BANYAN_PORT": str(port)}
+    env = {**os.environ, "BANYAN_DATA_DIR": str(data_dir), "BANYAN_PORT": str(port), **(extra_env or {})}
     env.pop("BANYAN_ADMIN_KEY", None)
     if admin_key:
         env["BANYAN_ADMIN_KEY"] = admin_key
@@ -88,7 +101,9 @@ def stop_dev(process: subprocess.Popen[bytes], *, timeout: float = 90) -> int:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     data_dir = tmp_path_factory.mktemp("stack")
     admin_key = "adm_test_" + secrets.token_hex(12)
-    process, _, port = start_dev(data_dir, empty=True, admin_key=admin_key)
+    # Small bounds, so that the adapter tests also exercise eviction (gateway unloads, disk cache bound).
+    process, _, port = start_dev(data_dir, empty=True, admin_key=admin_key, extra_env={
+        "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24"})
     try:
         info = json.loads((data_dir / "stack.json").read_text())
         yield RunningStack(url=f"http://127.0.0.1:{port}", admin_key=admin_key, info=info, data_dir=data_dir)

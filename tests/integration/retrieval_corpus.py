@@ -4,8 +4,9 @@
   (lead, deadline, budget, purpose, office; price, support hours, refunds, requirements), so every
   query has same-entity and same-aspect distractors, plus 60 queries worded differently from the
   documents (25 of them do not even name the entity). Each query has exactly one relevant document.
-- :func:`conflicting_set`: 40 subjects, each with an older and a newer document that say different
-  things in different words, among the other subjects' documents as distractors.
+- :func:`conflicting_set`: 40 subjects, each with an older and a newer document (different titles,
+  different claims, worded differently), among the other subjects' documents as distractors; the
+  gap between them ranges from one day to about two and a half years.
 """
 
 from __future__ import annotations
@@ -179,20 +180,20 @@ def labelled_set(seed: int = 7) -> tuple[list[Doc], list[Query]]:
 
 SUBJECT_TEMPLATES = [
     ("Where is the {e} office?",
-     "The {e} office is located in {a}, next to the central station.",
-     "{e} has relocated its office to {b}; the old premises are closed."),
-    ("Who leads {e}?",
-     "{e} is headed by {pa}.",
-     "{pb} has taken over leadership of {e} after a reorganisation."),
+     ("{e} office", "The {e} office is located in {a}, next to the central station."),
+     ("{e} relocation", "The {e} office has moved to {b}; the old premises in {a} are closed.")),
+    ("Who leads the {e} team?",
+     ("{e} team", "The {e} team is headed by {pa}."),
+     ("{e} leadership change", "The {e} team is now led by {pb}, who replaced {pa} after a reorganisation.")),
     ("How much does the {e} plan cost per month?",
-     "The {e} plan is billed at {ma} dollars a month.",
-     "From this year on, {e} charges {mb} dollars monthly for the same plan."),
+     ("{e} pricing", "The {e} plan is billed at {ma} dollars a month."),
+     ("{e} price update", "From this year on, the {e} plan costs {mb} dollars per month.")),
     ("When can I contact {e} support?",
-     "Support for {e} is available on weekdays from 9 am to 5 pm.",
-     "{e} support now answers around the clock, seven days a week."),
+     ("{e} support", "Support for {e} is available on weekdays from 9 am to 5 pm."),
+     ("{e} support hours", "{e} support can now be contacted around the clock, seven days a week.")),
     ("When is the {e} release due?",
-     "The {e} release is scheduled for {da}.",
-     "The {e} launch was postponed and is now expected in {db}."),
+     ("{e} release", "The {e} release is scheduled for {da}."),
+     ("{e} release delay", "The {e} release was postponed and is now due in {db}.")),
 ]
 
 
@@ -210,7 +211,7 @@ def conflicting_set(seed: int = 11) -> tuple[list[Doc], list[Conflict]]:
     docs: list[Doc] = []
     conflicts: list[Conflict] = []
     for i, name in enumerate(names):
-        query, old_text, new_text = SUBJECT_TEMPLATES[i % len(SUBJECT_TEMPLATES)]
+        query, (old_title, old_text), (new_title, new_text) = SUBJECT_TEMPLATES[i % len(SUBJECT_TEMPLATES)]
         cities = rng.sample(_CITIES, 2)
         values = {"e": name, "a": cities[0], "b": cities[1], "pa": _person(rng), "pb": _person(rng),
                   "ma": rng.randint(10, 40), "mb": rng.randint(41, 90),
@@ -219,8 +220,8 @@ def conflicting_set(seed: int = 11) -> tuple[list[Doc], list[Conflict]]:
         old_day = f"{old_year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
         gap_days = rng.choice([1, 7, 30, 120, 400, 900])
         new_day = _add_days(old_day, gap_days)
-        older = Doc(f"{name}/old", f"{name} update", old_text.format(**values), f"{old_day}T08:00:00Z")
-        newer = Doc(f"{name}/new", f"{name} update", new_text.format(**values), f"{new_day}T08:00:00Z")
+        older = Doc(f"{name}/old", old_title.format(**values), old_text.format(**values), f"{old_day}T08:00:00Z")
+        newer = Doc(f"{name}/new", new_title.format(**values), new_text.format(**values), f"{new_day}T08:00:00Z")
         docs.extend([older, newer])
         conflicts.append(Conflict(query.format(**values), older, newer))
     rng.shuffle(docs)

@@ -20,7 +20,8 @@ PROMPTS = ["Hello there", "The quick brown fox", "abc", "Tell me a story about",
 MAX_TOKENS = 20
 
 
-def peft_greedy(model_path: Path, adapter: Path | None, prompts: list[str], *, chat: bool = False) -> list[str]:
+def peft_greedy(model_path: Path, adapter: Path | None, prompts: list[str], *, chat: bool = False,
+                max_new_tokens: int = MAX_TOKENS) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if adapter is not None:
@@ -32,7 +33,8 @@ def peft_greedy(model_path: Path, adapter: Path | None, prompts: list[str], *, c
                                               add_generation_prompt=True) if chat else prompt)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return outputs
 

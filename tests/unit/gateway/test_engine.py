@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
@@ -17,16 +20,17 @@ def _pool(saturation: int = 2) -> HttpEnginePool:
 
 def test_adapter_goes_to_the_same_home_each_time() -> None:
     pool = _pool()
-    homes = {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True).url for i in range(40)}
+    homes = {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True)[0].url for i in range(40)}
     assert len(homes) > 1  # spread over replicas
     name = "banyan.t.x.v1.abcdef012345"
-    assert len({pool.choose(name, adapter=True).url for _ in range(10)}) == 1
+    assert len({pool.choose(name, adapter=True)[0].url for _ in range(10)}) == 1
 
 
 async def test_saturated_home_spills_to_least_loaded_and_residency_is_remembered() -> None:
     pool = _pool(saturation=1)
     name = "banyan.t.x.v1.abcdef012345"
-    home = pool.choose(name, adapter=True)
+    home, placement = pool.choose(name, adapter=True)
+    assert placement == "home"
     async with pool.lease(name, adapter=True) as first:
         assert first is home
         async with pool.lease(name, adapter=True) as second:
@@ -41,7 +45,7 @@ async def test_unhealthy_replicas_are_skipped() -> None:
     pool = HttpEnginePool(URLS, transport=httpx.MockTransport(health))
     status = await pool.check()
     assert status == {u: u == "http://replica-2" for u in URLS}
-    assert {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True).url for i in range(20)} == {"http://replica-2"}
+    assert {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True)[0].url for i in range(20)} == {"http://replica-2"}
 
 
 @pytest.mark.parametrize("inflight", [(0, 3, 1, 2), (5, 0, 5, 5)])
@@ -49,4 +53,40 @@ def test_base_model_goes_to_least_loaded(inflight: tuple[int, ...]) -> None:
     pool = _pool()
     for replica, n in zip(pool.replicas, inflight, strict=True):
         replica.inflight = n
-    assert pool.choose("banyan-demo", adapter=False) is pool.replicas[inflight.index(min(inflight))]
+    assert pool.choose("banyan-demo", adapter=False)[0] is pool.replicas[inflight.index(min(inflight))]
+
+
+async def test_residency_is_bounded_by_unloading_idle_lru_adapters() -> None:
+    unloads: list[str] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/unload_lora_adapter":
+            unloads.append(json.loads(request.content)["lora_name"])
+        return httpx.Response(200)
+
+    pool = HttpEnginePool(["http://only"], max_resident=2, transport=httpx.MockTransport(engine))
+    names = [f"banyan.t.a{i}.v1.abcdef012345" for i in range(4)]
+    async with pool.lease(names[0], adapter=True):  # a0 stays in flight throughout
+        for name in names[1:]:
+            async with pool.lease(name, adapter=True):
+                pass
+        await asyncio.sleep(0.01)
+        assert unloads == [names[1], names[2]]  # a0 is least recently used but in flight: it stays
+        assert set(pool.replicas[0].resident) == {names[0], names[3]}
+    await pool.aclose()
+
+
+async def test_residency_is_learned_from_the_replica() -> None:
+    held = ["banyan.t.a1.v1.abcdef012345", "banyan.t.a2.v1.abcdef012345"]
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "banyan-demo"}, *({"id": n} for n in held)]})
+        return httpx.Response(200)
+
+    pool = HttpEnginePool(["http://a", "http://b"], transport=httpx.MockTransport(engine))
+    await pool.check()
+    assert all(set(r.resident) == set(held) for r in pool.replicas)
+    _, placement = pool.choose(held[0], adapter=True)
+    assert placement == "resident"
+    await pool.aclose()
