@@ -8,8 +8,8 @@ on disk, vLLM's registry of adapter names, and the byte bound.
   broken adapter fails fast instead of hammering object storage.
 - Files are downloaded to a staging folder and renamed into place, so a half-written version is never
   visible; a manifest written at upload time ties the files to the exact upload (``uid``).
-- Never delete files under a registered name (nor files handed to vLLM in the last ``protect_s``
-  seconds, which it is about to register): vLLM re-reads an adapter's files whenever its own CPU
+- Never delete files under a registered name, nor files just handed to vLLM that it has not
+  registered yet: vLLM re-reads an adapter's files whenever its own CPU
   LRU reloads it. Room is made by deleting versions vLLM no longer has registered (the gateway unloads
   idle adapters), and only if that is not enough, by asking vLLM to unload the least recently
   fetched adapter that no running or waiting request uses, then deleting it. If no room can be made
@@ -86,11 +86,12 @@ class _Entry:
     size: int
     state: AdapterState
     touched: float = 0.0
+    seen_registered: bool = False
 
 
 class AdapterDiskCache:
     def __init__(self, root: Path, store: ObjectStore, *, max_bytes: int, engine: EngineControl,
-                 failure_ttl_s: float = 30.0, protect_s: float = 10.0, metrics: CacheMetrics | None = None,
+                 failure_ttl_s: float = 30.0, protect_s: float = 30.0, metrics: CacheMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.max_bytes = max_bytes
@@ -134,6 +135,7 @@ class AdapterDiskCache:
         if entry is not None and entry.state is AdapterState.READY:
             self._entries.move_to_end(name)
             entry.touched = self._clock()
+            entry.seen_registered = False  # vLLM asks again: it is registering the name anew
             self._metrics.load(stage="disk", result="hit")
             return entry.path
         failed = self._failures.get(name)
@@ -219,14 +221,18 @@ class AdapterDiskCache:
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
 
     def _candidates(self) -> list[_Entry]:
-        """Evictable entries, least recently fetched first. One handed to vLLM moments ago is not: vLLM
-        registers (and reads) it only after the resolver returns."""
+        """Evictable entries, least recently fetched first. One just handed to vLLM and not yet seen in
+        its registry is not: vLLM registers (and reads) it only after the resolver returns (protected
+        until seen registered, or ``protect_s`` if vLLM never registers it)."""
         now = self._clock()
         return [e for e in self._entries.values()
-                if e.state is AdapterState.READY and now - e.touched >= self._protect]
+                if e.state is AdapterState.READY and (e.seen_registered or now - e.touched >= self._protect)]
 
     async def _evict_unregistered(self, need: int) -> None:
         registered = await self._engine.registered()
+        for entry in self._entries.values():
+            if entry.ref.engine_name in registered:
+                entry.seen_registered = True
         for entry in self._candidates():
             if self.used_bytes + need <= self.max_bytes:
                 return

@@ -170,6 +170,16 @@ def _make_resolver(cache: AdapterDiskCache) -> Any:
     return S3LoRAResolver()
 
 
+def _share_vllm_logging() -> None:
+    """Banyan's log lines in the engine go where vLLM's own go."""
+    ours, theirs = logging.getLogger("banyan"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the resolver with vLLM (once per process)."""
     from vllm.lora.resolver import LoRAResolverRegistry
@@ -177,6 +187,7 @@ def register() -> None:
     if "banyan-s3" in LoRAResolverRegistry.get_supported_resolvers():
         return
     settings = ResolverSettings()
+    _share_vllm_logging()
     metrics = ResolverMetrics()
     metrics.cache_max_bytes.set(settings.lora_cache_max_bytes)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None

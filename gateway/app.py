@@ -20,6 +20,7 @@ from adapters.store import ObjectStore, S3Config, S3ObjectStore
 from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
 from gateway.admin.service import sweep_abandoned_uploads
+from gateway.documents.api_router import router as documents_router
 from gateway.engine import EnginePool, HttpEnginePool
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware
@@ -27,6 +28,8 @@ from gateway.openai_api.api_router import router as openai_router
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import TenantStore
+from retrieval.embedding import Embedder, SentenceTransformerEmbedder
+from retrieval.service import DocumentService, RetrievalConfig
 
 log = logging.getLogger("banyan.app")
 
@@ -42,8 +45,14 @@ def s3_config(settings: Settings) -> S3Config:
     )
 
 
+def retrieval_config(settings: Settings) -> RetrievalConfig:
+    return RetrievalConfig(index_name=settings.retrieval_index, max_document_bytes=settings.max_document_bytes,
+                           embedding_batch_size=settings.embedding_batch_size)
+
+
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
-                engines: EnginePool | None = None, metrics: Metrics | None = None) -> AppState:
+                engines: EnginePool | None = None, metrics: Metrics | None = None,
+                embedder: Embedder | None = None) -> AppState:
     metrics = metrics or Metrics()
     redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
                                                          socket_connect_timeout=5.0, health_check_interval=30)
@@ -60,6 +69,8 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         adapters=AdapterRegistry(redis),
         metrics=metrics,
         base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
+        documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
+                                  config=retrieval_config(settings), observer=metrics),
     )
 
 
@@ -78,6 +89,7 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await app_state.documents.start()  # loads the embedding model off the loop; creates the index
         sweeper = asyncio.create_task(_sweep_uploads_forever(app_state))
         try:
             yield
@@ -90,6 +102,7 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     app.state.banyan = app_state
     errors.install_handlers(app)
     app.include_router(openai_router)
+    app.include_router(documents_router)
     app.include_router(admin_router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,

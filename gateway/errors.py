@@ -143,6 +143,13 @@ def _translations() -> dict[type[Exception], Any]:
 
     from adapters.errors import AdapterTooLargeError, InvalidAdapterError
     from adapters.store import ObjectMissing, StoreError
+    from retrieval.errors import (
+        DocumentNotFound,
+        DocumentTooLarge,
+        InvalidDocument,
+        InvalidQuery,
+        RetrievalUnavailable,
+    )
 
     return {
         AdapterTooLargeError: lambda e: PayloadTooLarge(e.message),
@@ -150,6 +157,11 @@ def _translations() -> dict[type[Exception], Any]:
         ObjectMissing: lambda e: DependencyUnavailable("Object storage is missing data it should hold."),
         StoreError: lambda e: DependencyUnavailable("Object storage is unavailable; try again shortly."),
         RedisError: lambda e: DependencyUnavailable("The gateway's database is unavailable; try again shortly."),
+        DocumentTooLarge: lambda e: PayloadTooLarge(e.message, param=e.param),
+        InvalidDocument: lambda e: InvalidRequest(e.message, param=e.param),
+        InvalidQuery: lambda e: InvalidRequest(e.message, param=e.param),
+        DocumentNotFound: lambda e: NotFound(e.message, param=e.param),
+        RetrievalUnavailable: lambda e: DependencyUnavailable("Retrieval is unavailable; try again shortly."),
     }
 
 

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 20)
 
 
 class Metrics:
@@ -44,3 +46,22 @@ class Metrics:
                                        "Adapters the gateway believes resident, summed over replicas.", registry=r)
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)
+        self.retrieval_seconds = Histogram("banyan_retrieval_duration_seconds",
+                                           "Retrieval time by stage: embed (the query), search (vector and BM25 "
+                                           "queries), rank, ingest_embed and ingest_store (a document).", ["stage"],
+                                           buckets=RETRIEVAL_BUCKETS, registry=r)
+        self.retrieval_passage_counts = Histogram("banyan_retrieval_passages", "Passages returned per retrieval.",
+                                                  buckets=PASSAGE_BUCKETS, registry=r)
+        self.ingested_chunks = Counter("banyan_ingested_chunks_total", "Document chunks embedded and stored.",
+                                       registry=r)
+
+    # The retrieval service's observer (``retrieval.service.Observer``): it reports, this records.
+
+    def retrieval_stage(self, stage: str, seconds: float) -> None:
+        self.retrieval_seconds.labels(stage).observe(seconds)
+
+    def retrieval_passages(self, count: int) -> None:
+        self.retrieval_passage_counts.observe(count)
+
+    def chunks_ingested(self, count: int) -> None:
+        self.ingested_chunks.inc(count)

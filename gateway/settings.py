@@ -52,6 +52,16 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
+    max_document_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest document text (UTF-8 bytes) `POST /v1/documents` accepts (413 above it)."""
+    rag_context_chars: int = Field(default=1500, ge=200)
+    """Budget of the retrieved passages put in front of the model (the demo model reads one token per
+    character and has 4096 positions; raise it for a real model)."""
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    """Chunks embedded per batch (each batch runs in a worker thread)."""
+    retrieval_index: str = Field(default="banyan-chunks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Name of the Redis search index over the chunks of every tenant (created at start-up if absent)."""
+
     engine_connect_timeout_s: float = 5.0
     engine_read_timeout_s: float = 600.0
     engine_max_connections: int = Field(default=512, ge=1)

@@ -13,6 +13,7 @@ from gateway.engine import EnginePool
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
+from retrieval.service import DocumentService
 
 if TYPE_CHECKING:
     from adapters.basemodel import BaseModelSpec
@@ -28,3 +29,4 @@ class AppState:
     adapters: AdapterRegistry
     metrics: Metrics
     base_spec: BaseModelSpec | None
+    documents: DocumentService

@@ -128,9 +128,8 @@ def labelled_set(seed: int = 7) -> tuple[list[Doc], list[Query]]:
     queries: list[Query] = []
 
     def add(key: str, title: str, text: str) -> None:
-        year = rng.randint(2021, 2024)
-        docs.append(Doc(key, title, f"{text} {_filler(rng)}", f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-                                                              "T10:00:00Z"))
+        day = f"{rng.randint(2021, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        docs.append(Doc(key, title, f"{text} {_filler(rng)}", f"{day}T10:00:00Z"))
 
     for i, p in enumerate(projects):
         purpose, purpose_query = PURPOSES[i]

@@ -161,15 +161,24 @@ async def test_never_deletes_busy_adapters_and_never_exceeds_the_bound(
     assert engine.unloaded == [] and cache.used_bytes == 2 * SIZE
 
 
-async def test_just_fetched_adapters_are_protected(tmp_path: Path, parts: tuple[FakeStore, FakeEngine, Clock]) -> None:
-    store, _, clock = parts
-    cache = _cache(tmp_path, parts, max_adapters=1, protect_s=10)
-    store.add(_ref(1))
-    store.add(_ref(2))
+async def test_just_fetched_adapters_are_protected_until_registered(
+        tmp_path: Path, parts: tuple[FakeStore, FakeEngine, Clock]) -> None:
+    store, engine, clock = parts
+    cache = _cache(tmp_path, parts, max_adapters=1, protect_s=30)
+    for i in (1, 2, 3):
+        store.add(_ref(i))
     first = await cache.ensure(_ref(1))  # handed to vLLM, not yet registered
     with pytest.raises(AdapterFetchError):
         await cache.ensure(_ref(2))
     assert first.exists()
-    clock.now += 11
-    await cache.ensure(_ref(2))
-    assert not first.exists()
+    engine.registered_names.add(_ref(1).engine_name)  # vLLM registered it and a request uses it ...
+    engine.busy_names.add(_ref(1).engine_name)
+    with pytest.raises(AdapterFetchError):
+        await cache.ensure(_ref(2))
+    engine.registered_names.clear()  # ... then the gateway unloaded it: now it may go
+    engine.busy_names.clear()
+    second = await cache.ensure(_ref(2))
+    assert not first.exists() and second.exists()
+    clock.now += 31  # never registered within protect_s: vLLM dropped it, the files may go
+    await cache.ensure(_ref(3))
+    assert not second.exists()

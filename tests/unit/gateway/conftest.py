@@ -17,6 +17,7 @@ from gateway.engine import HttpEnginePool
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.state import AppState
+from retrieval.documents import Passage
 
 ADMIN_KEY = "adm_unit_test_key_0123456789"
 TENANT_KEY = "bk_" + "t" * 43
@@ -62,6 +63,19 @@ class FakeStore:
         return None
 
 
+@dataclass
+class FakeDocuments:
+    """The retrieval service's ``retrieve``: canned passages per tenant; records what was asked."""
+
+    passages: dict[str, list[Passage]] = field(default_factory=dict)
+    queries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
+
+    async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
+                       collection: str | None = None) -> list[Passage]:
+        self.queries.append((tenant, query, top_k, collection))
+        return self.passages.get(tenant, [])[:top_k]
+
+
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -71,6 +85,7 @@ class Harness:
     registry: FakeRegistry
     engine_requests: list[httpx.Request]
     metrics: Metrics
+    documents: FakeDocuments = field(default_factory=FakeDocuments)
 
     def tenant_headers(self, key: str = TENANT_KEY) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -88,11 +103,12 @@ def make_harness() -> Callable[[Handler], Harness]:
         settings = Settings(mode="dev", admin_key=SecretStr(ADMIN_KEY), engine_urls=["http://engine"])
         registry = FakeRegistry()
         metrics = Metrics()
+        documents = FakeDocuments()
         state = AppState(settings=settings, redis=FakeRedis(), store=FakeStore(),  # type: ignore[arg-type]
                          engines=HttpEnginePool(["http://engine"], transport=httpx.MockTransport(recording)),
                          tenants=FakeTenants(), adapters=registry, metrics=metrics,  # type: ignore[arg-type]
-                         base_spec=None)
+                         base_spec=None, documents=documents)  # type: ignore[arg-type]
         client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
-        return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics)
+        return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics, documents=documents)
 
     return build
