@@ -156,6 +156,7 @@ def _make_resolver(cache: AdapterDiskCache) -> Any:
             ref = AdapterRef.from_engine_name(lora_name)
             if ref is None:
                 return None
+            _share_vllm_logging()  # vLLM's handlers exist by the time requests arrive
             started = time.monotonic()
             try:
                 path = await cache.ensure(ref)
@@ -187,7 +188,6 @@ def register() -> None:
     if "banyan-s3" in LoRAResolverRegistry.get_supported_resolvers():
         return
     settings = ResolverSettings()
-    _share_vllm_logging()
     metrics = ResolverMetrics()
     metrics.cache_max_bytes.set(settings.lora_cache_max_bytes)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None

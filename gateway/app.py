@@ -25,9 +25,11 @@ from gateway.engine import EnginePool, HttpEnginePool
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openai_api.api_router import router as openai_router
+from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import TenantStore
+from gateway.usage import UsageStore
 from retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from retrieval.service import DocumentService, RetrievalConfig
 
@@ -68,6 +70,8 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         tenants=TenantStore(redis),
         adapters=AdapterRegistry(redis),
         metrics=metrics,
+        quotas=Quotas(redis, metrics=metrics),
+        usage=UsageStore(redis),
         base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
         documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
                                   config=retrieval_config(settings), observer=metrics),

@@ -49,9 +49,13 @@ def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
     asyncio.run(main())
 
 
-def _curl(settings: Settings, key: str, model: str) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
-                       "max_tokens": 32})
+def _curl(settings: Settings, key: str, model: str, *, question: str = "Hello! Who are you?",
+          rag: bool = False) -> str:
+    request: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": question}],
+                                  "max_tokens": 32}
+    if rag:
+        request["rag"] = {"top_k": 3}
+    body = json.dumps(request)
     return (f"curl -s http://{settings.host}:{settings.port}/v1/chat/completions "
             f"-H {shlex.quote('Authorization: Bearer ' + key)} -H 'Content-Type: application/json' "
             f"-d {shlex.quote(body)}")
@@ -62,7 +66,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def run_dev(args: argparse.Namespace) -> int:
-    from gateway.dev.seed import seed_demo
+    from gateway.dev.seed import DEMO_QUESTION, seed_demo
     from gateway.dev.stack import DevStack
 
     overrides: dict[str, object] = {"mode": "dev"}
@@ -99,6 +103,9 @@ def run_dev(args: argparse.Namespace) -> int:
                      f"its API key: {seeded.key}")
                 _say("try it:")
                 _say("  " + _curl(settings, seeded.key, seeded.adapters[0]))
+                if seeded.documents:
+                    _say(f"grounded in the {seeded.documents} demo documents (the reply lists its `sources`):")
+                    _say("  " + _curl(settings, seeded.key, seeded.adapters[0], question=DEMO_QUESTION, rag=True))
             _say("banyan dev is ready (Ctrl-C stops everything)")
 
         # uvicorn handles SIGINT/SIGTERM itself while serving, then returns here.

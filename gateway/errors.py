@@ -42,11 +42,13 @@ class BanyanError(Exception):
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type_=self.type, param=self.param, code=self.code)
@@ -188,7 +190,7 @@ def status_of(exc: BanyanError) -> int:
 
 
 def render(exc: BanyanError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=status_of(exc))
+    return JSONResponse(exc.body(), status_code=status_of(exc), headers=exc.headers)
 
 
 def sse_error_event(exc: BanyanError) -> bytes:

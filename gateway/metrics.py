@@ -28,7 +28,7 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.ttft_seconds = Histogram("banyan_time_to_first_token_seconds",
                                       "Time from request arrival to the first streamed token chunk.",
-                                      ["kind"], buckets=TTFT_BUCKETS, registry=r)
+                                      ["endpoint"], buckets=TTFT_BUCKETS, registry=r)
         self.inflight = Gauge("banyan_inflight_requests", "Completion requests in flight.", registry=r)
         self.engine_errors = Counter("banyan_engine_errors_total",
                                      "Engine calls that failed, by kind (unavailable, status_4xx, status_5xx, "
@@ -44,6 +44,12 @@ class Metrics:
                                        registry=r)
         self.resident_adapters = Gauge("banyan_resident_adapters",
                                        "Adapters the gateway believes resident, summed over replicas.", registry=r)
+        self.rate_limited = Counter("banyan_rate_limited_total",
+                                    "Requests refused by a tenant limit, by reason (rpm, tpm, concurrency).",
+                                    ["reason"], registry=r)
+        self.model_resolutions = Counter("banyan_model_resolutions_total",
+                                         "Completion requests by how their model resolved (base, adapter, "
+                                         "not_found).", ["result"], registry=r)
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)
         self.retrieval_seconds = Histogram("banyan_retrieval_duration_seconds",

@@ -11,8 +11,10 @@ from adapters.registry import AdapterRegistry
 from adapters.store import ObjectStore
 from gateway.engine import EnginePool
 from gateway.metrics import Metrics
+from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
+from gateway.usage import UsageStore
 from retrieval.service import DocumentService
 
 if TYPE_CHECKING:
@@ -28,5 +30,7 @@ class AppState:
     tenants: TenantStore
     adapters: AdapterRegistry
     metrics: Metrics
+    quotas: Quotas
+    usage: UsageStore
     base_spec: BaseModelSpec | None
     documents: DocumentService

@@ -79,7 +79,7 @@ def validate(document: NewDocument, *, max_bytes: int, now: float) -> ValidDocum
     size = len(document.text.encode("utf-8", errors="surrogatepass"))
     if size > max_bytes:
         raise DocumentTooLarge(f"`text` is {size} bytes; the limit is {max_bytes} bytes.", param="text")
-    title = document.title.strip() if document.title else None
+    title = (document.title or "").strip() or None
     if title is not None and len(title) > MAX_TITLE_CHARS:
         raise InvalidDocument(f"`title` is longer than {MAX_TITLE_CHARS} characters.", param="title")
     timestamp = now

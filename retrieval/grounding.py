@@ -2,9 +2,10 @@
 
 The context is a block of numbered sources (``[n] title (date)`` then the text) after a short
 instruction to cite ``[n]`` and to prefer newer sources when they disagree. It is budgeted in
-characters (``budget_chars``): passages go in best first; one that does not fit is cut at a sentence
-or word boundary when a useful part of it fits, else left out, and the passages that made it in are
-the ``sources`` (``[n]`` is ``sources[n-1]``). Fewer, better passages beat a long context.
+characters (``budget_chars``): passages go in best first until one does not fit, which is cut at a
+sentence or word boundary when a useful part of it fits (else left out) and ends the context. The
+passages that made it in are the ``sources`` (``[n]`` is ``sources[n-1]``). Fewer, better passages
+beat a long context.
 
 Each request surface has a :class:`Grounder` that knows where its query is and where the context
 goes: chat puts it in the system message, a completion in front of the prompt.
@@ -40,11 +41,14 @@ def build_context(passages: Sequence[Passage], *, budget_chars: int) -> Context:
     for passage in passages:
         header = f"[{len(used) + 1}] " + (f"{passage.title} " if passage.title else "") + f"({_date(passage)})\n"
         room = remaining - len(header)
-        text = passage.text if len(passage.text) <= room else _clip(passage.text, room)
+        fits = len(passage.text) <= room
+        text = passage.text if fits else _clip(passage.text, room)
         if not text:
             break
         blocks.append(header + text)
         used.append(passage)
+        if not fits:  # a cut passage spends the budget: nothing less relevant squeezes in after it
+            break
         remaining -= len(header) + len(text) + 2
     if not used:
         return Context(text="", passages=[])

@@ -19,6 +19,8 @@ from gateway.admin.protocol import (
     TenantCreate,
     TenantOut,
     TenantPatch,
+    UsageCounts,
+    UsageOut,
 )
 from gateway.deps import AdminDep, StateDep
 from gateway.errors import Conflict, NotFound
@@ -118,3 +120,11 @@ async def delete_adapter(tenant_id: str, name: str, state: StateDep) -> Deleted:
     record = await service.require_adapter(state, tenant_id, name)
     await service.delete_adapter_everywhere(state, tenant_id, record)
     return Deleted(id=name, object="adapter")
+
+
+@router.get("/tenants/{tenant_id}/usage")
+async def tenant_usage(tenant_id: str, state: StateDep) -> UsageOut:
+    await service.require_tenant(state, tenant_id)
+    usage = await state.usage.get(tenant_id)
+    return UsageOut(tenant=tenant_id, total=UsageCounts(**usage.total.to_dict()),
+                    models={m: UsageCounts(**c.to_dict()) for m, c in usage.models.items()})

@@ -92,3 +92,18 @@ class Deleted(BaseModel):
     id: str
     object: str
     deleted: bool = True
+
+
+class UsageCounts(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageOut(BaseModel):
+    object: str = "tenant.usage"
+    tenant: str
+    total: UsageCounts
+    models: dict[str, UsageCounts]
+    """Per model the tenant called: each adapter by name, and the base model by its id."""

@@ -80,10 +80,12 @@ async def delete_adapter_everywhere(state: AppState, tenant_id: str, record: Ada
 async def delete_tenant(state: AppState, tenant_id: str) -> None:
     await require_tenant(state, tenant_id)
     await state.tenants.delete(tenant_id)  # keys are revoked first: nothing new can start
+    await state.usage.delete(tenant_id)
     for record in await state.adapters.list_records(tenant_id):
         await delete_adapter_everywhere(state, tenant_id, record)
     await state.adapters.delete_tenant(tenant_id)
     await state.store.delete_prefix(adapter_prefix(tenant_id))
+    await state.documents.delete_tenant(tenant_id)
 
 
 class AdapterUpload:

@@ -1,4 +1,5 @@
-"""Seed data for ``banyan dev``: the ``demo`` tenant, a key, demo adapters, through the real admin API."""
+"""Seed data for ``banyan dev``: the ``demo`` tenant, a key, demo adapters (through the real admin API)
+and demo documents (through the tenant API, as a user would add them)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ from gateway.dev.demo_model import build_adapter
 
 DEMO_TENANT = "demo"
 DEMO_ADAPTERS = {"demo-support": 1, "demo-pirate": 2}  # adapter name -> weight seed
+DEMO_QUESTION = "When is the support desk open?"
+DEMO_DOCUMENTS = [  # the last two disagree: retrieval ranks the newer one first
+    {"title": "Returns policy", "timestamp": "2024-02-01T09:00:00Z", "collection": "policies",
+     "text": "Customers can return any product within 30 days of delivery for a full refund. Items must be "
+             "unused and in their original packaging. Refunds are paid to the original payment method within "
+             "five business days of the return being received."},
+    {"title": "Shipping", "timestamp": "2024-03-10T09:00:00Z", "collection": "policies",
+     "text": "Orders ship from the Lisbon warehouse within two business days. Standard delivery in the EU takes "
+             "three to five days; express delivery takes one to two days and costs 12 euros."},
+    {"title": "Support hours", "timestamp": "2023-06-01T09:00:00Z",
+     "text": "The support desk is open on weekdays from 9 am to 5 pm (Lisbon time). Outside these hours, "
+             "tickets are answered the next business day."},
+    {"title": "Support hours update", "timestamp": "2024-09-15T09:00:00Z",
+     "text": "Since September 2024 the support desk is open every day from 8 am to 8 pm (Lisbon time), "
+             "weekends included."},
+]
 
 
 @dataclass(frozen=True)
@@ -19,6 +36,7 @@ class Seeded:
     tenant: str
     key: str
     adapters: list[str]
+    documents: int = 0
 
 
 async def seed_demo(gateway_url: str, *, admin_key: str, model_path: Path, work_dir: Path) -> Seeded:
@@ -33,7 +51,10 @@ async def seed_demo(gateway_url: str, *, admin_key: str, model_path: Path, work_
         for name, seed in DEMO_ADAPTERS.items():
             folder = await asyncio.to_thread(build_adapter, model_path, work_dir / name, seed=seed)
             await upload_adapter(client, DEMO_TENANT, name, folder)
-    return Seeded(tenant=DEMO_TENANT, key=key, adapters=list(DEMO_ADAPTERS))
+        for document in DEMO_DOCUMENTS:
+            response = await client.post("/v1/documents", json=document, headers={"Authorization": f"Bearer {key}"})
+            response.raise_for_status()
+    return Seeded(tenant=DEMO_TENANT, key=key, adapters=list(DEMO_ADAPTERS), documents=len(DEMO_DOCUMENTS))
 
 
 async def upload_adapter(client: httpx.AsyncClient, tenant: str, name: str, folder: Path) -> dict[str, object]:

@@ -4,6 +4,10 @@ Everything that can fail for a reason the client should see (auth, the model, en
 request) fails before the first byte; after that, a failure becomes an SSE error event and ``[DONE]``.
 The stream is relayed event by event with the internal model name rewritten in the bytes; it is
 never re-encoded as JSON.
+
+With ``rag``, passages are retrieved from the caller's documents (before the first byte, like every
+other check), put in front of the model by the surface's grounder, and returned as ``sources``: a
+top-level field of the JSON response, or of the first event of a stream.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.naming import AdapterRef, is_valid_id
@@ -30,12 +35,16 @@ from gateway.errors import (
     UpstreamError,
     sse_error_event,
 )
-from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, _GenerationRequest
+from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, _GenerationRequest
+from gateway.quotas import Admission
 from gateway.state import AppState
+from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
+from retrieval.service import MAX_QUERY_CHARS
 
 log = logging.getLogger("banyan.serving")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_GROUNDERS: dict[str, Grounder] = {"/v1/chat/completions": ChatGrounder(), "/v1/completions": PromptGrounder()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +62,16 @@ class ResolvedModel:
 async def resolve_model(state: AppState, tenant: str, model: str) -> ResolvedModel:
     """The caller's ``model`` -> what the engine serves. Another tenant's adapter is simply unknown."""
     if model == state.settings.base_model:
+        state.metrics.model_resolutions.labels("base").inc()
         return ResolvedModel(public=model, engine=model, adapter=None)
     record = await state.adapters.get(tenant, model) if is_valid_id(model) else None
     meta = record.active_meta if record else None
     if meta is None:
+        state.metrics.model_resolutions.labels("not_found").inc()
         raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
                             param="model")
     ref = AdapterRef(tenant=tenant, name=model, version=meta.version, uid=meta.uid)
+    state.metrics.model_resolutions.labels("adapter").inc()
     return ResolvedModel(public=model, engine=ref.engine_name, adapter=ref)
 
 
@@ -109,6 +121,24 @@ def json_or_none_bytes(content: bytes) -> Any:
         return None
 
 
+@dataclass
+class _Call:
+    """One completion request on its way through the gateway."""
+
+    tenant: str
+    path: str
+    body: dict[str, Any]
+    resolved: ResolvedModel
+    admission: Admission
+    sources: list[dict[str, Any]] | None = None
+    started: float = field(default_factory=time.perf_counter)
+    strip_usage: bool = False
+
+    @property
+    def endpoint(self) -> str:
+        return "chat" if self.path.endswith("/chat/completions") else "completions"
+
+
 class CompletionService:
     """Serves ``/v1/chat/completions`` and ``/v1/completions`` for one tenant request."""
 
@@ -116,21 +146,52 @@ class CompletionService:
         self.state = state
 
     async def handle(self, *, tenant: str, request: _GenerationRequest, path: str) -> Response:
-        if request.rag_options() is not None:
-            raise InvalidRequest("Retrieval (`rag`) is not enabled on this gateway.", param="rag")
-        resolved = await resolve_model(self.state, tenant, request.model)
-        body = _engine_body(request, resolved, tenant)
-        if request.stream:
-            return await self._stream(path, body, resolved)
-        return await self._json(path, body, resolved)
+        admission = await self.state.quotas.admit(tenant)
+        streaming = False
+        try:
+            resolved = await resolve_model(self.state, tenant, request.model)
+            call = _Call(tenant=tenant, path=path, body=_engine_body(request, resolved, tenant), resolved=resolved,
+                         admission=admission)
+            rag = request.rag_options()
+            if rag is not None:
+                call.sources = await self._ground(tenant, rag, path, call.body)
+            if request.stream:
+                response = await self._stream(call)
+                streaming = True  # the stream gives the slot back when it ends
+                return response
+            return await self._json(call)
+        finally:
+            if not streaming:
+                await admission.release()
 
-    async def _json(self, path: str, body: dict[str, Any], resolved: ResolvedModel) -> Response:
-        metrics = self.state.metrics
+    async def _ground(self, tenant: str, rag: RagOptions, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """Retrieve for the request, put the passages that fit the budget in front of the model (in
+        ``body``); those passages are the ``sources``."""
+        grounder = _GROUNDERS[path]
+        query = grounder.query(body)[:MAX_QUERY_CHARS]
+        passages = await self.state.documents.retrieve(tenant, query, top_k=rag.top_k, collection=rag.collection)
+        context = build_context(passages, budget_chars=self.state.settings.rag_context_chars)
+        if context.text:
+            grounder.apply(body, context.text)
+        return [p.source() for p in context.passages]
+
+    async def _record(self, call: _Call, usage: dict[str, Any]) -> None:
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        self.state.metrics.tokens.labels("prompt").inc(prompt)
+        self.state.metrics.tokens.labels("completion").inc(completion)
+        try:
+            await self.state.usage.record(call.tenant, model=call.resolved.public, prompt_tokens=prompt,
+                                          completion_tokens=completion)
+        except RedisError as e:  # the answer is served; losing one usage record must not fail it
+            log.warning("recording usage failed: %s", type(e).__name__)
+
+    async def _json(self, call: _Call) -> Response:
+        metrics, resolved = self.state.metrics, call.resolved
         metrics.inflight.inc()
         try:
             async with self.state.engines.lease(resolved.engine, adapter=resolved.adapter is not None) as replica:
                 try:
-                    response = await replica.client.post(path, json=body)
+                    response = await replica.client.post(call.path, json=call.body)
                 except httpx.HTTPError as e:
                     metrics.engine_errors.labels("unavailable").inc()
                     raise translate_transport_error(e) from e
@@ -144,29 +205,32 @@ class CompletionService:
             metrics.engine_errors.labels("unavailable").inc()
             raise EngineUnavailable("The engine sent an unreadable response.")
         payload["model"] = resolved.public
-        usage = payload.get("usage") or {}
-        metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
-        metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
+        if call.sources is not None:
+            payload["sources"] = call.sources
+        await self._record(call, payload.get("usage") or {})
         return JSONResponse(payload, headers=resolved.headers())
 
-    async def _stream(self, path: str, body: dict[str, Any], resolved: ResolvedModel) -> Response:
-        started = time.perf_counter()
+    async def _stream(self, call: _Call) -> Response:
+        # Usage is always asked of the engine (for accounting); the client sees it only if it asked.
+        options = call.body.setdefault("stream_options", {})
+        call.strip_usage = not options.get("include_usage")
+        options["include_usage"] = True
         stack = AsyncExitStack()
+        stack.push_async_callback(call.admission.release)
         try:
             replica = await stack.enter_async_context(
-                self.state.engines.lease(resolved.engine, adapter=resolved.adapter is not None))
-            upstream = await _open_stream(replica, path, body, resolved, self.state)
+                self.state.engines.lease(call.resolved.engine, adapter=call.resolved.adapter is not None))
+            upstream = await _open_stream(replica, call.path, call.body, call.resolved, self.state)
             stack.push_async_callback(upstream.aclose)
         except BaseException:
             await stack.aclose()
             raise
-        return StreamingResponse(self._relay(upstream, stack, resolved, started), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **resolved.headers()})
+        return StreamingResponse(self._relay(call, upstream, stack), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **call.resolved.headers()})
 
-    async def _relay(self, upstream: httpx.Response, stack: AsyncExitStack, resolved: ResolvedModel,
-                     started: float) -> AsyncIterator[bytes]:
+    async def _relay(self, call: _Call, upstream: httpx.Response, stack: AsyncExitStack) -> AsyncIterator[bytes]:
         metrics = self.state.metrics
-        rewrite = _NameRewriter(resolved)
+        rewrite = _NameRewriter(call.resolved, sources=call.sources, strip_usage=call.strip_usage)
         first = True
         metrics.inflight.inc()
         try:
@@ -174,7 +238,7 @@ class CompletionService:
                 out = rewrite.feed(chunk)
                 if out:
                     if first:
-                        metrics.ttft_seconds.labels("stream").observe(time.perf_counter() - started)
+                        metrics.ttft_seconds.labels(call.endpoint).observe(time.perf_counter() - call.started)
                         first = False
                     yield out
             tail = rewrite.flush()
@@ -186,6 +250,8 @@ class CompletionService:
             yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
         finally:
             metrics.inflight.dec()
+            if rewrite.usage is not None:
+                await self._record(call, rewrite.usage)
             await stack.aclose()
 
 
@@ -205,14 +271,19 @@ async def _open_stream(replica: Replica, path: str, body: dict[str, Any], resolv
 
 
 class _NameRewriter:
-    """Rewrites complete SSE events: the internal model name becomes the public one, and an engine
-    error event is re-rendered in the gateway's error shape."""
+    """Rewrites complete SSE events: the internal model name becomes the public one, an engine error
+    event is re-rendered in the gateway's error shape, and ``sources`` (when given) become the first
+    key of the first data event."""
 
-    def __init__(self, resolved: ResolvedModel) -> None:
+    def __init__(self, resolved: ResolvedModel, *, sources: list[dict[str, Any]] | None = None,
+                 strip_usage: bool = False) -> None:
         self._resolved = resolved
+        self._strip_usage = strip_usage
+        self.usage: dict[str, Any] | None = None
         self._needle = json.dumps(resolved.engine).encode() if resolved.adapter else b""
         self._replacement = json.dumps(resolved.public).encode()
         self._buffer = b""
+        self._sources = b'"sources": ' + json.dumps(sources).encode() if sources is not None else b""
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk
@@ -232,7 +303,32 @@ class _NameRewriter:
             events = events.replace(self._needle, self._replacement)
         if b'data: {"error"' in events:
             events = b"".join(self._render_error(e) for e in events.split(b"\n\n") if e)
+        if b'"usage":{' in events:
+            events = b"".join(self._take_usage(e) for e in events.split(b"\n\n") if e)
+        if self._sources:
+            events = self._add_sources(events)
         return events
+
+    def _add_sources(self, events: bytes) -> bytes:
+        """Put the sources in the first data event (an error event is not one): once."""
+        at = events.find(b"data: {")
+        if at < 0 or events.startswith(b'data: {"error"', at):
+            return events
+        cut = at + len(b"data: {")
+        separator = b"" if events[cut:cut + 1] == b"}" else b", "
+        sources, self._sources = self._sources, b""
+        return events[:cut] + sources + separator + events[cut:]
+
+    def _take_usage(self, event: bytes) -> bytes:
+        """Note the usage of the final usage-only event; drop that event if the client did not ask for it."""
+        if b'"choices":[]' not in event or not event.startswith(b"data: {"):
+            return event + b"\n\n"
+        parsed = json_or_none_bytes(event[len(b"data: "):])
+        if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
+            self.usage = parsed["usage"]
+            if self._strip_usage:
+                return b""
+        return event + b"\n\n"
 
     def _render_error(self, event: bytes) -> bytes:
         if not event.startswith(b'data: {"error"'):

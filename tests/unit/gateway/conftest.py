@@ -50,6 +50,26 @@ class FakeRegistry:
         return [r for (t, _), r in sorted(self.records.items()) if t == tenant]
 
 
+class FakeAdmission:
+    async def release(self) -> None:
+        return None
+
+
+class FakeQuotas:
+    """Admits everything (limits are tested on the real stack, where they live in Redis)."""
+
+    async def admit(self, tenant: str) -> FakeAdmission:
+        return FakeAdmission()
+
+
+class FakeUsage:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, int, int]] = []
+
+    async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.records.append((tenant, model, prompt_tokens, completion_tokens))
+
+
 class FakeRedis:
     async def ping(self) -> bool:
         return True
@@ -86,6 +106,7 @@ class Harness:
     engine_requests: list[httpx.Request]
     metrics: Metrics
     documents: FakeDocuments = field(default_factory=FakeDocuments)
+    usage: FakeUsage = field(default_factory=FakeUsage)
 
     def tenant_headers(self, key: str = TENANT_KEY) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -102,13 +123,16 @@ def make_harness() -> Callable[[Handler], Harness]:
 
         settings = Settings(mode="dev", admin_key=SecretStr(ADMIN_KEY), engine_urls=["http://engine"])
         registry = FakeRegistry()
+        usage = FakeUsage()
         metrics = Metrics()
         documents = FakeDocuments()
         state = AppState(settings=settings, redis=FakeRedis(), store=FakeStore(),  # type: ignore[arg-type]
                          engines=HttpEnginePool(["http://engine"], transport=httpx.MockTransport(recording)),
                          tenants=FakeTenants(), adapters=registry, metrics=metrics,  # type: ignore[arg-type]
-                         base_spec=None, documents=documents)  # type: ignore[arg-type]
+                         base_spec=None, documents=documents,  # type: ignore[arg-type]
+                         quotas=FakeQuotas(), usage=usage)  # type: ignore[arg-type]
         client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
-        return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics, documents=documents)
+        return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics, documents=documents,
+                       usage=usage)
 
     return build

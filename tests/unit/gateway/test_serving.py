@@ -33,7 +33,12 @@ def _echo_engine(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     if body.get("stream"):
         chunk = json.dumps({"id": "c", "model": body["model"], "choices": [{"text": "x"}]})
-        stream = f"data: {chunk}\n\ndata: {chunk}\n\ndata: [DONE]\n\n".encode()
+        stream = f"data: {chunk}\n\ndata: {chunk}\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "c", "model": body["model"], "choices": [],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+            stream += f"data: {json.dumps(usage, separators=(',', ':'))}\n\n"
+        stream = (stream + "data: [DONE]\n\n").encode()
         return httpx.Response(200, stream=_Chunks([stream[:7], stream[7:50], stream[50:]]),
                               headers={"content-type": "text/event-stream"})
     return httpx.Response(200, json=_completion(body["model"]))
@@ -154,3 +159,28 @@ def test_name_rewriter_renders_engine_error_events() -> None:
     raw = b'data: {"error": {"message": "boom", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
     out = json.loads(rewriter.feed(raw)[6:])
     assert out["error"]["type"] == "server_error" and out["error"]["code"] == "engine_unavailable"
+
+
+def test_stream_usage_is_counted_and_shown_only_when_asked(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    h.registry.add("acme", "helper")
+    body = {"model": "helper", "prompt": "x", "stream": True}
+    plain = h.client.post("/v1/completions", json=body, headers=h.tenant_headers())
+    assert '"usage"' not in plain.text and plain.text.endswith("data: [DONE]\n\n")
+    assert json.loads(h.engine_requests[-1].content)["stream_options"] == {"include_usage": True}
+    asked = h.client.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}},
+                          headers=h.tenant_headers())
+    assert asked.text.count('"usage":{"prompt_tokens":3') == 1
+    assert h.usage.records == [("acme", "helper", 3, 2), ("acme", "helper", 3, 2)]
+    metrics = h.client.get("/metrics").text
+    assert 'banyan_tokens_total{kind="completion"} 4.0' in metrics
+    assert 'banyan_time_to_first_token_seconds_count{endpoint="completions"} 2.0' in metrics
+
+
+def test_json_usage_is_recorded_per_model(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    response = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": "x"},
+                             headers=h.tenant_headers())
+    assert response.status_code == 200
+    assert h.usage.records == [("acme", "banyan-demo", 3, 2)]
+    assert 'banyan_model_resolutions_total{result="base"} 1.0' in h.client.get("/metrics").text

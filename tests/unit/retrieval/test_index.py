@@ -1,0 +1,62 @@
+"""What the search queries look like: escaping, scope in every alternative, reply parsing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from retrieval.index import bm25_query, escape, is_document_id, parse_search_reply, query_terms, scope_filter
+
+HOSTILE = ['@tenant:{other}', '*', 'a | b', '"quoted phrase"', '{braces}', '-@tenant:{acme}', '(x)=>[KNN 5 @e $v]',
+           "%fuzzy%", "back\\slash", "$param", "@text:foo*", "tenant}|@tenant:{evil"]
+
+
+def test_escape_backslashes_every_ascii_non_alphanumeric() -> None:
+    assert escape("acme-corp") == "acme\\-corp"
+    assert escape("a b{c}|*") == "a\\ b\\{c\\}\\|\\*"
+    assert escape("café") == "café"
+
+
+def test_query_terms_are_words_only_without_stopwords_or_repeats() -> None:
+    assert query_terms("Where is THE office? The office!") == ["where", "office"]
+    assert query_terms("the a of") == []
+    assert len(query_terms(" ".join(f"w{i}" for i in range(100)))) == 32
+    for text in HOSTILE:
+        assert all(re.fullmatch(r"\w+", t) for t in query_terms(text))
+
+
+def test_scope_filter() -> None:
+    assert scope_filter("acme-1", None) == "@tenant:{acme\\-1}"
+    assert scope_filter("acme", "faq_2") == "@tenant:{acme} @collection:{faq\\_2}"
+    with pytest.raises(ValueError):
+        scope_filter("acme} | @tenant:{other", None)
+
+
+def test_every_bm25_alternative_is_scoped_to_the_tenant() -> None:
+    for text in HOSTILE:
+        terms = query_terms(text)
+        if not terms:
+            continue
+        query = bm25_query("acme", terms, "docs")
+        alternatives = query.split(" | ")
+        assert len(alternatives) == len(terms)
+        for alternative, term in zip(alternatives, terms, strict=True):
+            assert alternative == f"(@tenant:{{acme}} @collection:{{docs}} {escape(term)})"
+
+
+def test_document_ids() -> None:
+    assert is_document_id("doc_" + "0a" * 12)
+    assert not is_document_id("doc_" + "0A" * 12)
+    assert not is_document_id("../doc_x")
+
+
+def test_reply_parsing_accepts_both_shapes() -> None:
+    resp2 = [2, b"k1", [b"text", b"hello", b"embedding", b"\x00\x01"], b"k2", [b"text", b"bye"]]
+    resp3 = {b"total_results": 2, b"results": [
+        {b"id": b"k1", b"extra_attributes": {b"text": b"hello", b"embedding": b"\x00\x01"}, b"values": []},
+        {b"id": b"k2", b"extra_attributes": {b"text": b"bye"}, b"values": []}]}
+    expected = [("k1", {"text": b"hello", "embedding": b"\x00\x01"}), ("k2", {"text": b"bye"})]
+    assert parse_search_reply(resp2) == expected
+    assert parse_search_reply(resp3) == expected
+    assert parse_search_reply([0]) == []
