@@ -203,7 +203,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request body.", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    where = list(first.get("loc", ()))
+    if where and where[0] in ("body", "query", "path", "header", "cookie"):  # the location, not a field name
+        where = where[1:]
+    loc = [str(p) for p in where]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None

@@ -25,7 +25,7 @@ class PeftOracle:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
         return model.eval()

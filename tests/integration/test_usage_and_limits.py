@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -51,16 +52,26 @@ def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
     tenant = make_tenant(stack, admin, "conc")
     assert admin.patch(f"/admin/tenants/{tenant.id}", json={"max_concurrency": 1}).status_code == 200
     base = stack.info["base_model"]
-    with tenant.http() as http, http.stream("POST", "/v1/completions", json={
-            "model": base, "prompt": "long", "max_tokens": 300, "stream": True, "ignore_eos": True}) as first:
-        assert first.status_code == 200
-        lines = first.iter_lines()
-        next(line for line in lines if line.startswith("data: "))  # the first request is running
+    first: list[int] = []
+
+    def long_request() -> None:
+        with tenant.http() as http:
+            first.append(http.post("/v1/completions", json={"model": base, "prompt": "long", "max_tokens": 3000,
+                                                            "ignore_eos": True}).status_code)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    slots, redis = f"banyan:rl:{tenant.id}:inflight", stack.redis()
+    deadline = time.monotonic() + 30
+    while redis.get(slots) != b"1" and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the first request holds the tenant's only slot
+    with tenant.http() as http:
+        # Only the first request can hold the slot (no rpm or tpm limit is set): a 429 proves the limit.
         second = http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1})
         assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
-        list(lines)
-    # The slot is given back when the stream ends.
-    with tenant.http() as http:
+        thread.join(120)
+        assert first == [200]
+        # The slot was given back when the first request ended.
         assert http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1}).status_code == 200
 
 
