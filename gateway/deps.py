@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.errors import AuthError
+from gateway.logs import annotate
 from gateway.state import AppState
 
 
@@ -32,7 +33,7 @@ async def get_tenant_id(request: Request, state: StateDep) -> str:
     tenant = await state.tenants.authenticate(_bearer(request))
     if tenant is None:
         raise AuthError("Incorrect API key provided.")
-    request.state.tenant = tenant
+    annotate(tenant=tenant)
     return tenant
 
 

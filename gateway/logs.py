@@ -7,8 +7,27 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
+from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("banyan_request_fields", default=None)
+
+
+def start_request_fields(**fields: Any) -> dict[str, Any]:
+    """Begin the log fields of one request (the access log line is written from them at its end)."""
+    current: dict[str, Any] = dict(fields)
+    _request_fields.set(current)
+    return current
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields (tenant, adapter, version...) to the current request's access log line."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
 
 
 class JsonFormatter(logging.Formatter):

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import error_body
+from gateway.logs import start_request_fields
 from gateway.metrics import Metrics
 
 log = logging.getLogger("banyan.access")
@@ -41,6 +42,7 @@ class RequestContextMiddleware:
         sent = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = sent if _REQUEST_ID_RE.match(sent) else "req_" + secrets.token_hex(12)
         scope.setdefault("state", {})["request_id"] = request_id
+        fields = start_request_fields(request_id=request_id)
         status = 500
         response_started = False
 
@@ -73,9 +75,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(template, scope["method"], str(status)).inc()
             self.metrics.request_seconds.labels(template).observe(elapsed)
-            log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": template,
-                                       "status": status, "duration_ms": round(elapsed * 1000, 2),
-                                       "tenant": scope["state"].get("tenant")})
+            log.info("request", extra={**fields, "method": scope["method"], "route": template, "status": status,
+                                       "duration_ms": round(elapsed * 1000, 2)})
 
 
 class _TooLarge(StarletteHTTPException):

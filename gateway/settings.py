@@ -65,7 +65,6 @@ class Settings(BaseSettings):
     engine_connect_timeout_s: float = 5.0
     engine_read_timeout_s: float = 600.0
     engine_max_connections: int = Field(default=512, ge=1)
-    registry_cache_ttl_s: float = Field(default=2.0, ge=0.0)
     log_level: str = "info"
 
     @field_validator("engine_urls", mode="before")

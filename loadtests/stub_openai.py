@@ -82,7 +82,7 @@ class _Stub:
                 piece = f'"text":"{_TOKEN}"'
             events.append(f'data: {prefix},"choices":[{{"index":0,{piece},"finish_reason":{finish}}}]}}\n\n'.encode())
         if (body.get("stream_options") or {}).get("include_usage"):
-            events.append(f'data: {prefix},"choices":[],"usage":{json.dumps(usage)}}}\n\n'.encode())
+            events.append(f'data: {prefix},"choices":[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'.encode())
         events.append(b"data: [DONE]\n\n")
         head = _head("200 OK", [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
                                 ("transfer-encoding", "chunked")])

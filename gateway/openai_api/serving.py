@@ -36,6 +36,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, _GenerationRequest
+from gateway.logs import annotate
 from gateway.quotas import Admission
 from gateway.state import AppState
 from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
@@ -72,6 +73,7 @@ async def resolve_model(state: AppState, tenant: str, model: str) -> ResolvedMod
                             param="model")
     ref = AdapterRef(tenant=tenant, name=model, version=meta.version, uid=meta.uid)
     state.metrics.model_resolutions.labels("adapter").inc()
+    annotate(adapter=model, adapter_version=meta.version)
     return ResolvedModel(public=model, engine=ref.engine_name, adapter=ref)
 
 
@@ -179,6 +181,7 @@ class CompletionService:
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self.state.metrics.tokens.labels("prompt").inc(prompt)
         self.state.metrics.tokens.labels("completion").inc(completion)
+        annotate(prompt_tokens=prompt, completion_tokens=completion)
         try:
             await self.state.usage.record(call.tenant, model=call.resolved.public, prompt_tokens=prompt,
                                           completion_tokens=completion)
@@ -238,7 +241,9 @@ class CompletionService:
                 out = rewrite.feed(chunk)
                 if out:
                     if first:
-                        metrics.ttft_seconds.labels(call.endpoint).observe(time.perf_counter() - call.started)
+                        ttft = time.perf_counter() - call.started
+                        metrics.ttft_seconds.labels(call.endpoint).observe(ttft)
+                        annotate(ttft_ms=round(ttft * 1000, 2))
                         first = False
                     yield out
             tail = rewrite.flush()
