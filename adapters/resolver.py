@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.cache import ADAPTER_FILES, MANIFEST, AdapterDiskCache, AdapterFetchError
 from adapters.naming import AdapterRef
-from adapters.store import S3Config, S3ObjectStore
+from adapters.store import S3ObjectStore, s3_config
 
 __all__ = ["ADAPTER_FILES", "MANIFEST", "ResolverSettings", "register"]
 
@@ -52,15 +52,6 @@ class ResolverSettings(BaseSettings):
     engine_self_url: str = "http://127.0.0.1:8000"
     engine_api_key: SecretStr | None = None
 
-    def s3(self) -> S3Config:
-        return S3Config(
-            bucket=self.s3_bucket,
-            endpoint_url=self.s3_endpoint_url,
-            region=self.s3_region,
-            access_key_id=self.s3_access_key_id.get_secret_value() if self.s3_access_key_id else None,
-            secret_access_key=(self.s3_secret_access_key.get_secret_value()
-                               if self.s3_secret_access_key else None),
-        )
 
 
 class HttpEngineControl:
@@ -191,7 +182,7 @@ def register() -> None:
     metrics = ResolverMetrics()
     metrics.cache_max_bytes.set(settings.lora_cache_max_bytes)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
-    cache = AdapterDiskCache(settings.lora_cache_dir, S3ObjectStore(settings.s3()),
+    cache = AdapterDiskCache(settings.lora_cache_dir, S3ObjectStore(s3_config(settings)),
                              max_bytes=settings.lora_cache_max_bytes,
                              engine=HttpEngineControl(settings.engine_self_url, api_key=engine_key),
                              failure_ttl_s=settings.lora_failure_ttl_s, metrics=metrics)

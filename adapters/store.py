@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import SecretStr
+
 
 class StoreError(Exception):
     """Base of the object store's errors."""
@@ -39,6 +41,25 @@ class S3Config:
     region: str = "us-east-1"
     access_key_id: str | None = None
     secret_access_key: str | None = None
+
+
+class S3Settings(Protocol):
+    """The S3 fields of a settings object (the gateway's and the resolver's share them)."""
+
+    s3_bucket: str
+    s3_endpoint_url: str | None
+    s3_region: str
+    s3_access_key_id: SecretStr | None
+    s3_secret_access_key: SecretStr | None
+
+
+def s3_config(settings: S3Settings) -> S3Config:
+    def reveal(secret: SecretStr | None) -> str | None:
+        return secret.get_secret_value() if secret else None
+
+    return S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                    access_key_id=reveal(settings.s3_access_key_id),
+                    secret_access_key=reveal(settings.s3_secret_access_key))
 
 
 def make_s3_client(config: S3Config) -> Any:

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from adapters.basemodel import BaseModelSpec
 from adapters.registry import AdapterRegistry
-from adapters.store import ObjectStore, S3Config, S3ObjectStore
+from adapters.store import ObjectStore, S3ObjectStore, s3_config
 from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
 from gateway.admin.service import sweep_abandoned_uploads
@@ -34,17 +34,6 @@ from retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from retrieval.service import DocumentService, RetrievalConfig
 
 log = logging.getLogger("banyan.app")
-
-
-def s3_config(settings: Settings) -> S3Config:
-    return S3Config(
-        bucket=settings.s3_bucket,
-        endpoint_url=settings.s3_endpoint_url,
-        region=settings.s3_region,
-        access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
-        secret_access_key=(settings.s3_secret_access_key.get_secret_value()
-                           if settings.s3_secret_access_key else None),
-    )
 
 
 def retrieval_config(settings: Settings) -> RetrievalConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
@@ -165,7 +166,7 @@ class HttpEnginePool:
         response = await replica.client.get("/v1/models", timeout=5.0)
         if response.status_code != 200:
             return
-        names = {m.get("id") for m in (json_or_none(response) or {}).get("data", [])}
+        names = {m.get("id") for m in (json_or_none(response.content) or {}).get("data", [])}
         held = {n for n in names if isinstance(n, str) and n.startswith(ENGINE_NAME_PREFIX)}
         for name in held - replica.resident.keys():
             replica.resident[name] = 0
@@ -192,8 +193,9 @@ def translate_transport_error(e: httpx.HTTPError) -> EngineUnavailable:
     return EngineUnavailable(f"The inference engine {kind}; try again shortly.")
 
 
-def json_or_none(response: httpx.Response) -> Any:
+def json_or_none(content: bytes) -> Any:
+    """Parsed JSON, or None for anything that is not JSON."""
     try:
-        return response.json()
+        return json.loads(content)
     except ValueError:
         return None

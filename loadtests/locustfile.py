@@ -24,7 +24,8 @@ documents per tenant for the ``rag`` requests; at test stop it deletes those ten
     BANYAN_LOAD_CHAT_SHARE   share of chat (vs completions) requests (0.6)
     BANYAN_LOAD_MAX_TOKENS   max_tokens per request (16)
 
-Streamed requests also report their time to first token as request type ``TTFT`` in Locust's stats.
+For streamed requests, Locust's ``POST`` line times the response headers; they also report their time
+to first token as request type ``TTFT`` and their whole duration (to ``[DONE]``) as ``STREAM``.
 This file imports only Locust and the standard library (never the product: Locust patches the
 process with gevent).
 """
@@ -239,6 +240,9 @@ class BanyanUser(HttpUser):
                 response.failure(error or "the stream ended without [DONE]")
                 return
             response.success()
+        fire = self.environment.events.request.fire
         if first is not None:
-            self.environment.events.request.fire(request_type="TTFT", name=name, response_time=(first - started) * 1000,
-                                                 response_length=0, exception=None, context={})
+            fire(request_type="TTFT", name=name, response_time=(first - started) * 1000, response_length=0,
+                 exception=None, context={})
+        fire(request_type="STREAM", name=name, response_time=(time.perf_counter() - started) * 1000,
+             response_length=0, exception=None, context={})

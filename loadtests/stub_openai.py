@@ -76,13 +76,11 @@ class _Stub:
                           f'"finish_reason":null}}]}}\n\n'.encode())
         for i in range(tokens):
             finish = '"length"' if i == tokens - 1 else "null"
-            if chat:
-                piece = f'"delta":{{"content":"{_TOKEN}"}}'
-            else:
-                piece = f'"text":"{_TOKEN}"'
+            piece = f'"delta":{{"content":"{_TOKEN}"}}' if chat else f'"text":"{_TOKEN}"'
             events.append(f'data: {prefix},"choices":[{{"index":0,{piece},"finish_reason":{finish}}}]}}\n\n'.encode())
         if (body.get("stream_options") or {}).get("include_usage"):
-            events.append(f'data: {prefix},"choices":[],"usage":{json.dumps(usage, separators=(",", ":"))}}}\n\n'.encode())
+            usage_json = json.dumps(usage, separators=(",", ":"))
+            events.append(f'data: {prefix},"choices":[],"usage":{usage_json}}}\n\n'.encode())
         events.append(b"data: [DONE]\n\n")
         head = _head("200 OK", [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
                                 ("transfer-encoding", "chunked")])

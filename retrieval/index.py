@@ -63,6 +63,11 @@ def query_terms(text: str, *, limit: int = MAX_QUERY_TERMS) -> list[str]:
     return list(seen)
 
 
+def passage_terms(text: str) -> frozenset[str]:
+    """The distinct words of a passage (lower case, no stop words), for lexical comparisons."""
+    return frozenset(_WORD_RE.findall(text.lower())) - STOPWORDS
+
+
 def is_document_id(value: str) -> bool:
     return bool(_DOCUMENT_RE.match(value))
 

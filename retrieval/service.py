@@ -24,14 +24,13 @@ from retrieval.chunking import ChunkingConfig, chunk_text
 from retrieval.documents import NewDocument, Passage, check_collection, validate
 from retrieval.embedding import Embedder
 from retrieval.errors import DocumentNotFound, InvalidQuery
-from retrieval.index import ChunkIndex, ChunkRecord, DocumentRecord, Hit, HnswConfig, query_terms
+from retrieval.index import ChunkIndex, ChunkRecord, DocumentRecord, Hit, HnswConfig, passage_terms, query_terms
 from retrieval.ranking import Ranked, RankingConfig, rank
 
 log = logging.getLogger("banyan.retrieval")
 
 MAX_TOP_K = 20
 MAX_QUERY_CHARS = 8192
-_MAX_PASSAGE_TERMS = 400
 
 
 class Observer(Protocol):
@@ -193,7 +192,7 @@ def _check_query(query: str, top_k: int, collection: str | None) -> None:
 
 
 def _ranked(hit: Hit) -> Ranked:
-    terms = frozenset(query_terms(f"{hit.title or ''} {hit.text}", limit=_MAX_PASSAGE_TERMS))
+    terms = passage_terms(f"{hit.title or ''} {hit.text}")
     return Ranked(key=hit.key, timestamp=hit.timestamp, vector=hit.vector, terms=terms, payload=hit)
 
 

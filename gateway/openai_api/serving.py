@@ -35,8 +35,8 @@ from gateway.errors import (
     UpstreamError,
     sse_error_event,
 )
-from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, _GenerationRequest
 from gateway.logs import annotate
+from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, _GenerationRequest
 from gateway.quotas import Admission
 from gateway.state import AppState
 from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
@@ -104,7 +104,7 @@ def _engine_body(request: _GenerationRequest, resolved: ResolvedModel, tenant: s
 
 def _upstream_error(status: int, content: bytes, resolved: ResolvedModel) -> BanyanError:
     """Render the engine's error for the client, never leaking the internal model name."""
-    parsed = json_or_none_bytes(content)
+    parsed = json_or_none(content)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     message = str(error.get("message", "")) if isinstance(error, dict) else ""
     param = error.get("param") if isinstance(error, dict) and isinstance(error.get("param"), str) else None
@@ -114,13 +114,6 @@ def _upstream_error(status: int, content: bytes, resolved: ResolvedModel) -> Ban
     if status == 404:
         return ModelNotFound(f"The model `{resolved.public}` does not exist.", param="model")
     return UpstreamError(message, status=status, param=param)
-
-
-def json_or_none_bytes(content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -203,7 +196,7 @@ class CompletionService:
         if response.status_code != 200:
             metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
             raise _upstream_error(response.status_code, response.content, resolved)
-        payload = json_or_none(response)
+        payload = json_or_none(response.content)
         if not isinstance(payload, dict):
             metrics.engine_errors.labels("unavailable").inc()
             raise EngineUnavailable("The engine sent an unreadable response.")
@@ -328,7 +321,7 @@ class _NameRewriter:
         """Note the usage of the final usage-only event; drop that event if the client did not ask for it."""
         if b'"choices":[]' not in event or not event.startswith(b"data: {"):
             return event + b"\n\n"
-        parsed = json_or_none_bytes(event[len(b"data: "):])
+        parsed = json_or_none(event[len(b"data: "):])
         if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
             self.usage = parsed["usage"]
             if self._strip_usage:
@@ -338,7 +331,7 @@ class _NameRewriter:
     def _render_error(self, event: bytes) -> bytes:
         if not event.startswith(b'data: {"error"'):
             return event + b"\n\n"
-        parsed = json_or_none_bytes(event[len(b"data: "):])
+        parsed = json_or_none(event[len(b"data: "):])
         error = parsed.get("error", {}) if isinstance(parsed, dict) else {}
         code = error.get("code")
         status = code if isinstance(code, int) else 500

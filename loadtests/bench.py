@@ -1,0 +1,443 @@
+"""Gateway overhead, measured side by side in one run.
+
+    .venv/bin/python -m loadtests.bench --quick
+
+Self-contained: it starts ``banyan dev --empty`` (Valkey + search, moto S3, the vLLM engine on the
+CPU, the gateway), creates a tenant and a key, and sends the same workload (64 concurrent chat
+completions of the base model, streaming and not) in alternating rounds directly to the vLLM server
+and through the gateway in front of that same server. Then it measures the gateway alone: a second
+gateway process (``banyan serve``, same Redis and S3) in front of a minimal local OpenAI stub
+(``loadtests.stub_openai``), driven as hard as this machine allows, with the CPU time of the
+gateway process per request. Everything it started is stopped at the end, by process id.
+
+It prints a table and, last, one line ``RESULT {json}`` with (gateway / direct) throughput ratios and
+the gateway's TTFT and latency overheads. Goals: both ratios >= 0.95, TTFT p50 overhead <= 5 ms.
+Client, gateway and engine share this machine's cores, so the gateway's CPU is taken from the
+engine: the ratios include that cost, which is the honest number for a single box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from gateway.dev.processes import Child, Children, free_port, http_ok
+
+REPO = Path(__file__).resolve().parents[1]
+READY_LINE = "banyan dev is ready"
+PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
+
+
+@dataclass
+class Options:
+    rounds: int
+    requests: int
+    concurrency: int
+    max_tokens: int
+    stub_seconds: float
+    stub_concurrency: list[int]
+    data_dir: Path
+    skip_stub: bool
+
+
+@dataclass
+class Sample:
+    ok: bool
+    latency: float
+    ttft: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class Series:
+    """All samples of one (target, mode) across rounds, and the wall time they took."""
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0
+    rounds: list[float] = field(default_factory=list)  # requests/s of each round
+    cpu: float = 0.0  # CPU seconds of the watched process during these rounds
+
+    @property
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.ok]
+
+    @property
+    def rps(self) -> float:
+        return len(self.ok) / self.wall if self.wall else 0.0
+
+    @property
+    def tps(self) -> float:
+        return sum(s.tokens for s in self.ok) / self.wall if self.wall else 0.0
+
+    def pct(self, q: float, attr: str = "latency") -> float:
+        values = sorted(v for s in self.ok if (v := getattr(s, attr)) is not None)
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+# -- requests ------------------------------------------------------------------------------------------
+
+
+def _body(model: str, tag: str, *, stream: bool, max_tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT.format(tag=tag)}],
+                            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _has_token(line: bytes) -> bool:
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content") or choices[0].get("text"))
+
+
+async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
+    started = time.perf_counter()
+    try:
+        if not body.get("stream"):
+            response = await client.post("/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                return Sample(ok=False, latency=time.perf_counter() - started)
+            tokens = response.json()["usage"]["completion_tokens"]
+            return Sample(ok=True, latency=time.perf_counter() - started, tokens=tokens)
+        ttft: float | None = None
+        tokens = 0
+        done = False
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Sample(ok=False, latency=time.perf_counter() - started)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                raw = line.encode()
+                if raw == b"data: [DONE]":
+                    done = True
+                elif raw.startswith(b'data: {"error"'):
+                    return Sample(ok=False, latency=time.perf_counter() - started)
+                elif ttft is None and _has_token(raw):
+                    ttft = time.perf_counter() - started
+                elif b'"usage":{' in raw:
+                    tokens = json.loads(raw[6:])["usage"]["completion_tokens"]
+        return Sample(ok=done, latency=time.perf_counter() - started, ttft=ttft, tokens=tokens)
+    except httpx.HTTPError:
+        return Sample(ok=False, latency=time.perf_counter() - started)
+
+
+async def _run_count(client: httpx.AsyncClient, bodies: list[dict[str, Any]], concurrency: int) -> tuple[
+        list[Sample], float]:
+    """Send ``bodies`` with ``concurrency`` requests in flight; the samples and the wall time."""
+    samples: list[Sample] = []
+    queue = iter(bodies)
+
+    async def worker() -> None:
+        for body in queue:
+            samples.append(await _one(client, body))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+async def _run_for(client: httpx.AsyncClient, make: Callable[[int], dict[str, Any]], concurrency: int,
+                   seconds: float) -> tuple[list[Sample], float]:
+    """Closed loop for ``seconds``: as many requests as ``concurrency`` workers can complete."""
+    samples: list[Sample] = []
+    counter = iter(range(10**9))
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            samples.append(await _one(client, make(next(counter))))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+def _client(url: str, key: str | None, concurrency: int) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600, connect=10))
+
+
+def _cpu(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+# -- the stack -----------------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _start_dev(children: Children, options: Options, admin_key: str) -> tuple[Child, dict[str, Any], int]:
+    port = free_port()
+    env = {**os.environ, "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(port),
+           "BANYAN_ADMIN_KEY": admin_key}
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    (options.data_dir / "stack.json").unlink(missing_ok=True)
+    banyan = str(Path(sys.executable).parent / "banyan")
+    child = children.spawn("bench-dev", [banyan, "dev", "--empty"], env=env, cwd=REPO)
+    _say(f"[bench] starting banyan dev --empty on 127.0.0.1:{port} (data in {options.data_dir}) ...")
+    children.wait_ready(child, lambda: READY_LINE in child.log_path.read_text(errors="replace"), timeout=420)
+    info = json.loads((options.data_dir / "stack.json").read_text())
+    return child, info, port
+
+
+def _start_stub_gateway(children: Children, info: dict[str, Any], admin_key: str,
+                        options: Options) -> tuple[Child, str, Child, str]:
+    stub_port, gateway_port = free_port(), free_port()
+    stub = children.spawn("bench-stub", [sys.executable, "-m", "loadtests.stub_openai", "--port", str(stub_port),
+                                         "--model", info["base_model"]], cwd=REPO)
+    stub_url = f"http://127.0.0.1:{stub_port}"
+    children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
+    env = {**os.environ, "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": admin_key, "BANYAN_HOST": "127.0.0.1",
+           "BANYAN_PORT": str(gateway_port), "BANYAN_REDIS_URL": info["redis_url"],
+           "BANYAN_S3_ENDPOINT_URL": info["s3_endpoint_url"], "BANYAN_S3_BUCKET": info["s3_bucket"],
+           "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev", "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
+           "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
+           "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
+           "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    banyan = str(Path(sys.executable).parent / "banyan")
+    gateway = children.spawn("bench-gateway-stub", [banyan, "serve"], env=env, cwd=REPO)
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
+    return stub, stub_url, gateway, gateway_url
+
+
+def _tenant_key(gateway_url: str, admin_key: str) -> str:
+    tenant = f"bench-{secrets.token_hex(3)}"
+    with httpx.Client(base_url=gateway_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60) as admin:
+        admin.post("/admin/tenants", json={"id": tenant, "name": "benchmark"}).raise_for_status()
+        response = admin.post(f"/admin/tenants/{tenant}/keys", json={"name": "bench"})
+        response.raise_for_status()
+        key: str = response.json()["key"]
+        return key
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+
+
+async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str, key: str,
+                        gateway_process: psutil.Process) -> dict[tuple[str, str], Series]:
+    model = info["base_model"]
+    clients = {"direct": _client(info["engine_url"], None, options.concurrency),
+               "gateway": _client(gateway_url, key, options.concurrency)}
+    series = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
+    try:
+        _say("[bench] warm-up (not measured)")
+        for target, client in clients.items():
+            for stream in (False, True):
+                bodies = [_body(model, f"warm-{target}-{stream}-{i}", stream=stream, max_tokens=options.max_tokens)
+                          for i in range(options.concurrency)]
+                samples, _ = await _run_count(client, bodies, options.concurrency)
+                if not all(s.ok for s in samples):
+                    raise RuntimeError(f"warm-up requests to {target} failed")
+        for r in range(options.rounds):
+            order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
+            for mode in ("nonstream", "stream"):
+                for target in order:
+                    bodies = [_body(model, f"{r}-{mode}-{target}-{i:04d}", stream=mode == "stream",
+                                    max_tokens=options.max_tokens) for i in range(options.requests)]
+                    cpu_before = _cpu(gateway_process)
+                    samples, wall = await _run_count(clients[target], bodies, options.concurrency)
+                    s = series[(target, mode)]
+                    s.cpu += _cpu(gateway_process) - cpu_before
+                    s.samples.extend(samples)
+                    s.wall += wall
+                    s.rounds.append(sum(1 for x in samples if x.ok) / wall)
+                    _say(f"[bench] round {r + 1}/{options.rounds} {mode:9s} {target:7s} "
+                         f"{s.rounds[-1]:7.1f} req/s  errors {sum(1 for x in samples if not x.ok)}")
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return series
+
+
+async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key: str, model: str,
+                         gateway_process: psutil.Process) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    me = psutil.Process()
+    for mode in ("nonstream", "stream"):
+        for concurrency in options.stub_concurrency:
+            for target, url, auth in (("stub direct", stub_url, None), ("gateway+stub", gateway_url, key)):
+                def make(i: int, _mode: str = mode, _target: str = target) -> dict[str, Any]:
+                    return _body(model, f"stub-{_target}-{i}", stream=_mode == "stream", max_tokens=options.max_tokens)
+
+                async with _client(url, auth, concurrency) as client:
+                    await _run_for(client, make, concurrency, 1.0)  # warm the connections
+                    gw_before, me_before = _cpu(gateway_process), _cpu(me)
+                    samples, wall = await _run_for(client, make, concurrency, options.stub_seconds)
+                    gw_cpu, me_cpu = _cpu(gateway_process) - gw_before, _cpu(me) - me_before
+                ok = [s for s in samples if s.ok]
+                entry = {"mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok),
+                         "errors": len(samples) - len(ok), "rps": len(ok) / wall,
+                         "p50_ms": _pct_ms(ok, 0.5), "p99_ms": _pct_ms(ok, 0.99),
+                         "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
+                if target == "gateway+stub":
+                    entry["gateway_cpu_ms_per_request"] = 1000 * gw_cpu / max(1, len(ok))
+                    entry["gateway_cpu_cores"] = gw_cpu / wall
+                out[f"{mode}/{target}/c{concurrency}"] = entry
+                _say(f"[bench] alone {mode:9s} {target:12s} c={concurrency:<3d} {entry['rps']:8.1f} req/s")
+    return out
+
+
+def _pct_ms(samples: list[Sample], q: float) -> float:
+    values = sorted(s.latency for s in samples)
+    return 1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+def _machine() -> dict[str, Any]:
+    memory = psutil.virtual_memory().total / 1024**3
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": psutil.cpu_count(), "cpu_model": model, "memory_gib": round(memory, 1),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], options: Options) -> dict[str, Any]:
+    ms = 1000.0
+    print()
+    print(f"Side by side: {options.rounds} alternating rounds x {options.requests} requests, "
+          f"{options.concurrency} concurrent, chat, {options.max_tokens} tokens each, base model")
+    header = (f"{'target':8s} {'mode':9s} {'ok':>6s} {'err':>4s} {'req/s':>8s} {'tok/s':>8s} {'ttft p50':>9s} "
+              f"{'ttft p99':>9s} {'lat p50':>8s} {'lat p90':>8s} {'lat p99':>8s} {'gw cpu ms/req':>13s}")
+    print(header)
+    print("-" * len(header))
+    for (target, mode), s in series.items():
+        ttft50 = f"{s.pct(0.5, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
+        ttft99 = f"{s.pct(0.99, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
+        cpu = f"{1000 * s.cpu / max(1, len(s.ok)):13.2f}" if target == "gateway" else f"{'-':>13s}"
+        print(f"{target:8s} {mode:9s} {len(s.ok):6d} {len(s.samples) - len(s.ok):4d} {s.rps:8.1f} {s.tps:8.0f} "
+              f"{ttft50} {ttft99} {s.pct(0.5) * ms:8.1f} {s.pct(0.9) * ms:8.1f} {s.pct(0.99) * ms:8.1f} {cpu}")
+    d_ns, g_ns = series[("direct", "nonstream")], series[("gateway", "nonstream")]
+    d_s, g_s = series[("direct", "stream")], series[("gateway", "stream")]
+    result: dict[str, Any] = {
+        "stream_throughput_ratio": round(g_s.rps / d_s.rps, 4) if d_s.rps else None,
+        "nonstream_throughput_ratio": round(g_ns.rps / d_ns.rps, 4) if d_ns.rps else None,
+        "ttft_p50_overhead_ms": round((g_s.pct(0.5, "ttft") - d_s.pct(0.5, "ttft")) * ms, 2),
+        "ttft_p99_overhead_ms": round((g_s.pct(0.99, "ttft") - d_s.pct(0.99, "ttft")) * ms, 2),
+        "latency_p50_overhead_ms": round((g_ns.pct(0.5) - d_ns.pct(0.5)) * ms, 2),
+        "latency_p99_overhead_ms": round((g_ns.pct(0.99) - d_ns.pct(0.99)) * ms, 2),
+        "stream_latency_p50_overhead_ms": round((g_s.pct(0.5) - d_s.pct(0.5)) * ms, 2),
+        "stream_round_ratios": [round(g / d, 3) for g, d in zip(g_s.rounds, d_s.rounds, strict=True)],
+        "nonstream_round_ratios": [round(g / d, 3) for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)],
+        "direct_rps": {"stream": round(d_s.rps, 1), "nonstream": round(d_ns.rps, 1)},
+        "gateway_rps": {"stream": round(g_s.rps, 1), "nonstream": round(g_ns.rps, 1)},
+        "gateway_cpu_ms_per_request": {
+            "stream": round(1000 * g_s.cpu / max(1, len(g_s.ok)), 2),
+            "nonstream": round(1000 * g_ns.cpu / max(1, len(g_ns.ok)), 2)},
+        "errors": sum(len(s.samples) - len(s.ok) for s in series.values()),
+        "concurrency": options.concurrency, "max_tokens": options.max_tokens, "rounds": options.rounds,
+        "requests_per_round": options.requests,
+    }
+    if alone:
+        print()
+        print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")
+        header = (f"{'mode':9s} {'target':12s} {'conc':>4s} {'ok':>7s} {'err':>4s} {'req/s':>8s} {'p50 ms':>7s} "
+                  f"{'p99 ms':>7s} {'gw cpu ms/req':>13s} {'gw cores':>8s} {'client cpu ms/req':>17s}")
+        print(header)
+        print("-" * len(header))
+        for e in alone.values():
+            gw = (f"{e['gateway_cpu_ms_per_request']:13.2f} {e['gateway_cpu_cores']:8.2f}"
+                  if "gateway_cpu_ms_per_request" in e else f"{'-':>13s} {'-':>8s}")
+            print(f"{e['mode']:9s} {e['target']:12s} {e['concurrency']:4d} {e['requests']:7d} {e['errors']:4d} "
+                  f"{e['rps']:8.1f} {e['p50_ms']:7.1f} {e['p99_ms']:7.1f} {gw} {e['client_cpu_ms_per_request']:17.2f}")
+        for mode in ("nonstream", "stream"):
+            entries = [e for e in alone.values() if e["mode"] == mode and e["target"] == "gateway+stub"]
+            best = max(entries, key=lambda e: e["rps"])
+            result[f"gateway_alone_{mode}_max_rps"] = round(best["rps"], 1)
+            result[f"gateway_alone_{mode}_cpu_ms_per_request"] = round(best["gateway_cpu_ms_per_request"], 3)
+            stub = [e for e in alone.values() if e["mode"] == mode and e["target"] == "stub direct"]
+            result[f"stub_direct_{mode}_max_rps"] = round(max(e["rps"] for e in stub), 1)
+    result["machine"] = _machine()
+    result["goals_met"] = bool(
+        (result["stream_throughput_ratio"] or 0) >= 0.95 and (result["nonstream_throughput_ratio"] or 0) >= 0.95
+        and result["ttft_p50_overhead_ms"] <= 5)
+    return result
+
+
+async def _bench(options: Options, children: Children) -> dict[str, Any]:
+    admin_key = "adm_bench_" + secrets.token_hex(16)
+    dev, info, port = _start_dev(children, options, admin_key)
+    gateway_url = f"http://127.0.0.1:{port}"
+    key = _tenant_key(gateway_url, admin_key)
+    # The dev gateway runs inside the `banyan dev` process (its other services are children of it).
+    series = await _side_by_side(options, info, gateway_url, key, psutil.Process(dev.process.pid))
+    alone: dict[str, Any] = {}
+    if not options.skip_stub:
+        _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
+        _, stub_url, gateway, alone_url = _start_stub_gateway(children, info, admin_key, options)
+        alone = await _gateway_alone(options, stub_url, alone_url, key, info["base_model"],
+                                     psutil.Process(gateway.process.pid))
+    return _report(series, alone, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 256 requests, 8 s per stub run (~4 min)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per target and mode")
+    parser.add_argument("--requests", type=int, help="requests per round")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--stub-seconds", type=float, help="seconds per closed-loop run against the stub")
+    parser.add_argument("--data-dir", type=Path, default=REPO / ".banyan" / "bench",
+                        help="banyan dev's data dir (the demo model is built there once)")
+    parser.add_argument("--skip-stub", action="store_true", help="skip the gateway-alone measurement")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    options = Options(rounds=args.rounds or (3 if quick else 6), requests=args.requests or (256 if quick else 512),
+                      concurrency=args.concurrency, max_tokens=args.max_tokens,
+                      stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
+                      stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
+                      data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub)
+    children = Children(options.data_dir / "logs")
+    started = time.monotonic()
+    try:
+        result = _run(options, children)
+    finally:
+        _say("[bench] stopping everything it started ...")
+        children.stop_all(grace=90)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)
+    return 0
+
+
+def _run(options: Options, children: Children) -> dict[str, Any]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_bench(options, children))
+    result: dict[str, Any] = uvloop.run(_bench(options, children))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
