@@ -23,7 +23,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
@@ -40,11 +40,11 @@ class _GenerationRequest(BaseModel):
         return RagOptions() if self.rag is True else self.rag
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 

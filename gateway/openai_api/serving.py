@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -36,7 +36,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.logs import annotate
-from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, _GenerationRequest
+from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, GenerationRequest
 from gateway.quotas import Admission
 from gateway.state import AppState
 from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
@@ -92,7 +92,7 @@ def cache_salt(tenant: str) -> str:
     return hashlib.sha256(f"banyan-tenant:{tenant}".encode()).hexdigest()[:32]
 
 
-def _engine_body(request: _GenerationRequest, resolved: ResolvedModel, tenant: str) -> dict[str, Any]:
+def _engine_body(request: GenerationRequest, resolved: ResolvedModel, tenant: str) -> dict[str, Any]:
     body = request.engine_body()
     forbidden = sorted(ENGINE_ONLY_FIELDS.intersection(body))
     if forbidden:
@@ -125,8 +125,8 @@ class _Call:
     body: dict[str, Any]
     resolved: ResolvedModel
     admission: Admission
+    started: float
     sources: list[dict[str, Any]] | None = None
-    started: float = field(default_factory=time.perf_counter)
     strip_usage: bool = False
 
     @property
@@ -140,13 +140,14 @@ class CompletionService:
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    async def handle(self, *, tenant: str, request: _GenerationRequest, path: str) -> Response:
+    async def handle(self, *, tenant: str, request: GenerationRequest, path: str) -> Response:
+        started = time.perf_counter()
         admission = await self.state.quotas.admit(tenant)
         streaming = False
         try:
             resolved = await resolve_model(self.state, tenant, request.model)
             call = _Call(tenant=tenant, path=path, body=_engine_body(request, resolved, tenant), resolved=resolved,
-                         admission=admission)
+                         admission=admission, started=started)
             rag = request.rag_options()
             if rag is not None:
                 call.sources = await self._ground(tenant, rag, path, call.body)
