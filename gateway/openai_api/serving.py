@@ -36,7 +36,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.logs import annotate
-from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, ModelCard, ModelList, RagOptions, GenerationRequest
+from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.quotas import Admission
 from gateway.state import AppState
 from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
