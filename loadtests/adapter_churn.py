@@ -80,6 +80,8 @@ class RunConfig:
     max_loras: int = 8
     max_cpu_loras: int = 64
     hot_adapters: int = 8
+    direct_requests: int = 1000
+    """Requests of the hot set sent to the engine directly, without the gateway (0: skip)."""
     samples: int = 5
     upload_concurrency: int = 8
     phase_seconds: float = 360.0
@@ -89,7 +91,7 @@ class RunConfig:
 
 
 QUICK = RunConfig(adapters=200, tenants=20, requests=800, cache_adapters=60, resident=24, max_cpu_loras=24,
-                  phase_seconds=100.0)
+                  direct_requests=400, phase_seconds=100.0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
@@ -106,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     parser.add_argument("--max-loras", type=int, help="engine --max-loras (default 8)")
     parser.add_argument("--max-cpu-loras", type=int, help="engine --max-cpu-loras (default 64)")
     parser.add_argument("--hot-adapters", type=int, help="adapters of the all-hot baseline (default 8)")
+    parser.add_argument("--direct-requests", type=int,
+                        help="hot-set requests sent to the engine directly, no gateway (default 1000; 0 skips)")
     parser.add_argument("--samples", type=int, help="adapters compared with PEFT (default 5)")
     parser.add_argument("--upload-concurrency", type=int, help="uploads in flight (default 8)")
     parser.add_argument("--phase-seconds", type=float, help="time cap of each traffic phase (default 360)")
@@ -215,8 +219,8 @@ class Residency:
 
     engine: httpx.AsyncClient
     cache_dir: Path
-    registered: set[tuple[str, str]] = field(default_factory=set)
-    disk_peak_bytes: int = 0
+    registered: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(tenant, adapter) -> the internal name the engine has registered."""
     polls: int = 0
     poll_errors: int = 0
     load: list[float] = field(default_factory=list)
@@ -243,10 +247,9 @@ class Residency:
             self.poll_errors += 1
             return
         parts = (i.split(".") for i in ids if i.startswith("banyan."))
-        self.registered = {(p[1], p[2]) for p in parts if len(p) == 5}
+        self.registered = {(p[1], p[2]): ".".join(p) for p in parts if len(p) == 5}
         self.polls += 1
         self.load.append(os.getloadavg()[0])
-        self.disk_peak_bytes = max(self.disk_peak_bytes, await asyncio.to_thread(_tree_bytes, self.cache_dir))
 
     async def run(self) -> None:
         while True:
@@ -254,15 +257,17 @@ class Residency:
             await asyncio.sleep(POLL_INTERVAL_S)
 
 
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                continue
-    return total
+def disk_footprint(root: Path) -> dict[str, int]:
+    """What the disk cache holds on disk once traffic has stopped: adapter folders, the bytes of their
+    adapter files (what the bound counts) and of their ``manifest.json`` files (which it does not)."""
+    out = {"folders": 0, "adapter_file_bytes": 0, "manifest_bytes": 0, "staging_entries": 0}
+    staging = root / ".staging"
+    out["staging_entries"] = len(list(staging.iterdir())) if staging.is_dir() else 0
+    for manifest in root.glob("*/*/v*/manifest.json"):
+        out["folders"] += 1
+        out["manifest_bytes"] += manifest.stat().st_size
+        out["adapter_file_bytes"] += adapter_bytes(manifest.parent)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- traffic
@@ -278,6 +283,21 @@ class Outcome:
     tokens: int = 0
     text: str = ""
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a phase sends its requests: the gateway (tenant keys, public names) or, with ``engine_names``,
+    the engine directly (internal names, no gateway)."""
+
+    client: httpx.AsyncClient
+    keys: dict[str, str]
+    engine_names: dict[int, str] | None = None
+
+    def address(self, adapter: Adapter) -> tuple[str, dict[str, str]]:
+        if self.engine_names is not None:
+            return self.engine_names[adapter.index], {}
+        return adapter.name, {"Authorization": f"Bearer {self.keys[adapter.tenant]}"}
 
 
 @dataclass
@@ -303,18 +323,17 @@ def _consume_event(data: str, outcome: Outcome, parts: list[str], started: float
         outcome.tokens = int(usage.get("completion_tokens") or 0)
 
 
-async def stream_one(client: httpx.AsyncClient, adapter: Adapter, *, key: str, prompt: int, klass: str,
-                     max_tokens: int) -> Outcome:
+async def stream_one(target: Target, adapter: Adapter, *, prompt: int, klass: str, max_tokens: int) -> Outcome:
     """One streaming completion; the time to the first event with text, the text and the token count."""
     outcome = Outcome(adapter=adapter.index, klass=klass, prompt=prompt)
-    body = {"model": adapter.name, "prompt": PROMPTS[prompt], "max_tokens": max_tokens, "temperature": 0,
+    model, headers = target.address(adapter)
+    body = {"model": model, "prompt": PROMPTS[prompt], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     parts: list[str] = []
     done = False
     started = time.perf_counter()
     try:
-        async with client.stream("POST", "/v1/completions", json=body,
-                                 headers={"Authorization": f"Bearer {key}"}) as response:
+        async with target.client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 outcome.error = f"status_{response.status_code}"
@@ -337,8 +356,8 @@ async def stream_one(client: httpx.AsyncClient, adapter: Adapter, *, key: str, p
     return outcome
 
 
-async def run_phase(name: str, client: httpx.AsyncClient, plan: list[tuple[Adapter, int]], *,
-                    keys: dict[str, str], residency: Residency, cfg: RunConfig) -> Phase:
+async def run_phase(name: str, target: Target, plan: list[tuple[Adapter, int]], *, residency: Residency,
+                    cfg: RunConfig) -> Phase:
     """Send ``plan`` (adapter, prompt) at ``cfg.concurrency``, classifying each request when it is sent."""
     outcomes: list[Outcome] = []
     cursor = 0
@@ -351,8 +370,8 @@ async def run_phase(name: str, client: httpx.AsyncClient, plan: list[tuple[Adapt
         while cursor < len(plan) and time.perf_counter() < deadline:
             adapter, prompt = plan[cursor]
             cursor += 1
-            outcome = await stream_one(client, adapter, key=keys[adapter.tenant], prompt=prompt,
-                                       klass=residency.classify(adapter), max_tokens=cfg.max_tokens)
+            outcome = await stream_one(target, adapter, prompt=prompt, klass=residency.classify(adapter),
+                                       max_tokens=cfg.max_tokens)
             outcomes.append(outcome)
             if len(outcomes) % step == 0:
                 errors = sum(1 for o in outcomes if o.error)
@@ -363,11 +382,9 @@ async def run_phase(name: str, client: httpx.AsyncClient, plan: list[tuple[Adapt
     return Phase(name=name, outcomes=outcomes, seconds=time.perf_counter() - started, planned=len(plan))
 
 
-async def warm_hot_set(client: httpx.AsyncClient, hot: list[Adapter], *, keys: dict[str, str],
-                       residency: Residency, cfg: RunConfig) -> bool:
+async def warm_hot_set(target: Target, hot: list[Adapter], *, residency: Residency, cfg: RunConfig) -> bool:
     """Make the baseline's adapters hot: one request each, then wait until the engine lists them all."""
-    await asyncio.gather(*(stream_one(client, a, key=keys[a.tenant], prompt=0, klass="warmup",
-                                      max_tokens=cfg.max_tokens) for a in hot))
+    await asyncio.gather(*(stream_one(target, a, prompt=0, klass="warmup", max_tokens=cfg.max_tokens) for a in hot))
     for _ in range(60):
         await residency.refresh()
         if all(residency.classify(a) == "hot" for a in hot):
@@ -477,17 +494,17 @@ def phase_means(before: list[Sample], after: list[Sample]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- correctness
 
 
-async def _complete(client: httpx.AsyncClient, adapter: Adapter, *, key: str, prompt: str,
-                    max_tokens: int) -> str | None:
-    response = await client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={
-        "model": adapter.name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+async def _complete(target: Target, adapter: Adapter, *, prompt: str, max_tokens: int) -> str | None:
+    model, headers = target.address(adapter)
+    response = await target.client.post("/v1/completions", headers=headers, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     if response.status_code != 200:
         return None
     return str(response.json()["choices"][0]["text"])
 
 
-async def check_correctness(client: httpx.AsyncClient, sampled: list[Adapter], *, keys: dict[str, str],
-                            churn: list[Outcome], model_path: Path, cfg: RunConfig) -> dict[str, Any]:
+async def check_correctness(target: Target, sampled: list[Adapter], *, churn: list[Outcome], model_path: Path,
+                            cfg: RunConfig) -> dict[str, Any]:
     """Greedy outputs through the gateway (fresh non-streaming ones, and the streamed ones of the churn
     phase) against PEFT's for the sampled adapters."""
     from loadtests._peft import PeftOracle
@@ -499,8 +516,7 @@ async def check_correctness(client: httpx.AsyncClient, sampled: list[Adapter], *
     for adapter in sampled:
         expected = await asyncio.to_thread(oracle.greedy, adapter.folder, list(PROMPTS), max_new_tokens=cfg.max_tokens)
         base_differs = expected != base
-        got = [await _complete(client, adapter, key=keys[adapter.tenant], prompt=p, max_tokens=cfg.max_tokens)
-               for p in PROMPTS]
+        got = [await _complete(target, adapter, prompt=p, max_tokens=cfg.max_tokens) for p in PROMPTS]
         fresh = sum(1 for g, e in zip(got, expected, strict=True) if g == e)
         streamed = [o for o in churn if o.adapter == adapter.index and o.error is None]
         matched = sum(1 for o in streamed if o.text == expected[o.prompt])
@@ -529,18 +545,29 @@ def print_report(result: dict[str, Any]) -> None:
         _say(f"{'churn ' + klass:<14}{c['count']:>7}{_ms(c['ttft_p50_ms']):>13}{_ms(c['ttft_p95_ms']):>13}")
     _say(f"{'churn all':<14}{churn['requests']:>7}{_ms(churn['ttft_p50_ms']):>13}{_ms(churn['ttft_p95_ms']):>13}")
     _say(f"{'all-hot':<14}{hot['requests']:>7}{_ms(hot['ttft_p50_ms']):>13}{_ms(hot['ttft_p95_ms']):>13}")
+    direct = result["direct_engine"]
+    if direct is not None:
+        _say(f"{'direct (no gw)':<14}{direct['requests']:>7}{_ms(direct['ttft_p50_ms']):>13}"
+             f"{_ms(direct['ttft_p95_ms']):>13}")
     _say("")
     _say(f"throughput      churn {churn['requests_per_s']} req/s, {churn['tokens_per_s']} tok/s; all-hot "
          f"{hot['requests_per_s']} req/s, {hot['tokens_per_s']} tok/s; ratio {result['throughput_ratio']}")
+    if direct is not None:
+        _say(f"                all-hot sent to the engine directly: {direct['requests_per_s']} req/s, "
+             f"{direct['tokens_per_s']} tok/s, errors {direct['errors']}")
+    disk = result["disk_at_end"]
     _say(f"disk cache      peak {eng['disk_cache_peak_bytes']} B of bound {eng['disk_cache_max_bytes']} B "
-         f"({result['peak_fraction']:.1%}); observed on disk (all files) {result['observed_disk_peak_bytes']} B")
+         f"({result['peak_fraction']:.1%}); at the end on disk: {disk['folders']} adapter folders, "
+         f"{disk['adapter_file_bytes']} B of adapter files + {disk['manifest_bytes']} B of manifests")
     _say(f"evictions       {eng['evictions']}; gateway unloads {gw['unloads']}; placements {gw['placements']}")
     _say(f"fetches         {eng['fetches']} (mean {eng['fetch_mean_ms']} ms, p50 <= {eng['fetch_p50_le_s']} s, "
          f"p95 <= {eng['fetch_p95_le_s']} s); loads {eng['loads']}")
     _say(f"engine log      {result['engine_log']}")
-    for phase in ("churn", "all_hot"):
+    for phase in ("churn", "all_hot", "direct_engine"):
+        if result[phase] is None:
+            continue
         parts = ", ".join(f"{k} {v['mean_ms']} ms (n={v['count']})" for k, v in result[phase]["breakdown_ms"].items())
-        _say(f"means {phase:<9} {parts}")
+        _say(f"means {phase:<13} {parts}")
     _say(f"errors          churn {churn['errors']} {churn['error_kinds']}, all-hot {hot['errors']} "
          f"{hot['error_kinds']}")
     _say(f"PEFT            fresh {peft['fresh_matches']}/{peft['fresh_total']}, churn streams "
@@ -576,6 +603,7 @@ class Traffic:
 
     churn: Phase
     hot: Phase
+    direct: Phase | None
     hot_warmed: bool
     by_rank: np.ndarray
     snapshots: dict[str, list[Sample]]
@@ -589,35 +617,52 @@ async def _snapshot(stack: Stack) -> list[Sample]:
     return engine + gateway
 
 
-async def _traffic(stack: Stack, client: httpx.AsyncClient, engine: httpx.AsyncClient, *, cfg: RunConfig,
-                   adapters: list[Adapter], keys: dict[str, str]) -> Traffic:
-    """The churn phase, then the all-hot baseline, with the registry poller running throughout."""
-    rng = np.random.default_rng(cfg.seed)
-    residency = Residency(engine=engine, cache_dir=stack.lora_cache_dir)
-    await residency.refresh()
-    poller = asyncio.create_task(residency.run())
-    snapshots = {"start": await _snapshot(stack)}
-    try:
-        by_rank, drawn = zipf_plan(cfg, rng=rng)
-        prompts = rng.integers(0, len(PROMPTS), size=cfg.requests)
-        plan = [(adapters[int(i)], int(p)) for i, p in zip(drawn, prompts, strict=True)]
-        _say(f"[4] churn: {cfg.requests} streaming requests at concurrency {cfg.concurrency}, "
-             f"Zipf({cfg.zipf_s}) over {cfg.adapters} adapters")
-        churn = await run_phase("churn", client, plan, keys=keys, residency=residency, cfg=cfg)
-        snapshots["churn"] = await _snapshot(stack)
+@dataclass(frozen=True)
+class Targets:
+    gateway: Target
+    engine: Target
 
-        hot_set = [adapters[int(i)] for i in by_rank[:cfg.hot_adapters]]
-        _say(f"[5] all-hot baseline: {cfg.requests} requests over the {len(hot_set)} most popular adapters")
-        warmed = await warm_hot_set(client, hot_set, keys=keys, residency=residency, cfg=cfg)
-        snapshots["warmed"] = await _snapshot(stack)
-        choice = rng.integers(0, len(hot_set), size=cfg.requests)
-        hot_plan = [(hot_set[int(i)], int(p)) for i, p in zip(choice, prompts, strict=True)]
-        hot = await run_phase("all-hot", client, hot_plan, keys=keys, residency=residency, cfg=cfg)
-        snapshots["hot"] = await _snapshot(stack)
-    finally:
-        poller.cancel()
-    return Traffic(churn=churn, hot=hot, hot_warmed=warmed, by_rank=by_rank, snapshots=snapshots,
+
+async def _traffic(stack: Stack, targets: Targets, residency: Residency, *, cfg: RunConfig,
+                   adapters: list[Adapter]) -> Traffic:
+    """The churn phase, the all-hot baseline, and the same hot set sent to the engine directly."""
+    rng = np.random.default_rng(cfg.seed)
+    snapshots = {"start": await _snapshot(stack)}
+    by_rank, drawn = zipf_plan(cfg, rng=rng)
+    prompts = [int(p) for p in rng.integers(0, len(PROMPTS), size=cfg.requests)]
+    plan = [(adapters[int(i)], p) for i, p in zip(drawn, prompts, strict=True)]
+    _say(f"[4] churn: {cfg.requests} streaming requests at concurrency {cfg.concurrency}, "
+         f"Zipf({cfg.zipf_s}) over {cfg.adapters} adapters")
+    churn = await run_phase("churn", targets.gateway, plan, residency=residency, cfg=cfg)
+    snapshots["churn"] = await _snapshot(stack)
+
+    hot_set = [adapters[int(i)] for i in by_rank[:cfg.hot_adapters]]
+    _say(f"[5] all-hot baseline: {cfg.requests} requests over the {len(hot_set)} most popular adapters")
+    warmed = await warm_hot_set(targets.gateway, hot_set, residency=residency, cfg=cfg)
+    snapshots["warmed"] = await _snapshot(stack)
+    choice = rng.integers(0, len(hot_set), size=cfg.requests)
+    hot_plan = [(hot_set[int(i)], p) for i, p in zip(choice, prompts, strict=True)]
+    hot = await run_phase("all-hot", targets.gateway, hot_plan, residency=residency, cfg=cfg)
+    snapshots["hot"] = await _snapshot(stack)
+
+    direct = None
+    names = {a.index: residency.registered.get((a.tenant, a.name)) for a in hot_set}
+    if cfg.direct_requests > 0 and all(names.values()):
+        _say(f"[5b] the same hot set sent to the engine directly (no gateway): {cfg.direct_requests} requests")
+        engine = dataclasses.replace(targets.engine, engine_names={k: str(v) for k, v in names.items()})
+        direct = await run_phase("direct", engine, hot_plan[:cfg.direct_requests], residency=residency, cfg=cfg)
+        snapshots["direct"] = await _snapshot(stack)
+    return Traffic(churn=churn, hot=hot, direct=direct, hot_warmed=warmed, by_rank=by_rank, snapshots=snapshots,
                    residency=residency)
+
+
+async def _setup(admin: httpx.AsyncClient, cfg: RunConfig, adapters: list[Adapter]) -> tuple[dict[str, str], int]:
+    t0 = time.perf_counter()
+    keys = await create_tenants(admin, cfg.tenants)
+    stored = await upload_all(admin, adapters, concurrency=cfg.upload_concurrency)
+    _say(f"[3] {cfg.tenants} tenants, {len(adapters)} adapters uploaded ({stored} B) in "
+         f"{time.perf_counter() - t0:.1f} s")
+    return keys, stored
 
 
 async def drive(stack: Stack, cfg: RunConfig, adapters: list[Adapter], *, cache_bytes: int) -> dict[str, Any]:
@@ -627,17 +672,23 @@ async def drive(stack: Stack, cfg: RunConfig, adapters: list[Adapter], *, cache_
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
     async with (httpx.AsyncClient(base_url=stack.url, headers=admin_headers, timeout=timeout) as admin,
                 httpx.AsyncClient(base_url=stack.url, timeout=timeout, limits=limits) as client,
-                httpx.AsyncClient(base_url=stack.engine_url, timeout=10.0) as engine):
+                httpx.AsyncClient(base_url=stack.engine_url, timeout=timeout, limits=limits) as direct,
+                httpx.AsyncClient(base_url=stack.engine_url, timeout=10.0) as poll):
         t0 = time.perf_counter()
-        keys = await create_tenants(admin, cfg.tenants)
-        stored = await upload_all(admin, adapters, concurrency=cfg.upload_concurrency)
+        keys, stored = await _setup(admin, cfg, adapters)
         setup_s = time.perf_counter() - t0
-        _say(f"[3] {cfg.tenants} tenants, {len(adapters)} adapters uploaded ({stored} B) in {setup_s:.1f} s")
-        traffic = await _traffic(stack, client, engine, cfg=cfg, adapters=adapters, keys=keys)
+        targets = Targets(gateway=Target(client, keys), engine=Target(direct, keys))
+        residency = Residency(engine=poll, cache_dir=stack.lora_cache_dir)
+        await residency.refresh()
+        poller = asyncio.create_task(residency.run())
+        try:
+            traffic = await _traffic(stack, targets, residency, cfg=cfg, adapters=adapters)
+        finally:
+            poller.cancel()
         ranks = sample_ranks(cfg.adapters, cfg.samples)
         sampled = [adapters[int(traffic.by_rank[r])] for r in ranks]
         _say(f"[6] PEFT comparison for {len(sampled)} adapters (popularity ranks {ranks})")
-        peft = await check_correctness(client, sampled, keys=keys, churn=traffic.churn.outcomes,
+        peft = await check_correctness(targets.gateway, sampled, churn=traffic.churn.outcomes,
                                        model_path=stack.model_path, cfg=cfg)
         final = await _snapshot(stack)
     return assemble(cfg, traffic, final=final, peft=peft, stack=stack,
@@ -652,18 +703,21 @@ def assemble(cfg: RunConfig, traffic: Traffic, *, final: list[Sample], peft: dic
     snaps = traffic.snapshots
     churn_s["breakdown_ms"] = phase_means(snaps["start"], snaps["churn"])
     hot_s["breakdown_ms"] = phase_means(snaps["warmed"], snaps["hot"])
+    direct_s = summarize(traffic.direct) if traffic.direct is not None else None
+    if direct_s is not None:
+        direct_s["breakdown_ms"] = phase_means(snaps["hot"], snaps["direct"])
     engine_final = engine_figures(final)
     result: dict[str, Any] = {
         "config": {**dataclasses.asdict(cfg), "cache_bytes": extra["cache_bytes"],
                    "adapter_bytes": extra["adapter_bytes"]},
         "setup_seconds": extra["setup_seconds"],
-        "churn": churn_s, "all_hot": hot_s, "all_hot_warmed": traffic.hot_warmed,
+        "churn": churn_s, "all_hot": hot_s, "all_hot_warmed": traffic.hot_warmed, "direct_engine": direct_s,
         "throughput_ratio": (round(churn_s["requests_per_s"] / hot_s["requests_per_s"], 3)
                              if hot_s["requests_per_s"] else None),
         "engine": engine_final, "engine_after_churn": engine_figures(snaps["churn"]),
         "gateway": gateway_figures(final), "gateway_after_churn": gateway_figures(snaps["churn"]),
         "peak_fraction": engine_final["disk_cache_peak_bytes"] / max(1, engine_final["disk_cache_max_bytes"]),
-        "observed_disk_peak_bytes": traffic.residency.disk_peak_bytes,
+        "disk_at_end": disk_footprint(stack.lora_cache_dir),
         "registry_polls": traffic.residency.polls, "registry_poll_errors": traffic.residency.poll_errors,
         "machine": {"cpus": os.cpu_count(), "loadavg_1m_mean": round(float(np.mean(traffic.residency.load)), 2),
                     "loadavg_1m_max": round(max(traffic.residency.load), 2)},

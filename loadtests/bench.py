@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import secrets
 import sys
 import time
@@ -100,9 +101,10 @@ def _body(model: str, tag: str, *, stream: bool, max_tokens: int) -> dict[str, A
     return body
 
 
-def _has_token(line: bytes) -> bool:
-    choices = json.loads(line[6:]).get("choices") or [{}]
-    return bool((choices[0].get("delta") or {}).get("content") or choices[0].get("text"))
+# The client must cost little CPU (it shares the cores with what it measures): streams are scanned as
+# raw bytes (vLLM, the gateway and the stub all send compact JSON), not split into lines and parsed.
+_TOKEN_RE = re.compile(rb'"(?:content|text)":"[^"]')  # a chunk with generated text (not the role chunk)
+_USAGE_RE = re.compile(rb'"completion_tokens":(\d+)')
 
 
 async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
@@ -110,30 +112,24 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
     try:
         if not body.get("stream"):
             response = await client.post("/v1/chat/completions", json=body)
-            if response.status_code != 200:
+            found = _USAGE_RE.search(response.content)
+            if response.status_code != 200 or not found:
                 return Sample(ok=False, latency=time.perf_counter() - started)
-            tokens = response.json()["usage"]["completion_tokens"]
-            return Sample(ok=True, latency=time.perf_counter() - started, tokens=tokens)
+            return Sample(ok=True, latency=time.perf_counter() - started, tokens=int(found[1]))
         ttft: float | None = None
-        tokens = 0
-        done = False
+        tail = b""
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
                 return Sample(ok=False, latency=time.perf_counter() - started)
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                raw = line.encode()
-                if raw == b"data: [DONE]":
-                    done = True
-                elif raw.startswith(b'data: {"error"'):
-                    return Sample(ok=False, latency=time.perf_counter() - started)
-                elif ttft is None and _has_token(raw):
+            async for chunk in response.aiter_raw():
+                if ttft is None and _TOKEN_RE.search(tail[-64:] + chunk):
                     ttft = time.perf_counter() - started
-                elif b'"usage":{' in raw:
-                    tokens = json.loads(raw[6:])["usage"]["completion_tokens"]
-        return Sample(ok=done, latency=time.perf_counter() - started, ttft=ttft, tokens=tokens)
+                tail = (tail + chunk)[-2048:]
+        latency = time.perf_counter() - started
+        usage = _USAGE_RE.findall(tail)
+        ok = tail.endswith(b"data: [DONE]\n\n") and b'data: {"error"' not in tail and bool(usage)
+        return Sample(ok=ok, latency=latency, ttft=ttft, tokens=int(usage[-1]) if usage else 0)
     except httpx.HTTPError:
         return Sample(ok=False, latency=time.perf_counter() - started)
 
@@ -189,9 +185,14 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _environ() -> dict[str, str]:
+    """This process' environment without ``BANYAN_*``: only the benchmark's settings apply."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
+
+
 def _start_dev(children: Children, options: Options, admin_key: str) -> tuple[Child, dict[str, Any], int]:
     port = free_port()
-    env = {**os.environ, "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(port),
+    env = {**_environ(), "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(port),
            "BANYAN_ADMIN_KEY": admin_key}
     options.data_dir.mkdir(parents=True, exist_ok=True)
     (options.data_dir / "stack.json").unlink(missing_ok=True)
@@ -210,7 +211,7 @@ def _start_stub_gateway(children: Children, info: dict[str, Any], admin_key: str
                                          "--model", info["base_model"]], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
-    env = {**os.environ, "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": admin_key, "BANYAN_HOST": "127.0.0.1",
+    env = {**_environ(), "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": admin_key, "BANYAN_HOST": "127.0.0.1",
            "BANYAN_PORT": str(gateway_port), "BANYAN_REDIS_URL": info["redis_url"],
            "BANYAN_S3_ENDPOINT_URL": info["s3_endpoint_url"], "BANYAN_S3_BUCKET": info["s3_bucket"],
            "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev", "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
@@ -318,7 +319,8 @@ def _machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpus": psutil.cpu_count(), "cpu_model": model, "memory_gib": round(memory, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], options: Options) -> dict[str, Any]:
@@ -419,11 +421,16 @@ def main(argv: list[str] | None = None) -> int:
                       data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
+    if load_at_start > (os.cpu_count() or 1) / 2:
+        _say(f"[bench] note: the 1-minute load average is {load_at_start:.1f} before starting; other work on "
+             "this machine will show up in the figures")
     try:
         result = _run(options, children)
     finally:
         _say("[bench] stopping everything it started ...")
         children.stop_all(grace=90)
+    result["machine"]["loadavg_1m_at_start"] = round(load_at_start, 2)
     result["seconds"] = round(time.monotonic() - started, 1)
     print()
     print("RESULT " + json.dumps(result, separators=(",", ":")), flush=True)

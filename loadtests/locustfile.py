@@ -24,8 +24,8 @@ documents per tenant for the ``rag`` requests; at test stop it deletes those ten
     BANYAN_LOAD_CHAT_SHARE   share of chat (vs completions) requests (0.6)
     BANYAN_LOAD_MAX_TOKENS   max_tokens per request (16)
 
-For streamed requests, Locust's ``POST`` line times the response headers; they also report their time
-to first token as request type ``TTFT`` and their whole duration (to ``[DONE]``) as ``STREAM``.
+A streamed request's time in Locust's stats is its whole duration (to ``[DONE]``); the time to first
+token of streams is printed as its own table when the test stops.
 This file imports only Locust and the standard library (never the product: Locust patches the
 process with gevent).
 """
@@ -85,6 +85,7 @@ class Plan:
 
 
 PLAN = Plan()
+TTFT_MS: dict[str, list[float]] = {}
 _NEXT_TENANT = itertools.count()
 
 
@@ -161,9 +162,25 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     _setup((environment.host or "http://127.0.0.1:8000").rstrip("/"))
 
 
+def _print_ttft() -> None:
+    if not TTFT_MS:
+        return
+    print("\nTime to first token of streams (ms, measured by the clients)", flush=True)
+    print(f"{'name':28s} {'count':>6s} {'p50':>7s} {'p90':>7s} {'p99':>7s} {'max':>7s}")
+    for name, values in sorted(TTFT_MS.items()):
+        values = sorted(values)
+
+        def pct(q: float, v: list[float] = values) -> float:
+            return v[min(len(v) - 1, round(q * (len(v) - 1)))]
+
+        print(f"{name:28s} {len(values):6d} {pct(0.5):7.0f} {pct(0.9):7.0f} {pct(0.99):7.0f} {values[-1]:7.0f}",
+              flush=True)
+
+
 @events.test_stop.add_listener
 def _on_test_stop(environment: Environment, **_: Any) -> None:
     if not isinstance(environment.runner, MasterRunner):
+        _print_ttft()
         _teardown((environment.host or "http://127.0.0.1:8000").rstrip("/"))
 
 
@@ -236,13 +253,11 @@ class BanyanUser(HttpUser):
                     error = json.loads(data)["error"].get("message", "error event")
                 elif first is None and _has_token(data):
                     first = time.perf_counter()
+            # Locust timed the response headers; a stream's time is until [DONE].
+            response.request_meta["response_time"] = (time.perf_counter() - started) * 1000
             if error or not done:
                 response.failure(error or "the stream ended without [DONE]")
                 return
             response.success()
-        fire = self.environment.events.request.fire
         if first is not None:
-            fire(request_type="TTFT", name=name, response_time=(first - started) * 1000, response_length=0,
-                 exception=None, context={})
-        fire(request_type="STREAM", name=name, response_time=(time.perf_counter() - started) * 1000,
-             response_length=0, exception=None, context={})
+            TTFT_MS.setdefault(name, []).append((first - started) * 1000)

@@ -3,7 +3,8 @@
 A real Prometheus (Debian's ``prometheus``, installed here when missing) scrapes the session stack's
 gateway and engine every second while light traffic runs through the gateway: a tenant, adapter
 uploads (enough to make the engine's disk cache evict), chat and completions with and without
-streaming, rag requests, documents, ``/v1/retrieve``, 401s, 404s and an engine refusal. The traffic
+streaming, rag requests, documents, ``/v1/retrieve``, 401s, 404s, 429s (a tenant limited to one request
+per minute) and an engine refusal. The traffic
 runs in two rounds with scrapes between them, so that every counter has moved inside the rate
 window. Then every query of every panel (Grafana variables substituted the way Grafana does) is
 evaluated through Prometheus' HTTP API and must return a finite value, and every metric a dashboard
@@ -201,6 +202,7 @@ class Traffic:
     stack: RunningStack
     admin: httpx.Client
     tenant: TenantHandle
+    limited: TenantHandle  # a tenant with a limit of one request per minute
     adapter: Path
     filler: Path
     fillers: int = 0
@@ -244,6 +246,10 @@ class Traffic:
         response = httpx.post(self.stack.url + "/v1/chat/completions", headers={"Authorization": "Bearer bk_nope"},
                               json={"model": base, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
         assert response.status_code == 401
+        with self.limited.http() as http:
+            statuses = [http.post("/v1/completions", json={"model": base, "prompt": "hi", "max_tokens": 2}).status_code
+                        for _ in range(2)]
+        assert 429 in statuses, statuses
         for _ in range(fill):  # versions the engine fetches (prefetch on activate) until its disk cache evicts
             self.fillers += 1
             assert upload(admin, self.tenant.id, f"fill-{self.fillers}", self.filler).status_code == 201
@@ -276,7 +282,10 @@ def loaded(stack: RunningStack, admin: httpx.Client, peft_adapters: dict[str, Pa
     """Prometheus, after two rounds of traffic each followed by scrapes of both targets."""
     filler = build_adapter(stack.model_path, tmp_path_factory.mktemp("filler") / "big", seed=77, rank=16)
     tenant = make_tenant(stack, admin, prefix="dash")
-    traffic = Traffic(stack=stack, admin=admin, tenant=tenant, adapter=peft_adapters["alpha"], filler=filler)
+    limited = make_tenant(stack, admin, prefix="dash-rpm")
+    assert admin.patch(f"/admin/tenants/{limited.id}", json={"rpm": 1}).status_code == 200
+    traffic = Traffic(stack=stack, admin=admin, tenant=tenant, limited=limited, adapter=peft_adapters["alpha"],
+                      filler=filler)
     try:
         prometheus.wait_for_scrapes_after(time.time())  # the counters' values before the traffic
         traffic.round(1, fill=_fill_count(stack, filler))
@@ -290,6 +299,7 @@ def loaded(stack: RunningStack, admin: httpx.Client, peft_adapters: dict[str, Pa
         yield prometheus
     finally:
         admin.delete(f"/admin/tenants/{tenant.id}")
+        admin.delete(f"/admin/tenants/{limited.id}")
 
 
 # -- the tests -------------------------------------------------------------------------------------------

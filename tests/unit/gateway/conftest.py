@@ -95,6 +95,12 @@ class FakeDocuments:
         self.queries.append((tenant, query, top_k, collection))
         return self.passages.get(tenant, [])[:top_k]
 
+    async def start(self) -> None:
+        return None
+
+    async def delete_tenant(self, tenant: str) -> int:
+        return len(self.passages.pop(tenant, []))
+
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
