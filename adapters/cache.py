@@ -175,7 +175,8 @@ class AdapterDiskCache:
                 manifest = json.loads((staging / MANIFEST).read_text())
                 if manifest.get("uid") != ref.uid:
                     raise AdapterFetchError(f"{ref.engine_name}: stored files belong to another upload")
-                size = int(manifest.get("size_bytes") or 0)
+                # The bound covers everything the version keeps on disk: its files and the manifest.
+                size = int(manifest.get("size_bytes") or 0) + (staging / MANIFEST).stat().st_size
                 entry = _Entry(ref=ref, path=target, size=size, state=AdapterState.DOWNLOADING)
                 await self._make_room(entry)
                 for filename in ADAPTER_FILES:
@@ -186,7 +187,7 @@ class AdapterDiskCache:
             except StoreError as e:
                 self._metrics.load(stage="fetch", result="store_error")
                 raise AdapterFetchError(f"{ref.engine_name}: object storage unavailable") from e
-            actual = sum((staging / f).stat().st_size for f in ADAPTER_FILES)
+            actual = sum((staging / f).stat().st_size for f in (*ADAPTER_FILES, MANIFEST))
             if actual != size:
                 self._metrics.load(stage="fetch", result="size_mismatch")
                 self._entries.pop(ref.engine_name, None)

@@ -67,6 +67,16 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
     )
 
 
+async def _watch_engines_forever(state: AppState, *, every_s: float = 15.0) -> None:
+    """Keep each replica's health and the adapters it holds up to date, also when nobody calls /readyz."""
+    while True:
+        try:
+            await state.engines.check()
+        except Exception as e:  # the watcher must outlive any one failed round
+            log.warning("checking the engines failed: %s", type(e).__name__)
+        await asyncio.sleep(every_s)
+
+
 async def _sweep_uploads_forever(state: AppState) -> None:
     """Every few minutes, remove the files of uploads whose writer died before recording them."""
     while True:
@@ -84,10 +94,12 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await app_state.documents.start()  # loads the embedding model off the loop; creates the index
         sweeper = asyncio.create_task(_sweep_uploads_forever(app_state))
+        watcher = asyncio.create_task(_watch_engines_forever(app_state))
         try:
             yield
         finally:
             sweeper.cancel()
+            watcher.cancel()
             await app_state.engines.aclose()
             await app_state.redis.aclose()
 

@@ -14,6 +14,7 @@ Connections are pooled per replica (one ``httpx.AsyncClient`` each).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,9 @@ class Replica:
     inflight: int = 0
     resident: OrderedDict[str, int] = field(default_factory=OrderedDict)
     """Adapters this replica holds, least recently used first, with requests in flight through us."""
+    unloading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    """Unloads under way: a new request for one of these names waits for it to finish (else vLLM could
+    drop the name after accepting the request)."""
 
 
 class EnginePool(Protocol):
@@ -50,6 +54,10 @@ class EnginePool(Protocol):
     def warm(self, engine_model: str) -> None: ...
     async def unload(self, engine_model: str) -> None: ...
     async def aclose(self) -> None: ...
+
+
+def _forget_unload(replica: Replica, name: str, _: asyncio.Task[None]) -> None:
+    replica.unloading.pop(name, None)
 
 
 def _score(url: str, key: str) -> int:
@@ -94,6 +102,8 @@ class HttpEnginePool:
         replica, placement = self.choose(engine_model, adapter=adapter)
         if self._metrics is not None:
             self._metrics.adapter_placements.labels(placement).inc()
+        if adapter and engine_model in replica.unloading:
+            await asyncio.shield(replica.unloading[engine_model])
         replica.inflight += 1
         if adapter:
             replica.resident[engine_model] = replica.resident.get(engine_model, 0) + 1
@@ -113,7 +123,9 @@ class HttpEnginePool:
         victims = [name for name, inflight in replica.resident.items() if inflight == 0][:excess]
         for name in victims:
             del replica.resident[name]
-            self._spawn(self._unload_one(replica, name))
+            task = self._spawn(self._unload_one(replica, name))
+            replica.unloading[name] = task
+            task.add_done_callback(functools.partial(_forget_unload, replica, name))
         self._report_resident()
 
     def _report_resident(self) -> None:
@@ -157,10 +169,11 @@ class HttpEnginePool:
         except httpx.HTTPError as e:
             log.warning("warming an adapter failed: %s", type(e).__name__)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _learn_residency(self, replica: Replica) -> None:
         response = await replica.client.get("/v1/models", timeout=5.0)

@@ -1,7 +1,6 @@
 """Benchmarks and load tests for Banyan.
 
-Each benchmark is a self-contained script that starts its own stack (``banyan dev --empty`` on free
-loopback ports, with a fresh temporary data dir), drives it, prints its figures (a table, then a line
-``RESULT {json}``) and stops everything it started. Run them as modules, e.g.
-``.venv/bin/python -m loadtests.adapter_churn --quick``.
+Scripts run as modules (e.g. ``.venv/bin/python -m loadtests.adapter_churn --quick``), start what they
+need on loopback only (``loadtests._stack`` starts ``banyan dev --empty`` with a fresh temporary data
+dir), print their figures and stop everything they started. Their results are recorded in ``BENCHMARKS.md``.
 """

@@ -5,8 +5,8 @@ cold (only in S3), warm (on the engine's local disk) or hot (registered in the e
 churn cost in throughput against an all-hot run, does the disk cache stay within its bound, and do the
 outputs still equal Hugging Face PEFT's?
 
-    .venv/bin/python -m loadtests.adapter_churn            # 1,000 adapters, 50 tenants (about 10 min)
-    .venv/bin/python -m loadtests.adapter_churn --quick    # 200 adapters, 20 tenants (about 3 min)
+    .venv/bin/python -m loadtests.adapter_churn            # 1,000 adapters, 50 tenants (7-8 min on 2 cores)
+    .venv/bin/python -m loadtests.adapter_churn --quick    # 200 adapters, 20 tenants (2-3.5 min)
 
 Steps: start ``banyan dev --empty`` (loopback, fresh data dir, prefetch on activate off, small disk and
 residency bounds); create the tenants and keys; make the adapters (one real PEFT adapter for the
@@ -20,8 +20,9 @@ at a fixed concurrency, the adapter drawn by Zipf popularity, classifying each r
 - ``hot``: registered in the engine.
 
 Then the same number of requests to a few adapters that fit the engine's bounds (the all-hot baseline),
-the disk cache's peak against its bound and the eviction/unload counters from the engine's and the
-gateway's ``/metrics``, and a PEFT comparison for adapters from the popular head and the long tail.
+some of those sent to the vLLM server directly (what the gateway costs), the disk cache's peak against
+its bound and the eviction/unload counters from the engine's and the gateway's ``/metrics``, and a PEFT
+comparison for adapters from the popular head and the long tail.
 It prints a table and, last, ``RESULT {json}``. Exit status 1 when a request failed, the disk cache's
 peak exceeded its bound or an output differed from PEFT's.
 """
@@ -511,20 +512,22 @@ async def check_correctness(target: Target, sampled: list[Adapter], *, churn: li
 
     oracle = await asyncio.to_thread(PeftOracle, model_path)
     base = await asyncio.to_thread(oracle.greedy, None, list(PROMPTS), max_new_tokens=cfg.max_tokens)
-    fresh_ok = fresh_total = churn_ok = churn_total = 0
+    fresh_ok = fresh_total = fresh_failed = churn_ok = churn_total = 0
     per_adapter: list[dict[str, Any]] = []
     for adapter in sampled:
         expected = await asyncio.to_thread(oracle.greedy, adapter.folder, list(PROMPTS), max_new_tokens=cfg.max_tokens)
         base_differs = expected != base
         got = [await _complete(target, adapter, prompt=p, max_tokens=cfg.max_tokens) for p in PROMPTS]
         fresh = sum(1 for g, e in zip(got, expected, strict=True) if g == e)
+        fresh_failed += sum(1 for g in got if g is None)
         streamed = [o for o in churn if o.adapter == adapter.index and o.error is None]
         matched = sum(1 for o in streamed if o.text == expected[o.prompt])
         fresh_ok, fresh_total = fresh_ok + fresh, fresh_total + len(PROMPTS)
         churn_ok, churn_total = churn_ok + matched, churn_total + len(streamed)
         per_adapter.append({"adapter": f"{adapter.tenant}/{adapter.name}", "fresh": f"{fresh}/{len(PROMPTS)}",
                             "churn_streams": f"{matched}/{len(streamed)}", "differs_from_base": base_differs})
-    return {"fresh_matches": fresh_ok, "fresh_total": fresh_total, "churn_matches": churn_ok,
+    return {"fresh_matches": fresh_ok, "fresh_total": fresh_total, "fresh_failed_requests": fresh_failed,
+            "churn_matches": churn_ok,
             "churn_total": churn_total, "adapters": per_adapter}
 
 
@@ -546,6 +549,9 @@ def print_report(result: dict[str, Any]) -> None:
     _say(f"{'churn all':<14}{churn['requests']:>7}{_ms(churn['ttft_p50_ms']):>13}{_ms(churn['ttft_p95_ms']):>13}")
     _say(f"{'all-hot':<14}{hot['requests']:>7}{_ms(hot['ttft_p50_ms']):>13}{_ms(hot['ttft_p95_ms']):>13}")
     direct = result["direct_engine"]
+    for phase in (churn, hot, direct):
+        if phase is not None and phase["requests"] < phase["planned"]:
+            _say(f"NOTE: a phase hit --phase-seconds: {phase['requests']} of {phase['planned']} requests sent")
     if direct is not None:
         _say(f"{'direct (no gw)':<14}{direct['requests']:>7}{_ms(direct['ttft_p50_ms']):>13}"
              f"{_ms(direct['ttft_p95_ms']):>13}")
@@ -570,7 +576,8 @@ def print_report(result: dict[str, Any]) -> None:
         _say(f"means {phase:<13} {parts}")
     _say(f"errors          churn {churn['errors']} {churn['error_kinds']}, all-hot {hot['errors']} "
          f"{hot['error_kinds']}")
-    _say(f"PEFT            fresh {peft['fresh_matches']}/{peft['fresh_total']}, churn streams "
+    _say(f"PEFT            fresh {peft['fresh_matches']}/{peft['fresh_total']} (failed requests "
+         f"{peft['fresh_failed_requests']}), churn streams "
          f"{peft['churn_matches']}/{peft['churn_total']}: {peft['adapters']}")
     _say(f"machine         {result['machine']} (load from anything else running here skews every figure)")
     _say(f"goals           {result['goals']}")
@@ -719,12 +726,16 @@ def assemble(cfg: RunConfig, traffic: Traffic, *, final: list[Sample], peft: dic
         "peak_fraction": engine_final["disk_cache_peak_bytes"] / max(1, engine_final["disk_cache_max_bytes"]),
         "disk_at_end": disk_footprint(stack.lora_cache_dir),
         "registry_polls": traffic.residency.polls, "registry_poll_errors": traffic.residency.poll_errors,
-        "machine": {"cpus": os.cpu_count(), "loadavg_1m_mean": round(float(np.mean(traffic.residency.load)), 2),
-                    "loadavg_1m_max": round(max(traffic.residency.load), 2)},
+        "machine": _machine(traffic.residency.load),
         "engine_log": engine_log_figures(stack.engine_log), "peft": peft,
     }
     result["goals"] = goals(result)
     return result
+
+
+def _machine(load: list[float]) -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "loadavg_1m_mean": round(float(np.mean(load)), 2) if load else None,
+            "loadavg_1m_max": round(max(load), 2) if load else None}
 
 
 def prepare(cfg: RunConfig, work: Path) -> tuple[Path, Path, int]:
@@ -776,8 +787,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"total {result['total_seconds']} s")
         _say("RESULT " + json.dumps(result, sort_keys=True))
     finally:
-        if cfg.keep or not ok:
+        if cfg.keep:
             _say(f"kept the work dir {work} (logs in {work / 'data' / 'logs'})")
+        elif not ok:
+            shutil.rmtree(work / "adapters", ignore_errors=True)
+            _say(f"kept the data dir {work / 'data'} for its logs (the adapters were removed)")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

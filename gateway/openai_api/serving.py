@@ -36,6 +36,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.logs import annotate
+from gateway.metrics import Metrics
 from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.quotas import Admission
 from gateway.state import AppState
@@ -186,12 +187,15 @@ class CompletionService:
         metrics, resolved = self.state.metrics, call.resolved
         metrics.inflight.inc()
         try:
-            async with self.state.engines.lease(resolved.engine, adapter=resolved.adapter is not None) as replica:
-                try:
-                    response = await replica.client.post(call.path, json=call.body)
-                except httpx.HTTPError as e:
-                    metrics.engine_errors.labels("unavailable").inc()
-                    raise translate_transport_error(e) from e
+            for attempt in range(1, _ATTEMPTS + 1):
+                async with self.state.engines.lease(resolved.engine, adapter=resolved.adapter is not None) as replica:
+                    try:
+                        response = await replica.client.post(call.path, json=call.body)
+                    except httpx.HTTPError as e:
+                        metrics.engine_errors.labels("unavailable").inc()
+                        raise translate_transport_error(e) from e
+                if not _retry_adapter_miss(response.status_code, resolved, attempt, metrics):
+                    break
         finally:
             metrics.inflight.dec()
         if response.status_code != 200:
@@ -212,16 +216,21 @@ class CompletionService:
         options = call.body.setdefault("stream_options", {})
         call.strip_usage = not options.get("include_usage")
         options["include_usage"] = True
-        stack = AsyncExitStack()
-        stack.push_async_callback(call.admission.release)
-        try:
-            replica = await stack.enter_async_context(
-                self.state.engines.lease(call.resolved.engine, adapter=call.resolved.adapter is not None))
-            upstream = await _open_stream(replica, call.path, call.body, call.resolved, self.state)
-            stack.push_async_callback(upstream.aclose)
-        except BaseException:
+        for attempt in range(1, _ATTEMPTS + 1):
+            stack = AsyncExitStack()
+            try:
+                replica = await stack.enter_async_context(
+                    self.state.engines.lease(call.resolved.engine, adapter=call.resolved.adapter is not None))
+                upstream = await _open_stream(replica, call, self.state, attempt=attempt)
+            except BaseException:
+                await stack.aclose()
+                raise
+            if upstream is not None:
+                break
             await stack.aclose()
-            raise
+        assert upstream is not None  # the last attempt raises instead of asking for another
+        stack.push_async_callback(upstream.aclose)
+        stack.push_async_callback(call.admission.release)
         return StreamingResponse(self._relay(call, upstream, stack), media_type="text/event-stream",
                                  headers={**_SSE_HEADERS, **call.resolved.headers()})
 
@@ -254,18 +263,33 @@ class CompletionService:
             await stack.aclose()
 
 
-async def _open_stream(replica: Replica, path: str, body: dict[str, Any], resolved: ResolvedModel,
-                       state: AppState) -> httpx.Response:
+_ATTEMPTS = 2
+
+
+def _retry_adapter_miss(status: int, resolved: ResolvedModel, attempt: int, metrics: Metrics) -> bool:
+    """Whether to send again: a replica may drop an adapter's name (an unload by another gateway replica, or
+    its own disk cache) between accepting a request and starting it; asked again, it loads the adapter anew."""
+    if status == 404 and resolved.adapter is not None and attempt < _ATTEMPTS:
+        metrics.engine_errors.labels("adapter_retried").inc()
+        return True
+    return False
+
+
+async def _open_stream(replica: Replica, call: _Call, state: AppState, *, attempt: int) -> httpx.Response | None:
+    """The engine's stream, or None when it should be asked again (see :func:`_retry_adapter_miss`)."""
+    request = replica.client.build_request("POST", call.path, json=call.body)
     try:
-        response = await replica.client.send(replica.client.build_request("POST", path, json=body), stream=True)
+        response = await replica.client.send(request, stream=True)
     except httpx.HTTPError as e:
         state.metrics.engine_errors.labels("unavailable").inc()
         raise translate_transport_error(e) from e
     if response.status_code != 200:
         content = await response.aread()
         await response.aclose()
+        if _retry_adapter_miss(response.status_code, call.resolved, attempt, state.metrics):
+            return None
         state.metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
-        raise _upstream_error(response.status_code, content, resolved)
+        raise _upstream_error(response.status_code, content, call.resolved)
     return response
 
 

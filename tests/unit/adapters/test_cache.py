@@ -13,6 +13,8 @@ from adapters.naming import AdapterRef
 from adapters.store import ObjectMissing
 
 SIZE = 1000  # bytes of config + weights per fake adapter
+MANIFEST_SIZE = len(json.dumps({"uid": "uid000000001", "size_bytes": SIZE}))
+ENTRY = SIZE + MANIFEST_SIZE  # what one version occupies in the cache
 
 
 class FakeStore:
@@ -72,7 +74,7 @@ def parts(tmp_path: Path) -> tuple[FakeStore, FakeEngine, Clock]:
 def _cache(tmp_path: Path, parts: tuple[FakeStore, FakeEngine, Clock], *, max_adapters: float = 3.5,
            protect_s: float = 0.0) -> AdapterDiskCache:
     store, engine, clock = parts
-    return AdapterDiskCache(tmp_path / "cache", store, max_bytes=int(SIZE * max_adapters), engine=engine,  # type: ignore[arg-type]
+    return AdapterDiskCache(tmp_path / "cache", store, max_bytes=int(ENTRY * max_adapters), engine=engine,  # type: ignore[arg-type]
                             failure_ttl_s=30.0, protect_s=protect_s, clock=clock)
 
 
@@ -158,7 +160,7 @@ async def test_never_deletes_busy_adapters_and_never_exceeds_the_bound(
     store.add(_ref(3))
     with pytest.raises(AdapterFetchError, match="full"):
         await cache.ensure(_ref(3))
-    assert engine.unloaded == [] and cache.used_bytes == 2 * SIZE
+    assert engine.unloaded == [] and cache.used_bytes == 2 * ENTRY
 
 
 async def test_just_fetched_adapters_are_protected_until_registered(

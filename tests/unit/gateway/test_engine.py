@@ -90,3 +90,33 @@ async def test_residency_is_learned_from_the_replica() -> None:
     _, placement = pool.choose(held[0], adapter=True)
     assert placement == "resident"
     await pool.aclose()
+
+
+async def test_a_request_waits_for_an_unload_of_its_adapter_under_way() -> None:
+    events: list[str] = []
+    gate = asyncio.Event()
+
+    async def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/unload_lora_adapter":
+            await gate.wait()
+            events.append("unloaded " + json.loads(request.content)["lora_name"])
+        return httpx.Response(200)
+
+    pool = HttpEnginePool(["http://only"], max_resident=1, transport=httpx.MockTransport(engine))
+    a1, a2 = "banyan.t.a1.v1.abcdef012345", "banyan.t.a2.v1.abcdef012345"
+    async with pool.lease(a1, adapter=True):
+        pass
+    async with pool.lease(a2, adapter=True):
+        pass  # a1 is now over the bound: its unload starts (and hangs on the gate)
+
+    async def request_a1() -> None:
+        async with pool.lease(a1, adapter=True):
+            events.append("request a1")
+
+    waiting = asyncio.create_task(request_a1())
+    await asyncio.sleep(0.01)
+    assert events == []  # held back while vLLM may still drop the name
+    gate.set()
+    await waiting
+    assert events[:2] == [f"unloaded {a1}", "request a1"]
+    await pool.aclose()

@@ -184,3 +184,26 @@ def test_json_usage_is_recorded_per_model(make_harness: Callable[[Handler], Harn
     assert response.status_code == 200
     assert h.usage.records == [("acme", "banyan-demo", 3, 2)]
     assert 'banyan_model_resolutions_total{result="base"} 1.0' in h.client.get("/metrics").text
+
+
+def test_adapter_dropped_by_the_engine_is_asked_again_once(make_harness: Callable[[Handler], Harness]) -> None:
+    misses = {"left": 0}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if misses["left"] > 0:
+            misses["left"] -= 1
+            return httpx.Response(404, json={"error": {"message": "gone", "type": "NotFoundError", "code": 404}})
+        return _echo_engine(request)
+
+    h = make_harness(flaky)
+    h.registry.add("acme", "helper")
+    for stream in (False, True):
+        misses["left"] = 1
+        before = len(h.engine_requests)
+        response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x", "stream": stream},
+                                 headers=h.tenant_headers())
+        assert response.status_code == 200 and len(h.engine_requests) == before + 2
+        misses["left"] = 2  # twice in a row: a real failure, answered before any stream starts
+        response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x", "stream": stream},
+                                 headers=h.tenant_headers())
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
