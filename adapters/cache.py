@@ -91,7 +91,7 @@ class _Entry:
 
 class AdapterDiskCache:
     def __init__(self, root: Path, store: ObjectStore, *, max_bytes: int, engine: EngineControl,
-                 failure_ttl_s: float = 30.0, protect_s: float = 30.0, metrics: CacheMetrics | None = None,
+                 failure_ttl_s: float = 30.0, protect_s: float = 10.0, metrics: CacheMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.max_bytes = max_bytes
