@@ -68,6 +68,8 @@ class Series:
     samples: list[Sample] = field(default_factory=list)
     wall: float = 0.0
     rounds: list[float] = field(default_factory=list)  # requests/s of each round
+    round_ttft_p50: list[float] = field(default_factory=list)
+    round_latency_p50: list[float] = field(default_factory=list)
     cpu: float = 0.0  # CPU seconds of the watched process during these rounds
 
     @property
@@ -90,6 +92,14 @@ class Series:
 
 
 # -- requests ------------------------------------------------------------------------------------------
+
+
+def _tokens(i: int, mean: int) -> int:
+    """Request ``i``'s output length: spread over [mean/2, 3 mean/2], the same sequence for both targets.
+    Equal lengths would keep a closed loop of workers in lockstep (the whole batch prefills, decodes and
+    finishes together, then comes back at once), and which regime a round falls into swamps the
+    difference being measured."""
+    return mean // 2 + (i * 37) % (mean + 1)
 
 
 def _body(model: str, tag: str, *, stream: bool, max_tokens: int) -> dict[str, Any]:
@@ -259,7 +269,7 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
             for mode in ("nonstream", "stream"):
                 for target in order:
                     bodies = [_body(model, f"{r}-{mode}-{target}-{i:04d}", stream=mode == "stream",
-                                    max_tokens=options.max_tokens) for i in range(options.requests)]
+                                    max_tokens=_tokens(i, options.max_tokens)) for i in range(options.requests)]
                     cpu_before = _cpu(gateway_process)
                     samples, wall = await _run_count(clients[target], bodies, options.concurrency)
                     s = series[(target, mode)]
@@ -267,6 +277,9 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
                     s.samples.extend(samples)
                     s.wall += wall
                     s.rounds.append(sum(1 for x in samples if x.ok) / wall)
+                    one = Series(samples=samples, wall=wall)
+                    s.round_ttft_p50.append(one.pct(0.5, "ttft"))
+                    s.round_latency_p50.append(one.pct(0.5))
                     _say(f"[bench] round {r + 1}/{options.rounds} {mode:9s} {target:7s} "
                          f"{s.rounds[-1]:7.1f} req/s  errors {sum(1 for x in samples if not x.ok)}")
     finally:
@@ -283,7 +296,8 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
         for concurrency in options.stub_concurrency:
             for target, url, auth in (("stub direct", stub_url, None), ("gateway+stub", gateway_url, key)):
                 def make(i: int, _mode: str = mode, _target: str = target) -> dict[str, Any]:
-                    return _body(model, f"stub-{_target}-{i}", stream=_mode == "stream", max_tokens=options.max_tokens)
+                    return _body(model, f"stub-{_target}-{i}", stream=_mode == "stream",
+                                 max_tokens=_tokens(i, options.max_tokens))
 
                 async with _client(url, auth, concurrency) as client:
                     await _run_for(client, make, concurrency, 1.0)  # warm the connections
@@ -301,6 +315,14 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
                 out[f"{mode}/{target}/c{concurrency}"] = entry
                 _say(f"[bench] alone {mode:9s} {target:12s} c={concurrency:<3d} {entry['rps']:8.1f} req/s")
     return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _pct_ms(samples: list[Sample], q: float) -> float:
@@ -326,8 +348,9 @@ def _machine() -> dict[str, Any]:
 def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], options: Options) -> dict[str, Any]:
     ms = 1000.0
     print()
-    print(f"Side by side: {options.rounds} alternating rounds x {options.requests} requests, "
-          f"{options.concurrency} concurrent, chat, {options.max_tokens} tokens each, base model")
+    print(f"Side by side: {options.rounds} paired rounds (order alternating) x {options.requests} requests, "
+          f"{options.concurrency} concurrent, chat, {options.max_tokens // 2}-{options.max_tokens * 3 // 2} "
+          f"tokens each (mean {options.max_tokens}), base model")
     header = (f"{'target':8s} {'mode':9s} {'ok':>6s} {'err':>4s} {'req/s':>8s} {'tok/s':>8s} {'ttft p50':>9s} "
               f"{'ttft p99':>9s} {'lat p50':>8s} {'lat p90':>8s} {'lat p99':>8s} {'gw cpu ms/req':>13s}")
     print(header)
@@ -348,8 +371,18 @@ def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], option
         "latency_p50_overhead_ms": round((g_ns.pct(0.5) - d_ns.pct(0.5)) * ms, 2),
         "latency_p99_overhead_ms": round((g_ns.pct(0.99) - d_ns.pct(0.99)) * ms, 2),
         "stream_latency_p50_overhead_ms": round((g_s.pct(0.5) - d_s.pct(0.5)) * ms, 2),
+        # Rounds are paired (the two targets back to back, order alternating), so per-pair figures cancel
+        # slow drift of the machine; their medians are less sensitive to a noisy round than pooled ones.
         "stream_round_ratios": [round(g / d, 3) for g, d in zip(g_s.rounds, d_s.rounds, strict=True)],
         "nonstream_round_ratios": [round(g / d, 3) for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)],
+        "stream_throughput_ratio_median_of_rounds": round(_median(
+            [g / d for g, d in zip(g_s.rounds, d_s.rounds, strict=True)]), 4),
+        "nonstream_throughput_ratio_median_of_rounds": round(_median(
+            [g / d for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)]), 4),
+        "ttft_p50_overhead_ms_median_of_rounds": round(ms * _median(
+            [g - d for g, d in zip(g_s.round_ttft_p50, d_s.round_ttft_p50, strict=True)]), 2),
+        "latency_p50_overhead_ms_median_of_rounds": round(ms * _median(
+            [g - d for g, d in zip(g_ns.round_latency_p50, d_ns.round_latency_p50, strict=True)]), 2),
         "direct_rps": {"stream": round(d_s.rps, 1), "nonstream": round(d_ns.rps, 1)},
         "gateway_rps": {"stream": round(g_s.rps, 1), "nonstream": round(g_ns.rps, 1)},
         "gateway_cpu_ms_per_request": {
@@ -403,18 +436,19 @@ async def _bench(options: Options, children: Children) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 256 requests, 8 s per stub run (~4 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 rounds of 192 requests, 8 s per stub run (about 4-5 minutes here)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per target and mode")
     parser.add_argument("--requests", type=int, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="mean output tokens per request")
     parser.add_argument("--stub-seconds", type=float, help="seconds per closed-loop run against the stub")
     parser.add_argument("--data-dir", type=Path, default=REPO / ".banyan" / "bench",
                         help="banyan dev's data dir (the demo model is built there once)")
     parser.add_argument("--skip-stub", action="store_true", help="skip the gateway-alone measurement")
     args = parser.parse_args(argv)
     quick = args.quick
-    options = Options(rounds=args.rounds or (3 if quick else 6), requests=args.requests or (256 if quick else 512),
+    options = Options(rounds=args.rounds or (4 if quick else 8), requests=args.requests or (192 if quick else 384),
                       concurrency=args.concurrency, max_tokens=args.max_tokens,
                       stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),

@@ -2,9 +2,10 @@
 
 Ingestion: validate -> chunk (off the event loop) -> embed ``title + chunk`` in batches (off the
 event loop, one batch at a time so queries interleave) -> write the document and its chunks in one
-Redis transaction. Retrieval: embed the query -> vector KNN and BM25 in parallel, both scoped to the
-tenant inside the query -> rank (:mod:`retrieval.ranking`) -> passages. Every call takes the tenant
-from the caller (the gateway's authenticated key), never from the request body.
+Redis transaction. Retrieval: embed the query -> read the scope's size and word counts -> vector
+KNN and BM25 in parallel, both scoped to the tenant inside the query and planned for the scope's
+size (:class:`retrieval.index.QueryPlan`) -> rank (:mod:`retrieval.ranking`) -> passages. Every
+call takes the tenant from the caller (the gateway's authenticated key), never from the request body.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from retrieval.chunking import ChunkingConfig, chunk_text
 from retrieval.documents import NewDocument, Passage, check_collection, validate
 from retrieval.embedding import Embedder
 from retrieval.errors import DocumentNotFound, InvalidQuery
-from retrieval.index import ChunkIndex, ChunkRecord, DocumentRecord, Hit, HnswConfig, passage_terms, query_terms
+from retrieval.index import (
+    ChunkIndex,
+    ChunkRecord,
+    DocumentRecord,
+    Hit,
+    HnswConfig,
+    QueryPlan,
+    passage_terms,
+    query_terms,
+)
 from retrieval.ranking import Ranked, RankingConfig, rank
 
 log = logging.getLogger("banyan.retrieval")
@@ -68,6 +78,7 @@ class RetrievalConfig:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
+    plan: QueryPlan = field(default_factory=QueryPlan)
 
     def candidates(self, top_k: int) -> int:
         return min(100, max(self.min_candidates, self.candidates_per_result * top_k))
@@ -167,10 +178,15 @@ class DocumentService:
         _check_query(query, top_k, collection)
         await self.ensure_index()
         started = time.perf_counter()
-        n = self.config.candidates(top_k)
-        knn, bm25 = await asyncio.gather(
-            self.index.knn(tenant, vector, k=n, collection=collection),
-            self.index.bm25(tenant, query_terms(query), k=n, collection=collection))
+        n, plan, terms = self.config.candidates(top_k), self.config.plan, query_terms(query)
+        scope = await self.index.scope(tenant, collection, terms)
+        knn: list[Hit] = []
+        bm25: list[Hit] = []
+        if scope.chunks != 0:
+            knn, bm25 = await asyncio.gather(
+                self.index.knn(tenant, vector, k=n, collection=collection, policy=plan.knn_policy(scope.chunks)),
+                self.index.bm25(tenant, plan.bm25_terms(terms, scope.frequencies, scope.chunks), k=n,
+                                collection=collection))
         searched = time.perf_counter()
         self._observer.retrieval_stage("search", searched - started)
         lists = {"vector": [_ranked(h) for h in knn], "bm25": [_ranked(h) for h in bm25]}

@@ -54,10 +54,15 @@ def test_document_lifecycle_and_pagination(stack: RunningStack, tenant: TenantHa
         assert got.status_code == 200 and got.json()["metadata"] == {"n": 0} and got.json()["title"] == "Note 0"
 
         assert _chunk_keys(stack, f"banyan:chunk:{tenant.id}:{first['id']}:*")
+        stats, df = f"banyan:stats:{tenant.id}", f"banyan:df:{tenant.id}"
+        assert stack.redis().hmget(stats, ["chunks", "chunks:default"]) == [b"3", b"3"]
+        assert stack.redis().hmget(df, ["shuttle", "0", "1"]) == [b"3", b"1", b"1"]
         deleted = http.delete(f"/v1/documents/{first['id']}")
         assert deleted.status_code == 200 and deleted.json() == {"id": first["id"], "object": "document",
                                                                   "deleted": True}
         assert _chunk_keys(stack, f"banyan:chunk:{tenant.id}:{first['id']}:*") == []
+        assert stack.redis().hmget(stats, ["chunks", "chunks:default"]) == [b"2", b"2"]
+        assert stack.redis().hmget(df, ["shuttle", "0", "1"]) == [b"2", b"0", b"1"]
         assert http.get(f"/v1/documents/{first['id']}").status_code == 404
         assert http.delete(f"/v1/documents/{first['id']}").status_code == 404
         assert all(p["document_id"] != first["id"] for p in _retrieve(http, "When does the shuttle leave?"))

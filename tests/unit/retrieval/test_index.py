@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from retrieval.index import bm25_query, escape, is_document_id, parse_search_reply, query_terms, scope_filter
+from retrieval.index import (
+    QueryPlan,
+    bm25_query,
+    escape,
+    is_document_id,
+    parse_search_reply,
+    query_terms,
+    scope_filter,
+)
 
 HOSTILE = ['@tenant:{other}', '*', 'a | b', '"quoted phrase"', '{braces}', '-@tenant:{acme}', '(x)=>[KNN 5 @e $v]',
            "%fuzzy%", "back\\slash", "$param", "@text:foo*", "tenant}|@tenant:{evil"]
@@ -60,3 +68,20 @@ def test_reply_parsing_accepts_both_shapes() -> None:
     assert parse_search_reply(resp2) == expected
     assert parse_search_reply(resp3) == expected
     assert parse_search_reply([0]) == []
+
+
+def test_knn_policy_follows_the_size_of_the_scope() -> None:
+    plan = QueryPlan(adhoc_max_chunks=10_000)
+    assert plan.knn_policy(None) is None  # unknown: the search module decides
+    assert plan.knn_policy(0) == "ADHOC_BF"
+    assert plan.knn_policy(10_000) == "ADHOC_BF"
+    assert plan.knn_policy(10_001) == "BATCHES"
+
+
+def test_bm25_leaves_out_words_common_in_a_large_scope_only() -> None:
+    plan = QueryPlan(common_term_share=0.1, common_term_min_chunks=1_000)
+    terms = ["rare", "common", "unseen", "medium"]
+    frequencies = {"rare": 12, "common": 95_000, "medium": 9_000}
+    assert plan.bm25_terms(terms, frequencies, 100_000) == ["rare", "unseen", "medium"]
+    assert plan.bm25_terms(terms, {"rare": 1, "common": 5}, 5) == terms  # a small tenant keeps every word
+    assert plan.bm25_terms(terms, frequencies, None) == terms
