@@ -39,6 +39,8 @@ from gateway.dev.processes import Child, Children, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 READY_LINE = "banyan dev is ready"
+UNLOADED_PAIRS = 3
+UNLOADED_REQUESTS = 12
 PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
 
 
@@ -60,6 +62,7 @@ class Sample:
     latency: float
     ttft: float | None = None
     tokens: int = 0
+    error: str = ""
 
 
 @dataclass
@@ -124,24 +127,32 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
             response = await client.post("/v1/chat/completions", json=body)
             found = _USAGE_RE.search(response.content)
             if response.status_code != 200 or not found:
-                return Sample(ok=False, latency=time.perf_counter() - started)
+                return Sample(ok=False, latency=time.perf_counter() - started, error=_error(response))
             return Sample(ok=True, latency=time.perf_counter() - started, tokens=int(found[1]))
         ttft: float | None = None
         tail = b""
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
-                return Sample(ok=False, latency=time.perf_counter() - started)
+                return Sample(ok=False, latency=time.perf_counter() - started, error=_error(response))
             async for chunk in response.aiter_raw():
                 if ttft is None and _TOKEN_RE.search(tail[-64:] + chunk):
                     ttft = time.perf_counter() - started
                 tail = (tail + chunk)[-2048:]
         latency = time.perf_counter() - started
         usage = _USAGE_RE.findall(tail)
-        ok = tail.endswith(b"data: [DONE]\n\n") and b'data: {"error"' not in tail and bool(usage)
-        return Sample(ok=ok, latency=latency, ttft=ttft, tokens=int(usage[-1]) if usage else 0)
-    except httpx.HTTPError:
-        return Sample(ok=False, latency=time.perf_counter() - started)
+        error = ""
+        if b'data: {"error"' in tail:
+            error = "error event: " + tail[tail.find(b'data: {"error"'):][:160].decode(errors="replace")
+        elif not tail.endswith(b"data: [DONE]\n\n") or not usage:
+            error = "stream ended early"
+        return Sample(ok=not error, latency=latency, ttft=ttft, tokens=int(usage[-1]) if usage else 0, error=error)
+    except httpx.HTTPError as e:
+        return Sample(ok=False, latency=time.perf_counter() - started, error=type(e).__name__)
+
+
+def _error(response: httpx.Response) -> str:
+    return f"{response.status_code}: {response.text[:160]}"
 
 
 async def _run_count(client: httpx.AsyncClient, bodies: list[dict[str, Any]], concurrency: int) -> tuple[
@@ -249,12 +260,17 @@ def _tenant_key(gateway_url: str, admin_key: str) -> str:
 # -- the benchmark -------------------------------------------------------------------------------------
 
 
+Measured = dict[tuple[str, str], Series]
+
+
 async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str, key: str,
-                        gateway_process: psutil.Process) -> dict[tuple[str, str], Series]:
+                        gateway_process: psutil.Process) -> tuple[Measured, Measured]:
+    """The loaded rounds (``options.concurrency`` in flight) and a few unloaded ones (one at a time)."""
     model = info["base_model"]
     clients = {"direct": _client(info["engine_url"], None, options.concurrency),
                "gateway": _client(gateway_url, key, options.concurrency)}
     series = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
+    unloaded = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
     try:
         _say("[bench] warm-up (not measured)")
         for target, client in clients.items():
@@ -263,7 +279,16 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
                           for i in range(options.concurrency)]
                 samples, _ = await _run_count(client, bodies, options.concurrency)
                 if not all(s.ok for s in samples):
-                    raise RuntimeError(f"warm-up requests to {target} failed")
+                    raise RuntimeError(f"warm-up requests to {target} failed: {[s.error for s in samples if s.error]}")
+        _say("[bench] unloaded: one request at a time")
+        for r in range(UNLOADED_PAIRS):
+            for mode in ("nonstream", "stream"):
+                for target in (["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]):
+                    bodies = [_body(model, f"u{r}-{mode}-{target}-{i:03d}", stream=mode == "stream",
+                                    max_tokens=options.max_tokens) for i in range(UNLOADED_REQUESTS)]
+                    samples, wall = await _run_count(clients[target], bodies, 1)
+                    unloaded[(target, mode)].samples.extend(samples)
+                    unloaded[(target, mode)].wall += wall
         for r in range(options.rounds):
             order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
             for mode in ("nonstream", "stream"):
@@ -285,7 +310,7 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
     finally:
         for client in clients.values():
             await client.aclose()
-    return series
+    return series, unloaded
 
 
 async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key: str, model: str,
@@ -309,12 +334,22 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
                          "errors": len(samples) - len(ok), "rps": len(ok) / wall,
                          "p50_ms": _pct_ms(ok, 0.5), "p99_ms": _pct_ms(ok, 0.99),
                          "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
+                if len(ok) < len(samples):
+                    entry["error_reasons"] = _reasons(samples)
                 if target == "gateway+stub":
                     entry["gateway_cpu_ms_per_request"] = 1000 * gw_cpu / max(1, len(ok))
                     entry["gateway_cpu_cores"] = gw_cpu / wall
                 out[f"{mode}/{target}/c{concurrency}"] = entry
                 _say(f"[bench] alone {mode:9s} {target:12s} c={concurrency:<3d} {entry['rps']:8.1f} req/s")
     return out
+
+
+def _reasons(samples: list[Sample]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for sample in samples:
+        if sample.error:
+            counts[sample.error] = counts.get(sample.error, 0) + 1
+    return counts
 
 
 def _median(values: list[float]) -> float:
@@ -345,7 +380,7 @@ def _machine() -> dict[str, Any]:
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
-def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], options: Options) -> dict[str, Any]:
+def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options: Options) -> dict[str, Any]:
     ms = 1000.0
     print()
     print(f"Side by side: {options.rounds} paired rounds (order alternating) x {options.requests} requests, "
@@ -388,10 +423,23 @@ def _report(series: dict[tuple[str, str], Series], alone: dict[str, Any], option
         "gateway_cpu_ms_per_request": {
             "stream": round(1000 * g_s.cpu / max(1, len(g_s.ok)), 2),
             "nonstream": round(1000 * g_ns.cpu / max(1, len(g_ns.ok)), 2)},
+        "unloaded_ttft_p50_overhead_ms": round(ms * (
+            unloaded[("gateway", "stream")].pct(0.5, "ttft") - unloaded[("direct", "stream")].pct(0.5, "ttft")), 2),
+        "unloaded_latency_p50_overhead_ms": round(
+            (unloaded[("gateway", "nonstream")].pct(0.5) - unloaded[("direct", "nonstream")].pct(0.5)) * ms, 2),
         "errors": sum(len(s.samples) - len(s.ok) for s in series.values()),
+        "error_reasons": _reasons([x for s in series.values() for x in s.samples]),
         "concurrency": options.concurrency, "max_tokens": options.max_tokens, "rounds": options.rounds,
         "requests_per_round": options.requests,
     }
+    print()
+    print(f"Unloaded ({UNLOADED_PAIRS} alternating pairs x {UNLOADED_REQUESTS} requests, one at a time, "
+          f"{options.max_tokens} tokens): p50 in ms")
+    for mode in ("nonstream", "stream"):
+        d, g = unloaded[("direct", mode)], unloaded[("gateway", mode)]
+        what = "ttft" if mode == "stream" else "latency"
+        print(f"  {mode:9s} {what:7s} direct {d.pct(0.5, what) * ms:7.1f}  gateway {g.pct(0.5, what) * ms:7.1f}  "
+              f"overhead {(g.pct(0.5, what) - d.pct(0.5, what)) * ms:6.1f}")
     if alone:
         print()
         print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")
@@ -424,20 +472,20 @@ async def _bench(options: Options, children: Children) -> dict[str, Any]:
     gateway_url = f"http://127.0.0.1:{port}"
     key = _tenant_key(gateway_url, admin_key)
     # The dev gateway runs inside the `banyan dev` process (its other services are children of it).
-    series = await _side_by_side(options, info, gateway_url, key, psutil.Process(dev.process.pid))
+    series, unloaded = await _side_by_side(options, info, gateway_url, key, psutil.Process(dev.process.pid))
     alone: dict[str, Any] = {}
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
         _, stub_url, gateway, alone_url = _start_stub_gateway(children, info, admin_key, options)
         alone = await _gateway_alone(options, stub_url, alone_url, key, info["base_model"],
                                      psutil.Process(gateway.process.pid))
-    return _report(series, alone, options)
+    return _report(series, unloaded, alone, options)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="4 rounds of 192 requests, 8 s per stub run (about 4-5 minutes here)")
+                                help="6 paired rounds of 128 requests, 8 s per stub run (about 4-5 minutes here)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per target and mode")
     parser.add_argument("--requests", type=int, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=64)
@@ -448,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-stub", action="store_true", help="skip the gateway-alone measurement")
     args = parser.parse_args(argv)
     quick = args.quick
-    options = Options(rounds=args.rounds or (4 if quick else 8), requests=args.requests or (192 if quick else 384),
+    options = Options(rounds=args.rounds or (6 if quick else 12), requests=args.requests or (128 if quick else 256),
                       concurrency=args.concurrency, max_tokens=args.max_tokens,
                       stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
