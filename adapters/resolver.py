@@ -11,7 +11,8 @@ The resolver talks to its own server over loopback (``BANYAN_ENGINE_SELF_URL``) 
 are registered and busy, and to unload one before its files go. Its metrics are registered in the
 process' default Prometheus registry, which vLLM serves on its own ``/metrics``.
 
-This is the only module in Banyan that imports vLLM (inside functions, so the rest stays importable).
+This module and :mod:`adapters.vllm_patches` (a fix for vLLM's CPU LoRA kernels, applied from here) are the
+only ones in Banyan that import vLLM, inside functions, so the rest stays importable.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters.cache import ADAPTER_FILES, MANIFEST, AdapterDiskCache, AdapterFetchError
 from adapters.naming import AdapterRef
 from adapters.store import S3ObjectStore, s3_config
+from adapters.vllm_patches import patch_cpu_lora_ops
 
 __all__ = ["ADAPTER_FILES", "MANIFEST", "ResolverSettings", "register"]
 
@@ -176,6 +178,7 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point: register the resolver with vLLM (once per process)."""
     from vllm.lora.resolver import LoRAResolverRegistry
 
+    patch_cpu_lora_ops()  # in every vLLM process, the workers included
     if "banyan-s3" in LoRAResolverRegistry.get_supported_resolvers():
         return
     settings = ResolverSettings()

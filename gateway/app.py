@@ -101,6 +101,7 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
             sweeper.cancel()
             watcher.cancel()
             await app_state.engines.aclose()
+            await app_state.documents.aclose()
             await app_state.redis.aclose()
 
     app = FastAPI(title="Banyan", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)

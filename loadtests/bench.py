@@ -188,7 +188,10 @@ async def _run_for(client: httpx.AsyncClient, make: Callable[[int], dict[str, An
 
 def _client(url: str, key: str | None, concurrency: int) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are dropped after 3 s, before the servers' 5 s keep-alive timeout (uvicorn's default,
+    # also vLLM's): reusing one the server is closing at that moment fails the request (ReadError), and a
+    # target sits idle while the other one runs its round.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=3.0)
     return httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600, connect=10))
 
 

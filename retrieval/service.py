@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -98,11 +99,14 @@ class DocumentService:
         self._observer: Observer = observer or _NoObserver()
         self._index_ready = False
         self._index_lock = asyncio.Lock()
+        # One embedding batch runs at a time anyway (one model, two cores); waiting batches queue
+        # here rather than each holding a thread of the loop's default pool.
+        self._embedding_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="banyan-embed")
 
     async def start(self) -> None:
         """Load the embedding model (a warm-up batch, off the event loop) and create the search index
         if it is absent. An unreachable Redis is only logged: the index is created on first use."""
-        await asyncio.to_thread(self.embedder.embed, ["warm-up"])
+        await self._embed_batch(["warm-up"])
         try:
             await self.ensure_index()
         except Exception as e:  # start-up must not fail on a Redis blip; the next call retries
@@ -158,17 +162,23 @@ class DocumentService:
     # -- retrieval ------------------------------------------------------------------------------
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings of ``texts``, a batch at a time in a worker thread."""
+        """Embeddings of ``texts``, a batch at a time in the embedding thread."""
         size = self.config.embedding_batch_size
-        batches = [await asyncio.to_thread(self.embedder.embed, texts[i:i + size]) for i in range(0, len(texts), size)]
+        batches = [await self._embed_batch(texts[i:i + size]) for i in range(0, len(texts), size)]
         return np.vstack(batches) if batches else np.zeros((0, self.embedder.dimension), dtype=np.float32)
+
+    async def _embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._embedding_thread, self.embedder.embed, texts)
+
+    async def aclose(self) -> None:
+        self._embedding_thread.shutdown(wait=False, cancel_futures=True)
 
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]:
         """The ``top_k`` best passages of the tenant's documents for ``query``, best first."""
         _check_query(query, top_k, collection)
         started = time.perf_counter()
-        vector = (await asyncio.to_thread(self.embedder.embed, [query]))[0]
+        vector = (await self._embed_batch([query]))[0]
         self._observer.retrieval_stage("embed", time.perf_counter() - started)
         return await self.search(tenant, query, vector, top_k=top_k, collection=collection)
 

@@ -98,6 +98,9 @@ class FakeDocuments:
     async def start(self) -> None:
         return None
 
+    async def aclose(self) -> None:
+        return None
+
     async def delete_tenant(self, tenant: str) -> int:
         return len(self.passages.pop(tenant, []))
 
