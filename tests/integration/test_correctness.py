@@ -13,11 +13,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.integration.adapter_files import synthetic_variant
 from tests.integration.conftest import RunningStack, TenantHandle, upload
 
 PROMPTS = ["Hello there", "The quick brown fox", "abc", "Tell me a story about", "1 2 3 4", "Banyan trees",
            "{json: true}", "Why?"]
 MAX_TOKENS = 20
+MAX_LORAS = 8  # the engine's --max-loras in `banyan dev` (BANYAN_MAX_LORAS default)
 
 
 def peft_greedy(model_path: Path, adapter: Path | None, prompts: list[str], *, chat: bool = False,
@@ -50,9 +52,23 @@ def oracle_tenant(stack: RunningStack, admin: httpx.Client, peft_adapters: dict[
     return tenant
 
 
+def _fill_every_lora_slot(stack: RunningStack, tenant: TenantHandle, source: Path, tmp_path: Path) -> None:
+    """Use more distinct adapters than the engine has LoRA slots, so that no slot is left empty (zeros): a
+    base-model row that picked up a slot's weights by mistake would then show (it did, see
+    adapters/vllm_patches.py)."""
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.admin_key}"},
+                      timeout=120) as admin, tenant.http() as http:
+        for i in range(MAX_LORAS + 2):
+            folder = synthetic_variant(source, tmp_path / f"filler-{i}", seed=500 + i)
+            assert upload(admin, tenant.id, f"filler-{i}", folder).status_code == 201
+            response = http.post("/v1/completions", json={"model": f"filler-{i}", "prompt": "x", "max_tokens": 1})
+            assert response.is_success, response.text
+
+
 def test_mixed_batch_equals_peft(stack: RunningStack, oracle_tenant: TenantHandle,
-                                 peft_adapters: dict[str, Path]) -> None:
+                                 peft_adapters: dict[str, Path], tmp_path: Path) -> None:
     base = stack.info["base_model"]
+    _fill_every_lora_slot(stack, oracle_tenant, peft_adapters["gamma"], tmp_path)
     models = {base: None, "alpha": peft_adapters["alpha"], "beta": peft_adapters["beta"]}
     expected = {m: peft_greedy(stack.model_path, path, PROMPTS) for m, path in models.items()}
     # The adapters must matter, or the comparison proves nothing.
