@@ -12,7 +12,7 @@ from gateway.logs import annotate
 from gateway.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:  # async: FastAPI would run a plain def in a thread
     state: AppState = request.app.state.banyan
     return state
 

@@ -73,7 +73,10 @@ class HttpEnginePool:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # Idle connections are dropped before the engine's own 5 s keep-alive ends, so a request never
+        # goes out on a connection the engine is closing.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=3.0)
         self.replicas = [
             Replica(url=u.rstrip("/"), client=httpx.AsyncClient(
                 base_url=u.rstrip("/"), headers=headers, timeout=timeout, limits=limits, transport=transport))
