@@ -26,7 +26,8 @@ give them cheaply, and the queries need them to stay fast on large tenants (:cla
 Isolation: every query this module sends is scoped by ``@tenant:{<tenant>}`` (in every alternative
 of a union: see :func:`bm25_query`), built here from a validated tenant id with every
 non-alphanumeric character escaped, and the caller's words only ever enter a query as escaped single
-terms (``\\w+`` runs), so no input can change the query's structure or widen its scope. Keys hold
+terms (runs of characters without any ASCII punctuation, space or control character; the one ASCII
+symbol left, ``_``, is escaped too), so no input can change the query's structure or widen its scope. Keys hold
 the tenant too, so a document id from another tenant simply does not exist.
 """
 
@@ -55,7 +56,9 @@ STOPWORDS = frozenset((
 MAX_QUERY_TERMS = 32
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _DOCUMENT_RE = re.compile(r"^doc_[0-9a-f]{24}$")
-_WORD_RE = re.compile(r"\w+")
+# Words are split at every ASCII character that is not a letter, a digit or "_" (punctuation, spaces,
+# control characters), as the search module's tokenizer does; other characters belong to words.
+_SEPARATORS = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
 _ESCAPE_RE = re.compile(r"([^A-Za-z0-9\u0080-\U0010ffff])")
 _RETURNED = ("document_id", "chunk", "title", "text", "timestamp", "collection", "embedding")
 
@@ -68,7 +71,7 @@ def escape(value: str) -> str:
 def query_terms(text: str, *, limit: int = MAX_QUERY_TERMS) -> list[str]:
     """The distinct searchable words of ``text`` (lower case, no stop words), in order."""
     seen: dict[str, None] = {}
-    for word in _WORD_RE.findall(text.lower()):
+    for word in _words(text):
         if word not in STOPWORDS and word not in seen:
             seen[word] = None
             if len(seen) == limit:
@@ -78,7 +81,11 @@ def query_terms(text: str, *, limit: int = MAX_QUERY_TERMS) -> list[str]:
 
 def passage_terms(text: str) -> frozenset[str]:
     """The distinct words of a passage (lower case, no stop words), for lexical comparisons."""
-    return frozenset(_WORD_RE.findall(text.lower())) - STOPWORDS
+    return frozenset(_words(text)) - STOPWORDS
+
+
+def _words(text: str) -> list[str]:
+    return text.translate(_SEPARATORS).lower().split()
 
 
 def is_document_id(value: str) -> bool:

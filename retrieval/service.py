@@ -218,8 +218,8 @@ def _check_query(query: str, top_k: int, collection: str | None) -> None:
 
 
 def _ranked(hit: Hit) -> Ranked:
-    terms = passage_terms(f"{hit.title or ''} {hit.text}")
-    return Ranked(key=hit.key, timestamp=hit.timestamp, vector=hit.vector, terms=terms, payload=hit)
+    return Ranked(key=hit.key, timestamp=hit.timestamp, vector=hit.vector,
+                  terms=lambda: passage_terms(f"{hit.title or ''} {hit.text}"), payload=hit)
 
 
 def _passage(hit: Hit, score: float) -> Passage:

@@ -56,7 +56,7 @@ def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
 
     def long_request() -> None:
         with tenant.http() as http:
-            first.append(http.post("/v1/completions", json={"model": base, "prompt": "long", "max_tokens": 3000,
+            first.append(http.post("/v1/completions", json={"model": base, "prompt": "long", "max_tokens": 4000,
                                                             "ignore_eos": True}).status_code)
 
     thread = threading.Thread(target=long_request)
@@ -65,10 +65,12 @@ def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
     deadline = time.monotonic() + 30
     while redis.get(slots) != b"1" and time.monotonic() < deadline:
         time.sleep(0.005)  # until the first request holds the tenant's only slot
+    assert redis.get(slots) == b"1", f"the first request never held the slot: {first}"
     with tenant.http() as http:
         # Only the first request can hold the slot (no rpm or tpm limit is set): a 429 proves the limit.
         second = http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1})
-        assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+        assert second.status_code == 429, (second.text, first, redis.get(slots), thread.is_alive())
+        assert second.json()["error"]["type"] == "rate_limit_error"
         thread.join(120)
         assert first == [200]
         # The slot was given back when the first request ended.
