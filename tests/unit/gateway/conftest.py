@@ -50,6 +50,17 @@ class FakeRegistry:
         return [r for (t, _), r in sorted(self.records.items()) if t == tenant]
 
 
+class ChunkStream(httpx.AsyncByteStream):
+    """An engine response body that arrives in the given pieces (SSE events split anywhere)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for chunk in self.chunks:
+            yield chunk
+
+
 class FakeAdmission:
     async def release(self) -> None:
         return None

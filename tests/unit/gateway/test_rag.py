@@ -10,7 +10,7 @@ import httpx
 from gateway.openai_api.serving import ResolvedModel, _NameRewriter
 from retrieval.documents import Passage, parse_rfc3339
 from retrieval.grounding import INSTRUCTIONS
-from tests.unit.gateway.conftest import OTHER_KEY, Handler, Harness
+from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
 ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
 
@@ -21,22 +21,13 @@ def _passage(n: int, text: str = "", *, title: str | None = "Handbook", day: str
                    timestamp=parse_rfc3339(f"{day}T00:00:00Z"))
 
 
-class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        for chunk in self.chunks:
-            yield chunk
-
-
 def _engine(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     if body.get("stream"):
         events = [{"id": "c", "model": body["model"], "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
                   {"id": "c", "model": body["model"], "choices": [{"index": 0, "delta": {"content": "hi"}}]}]
         raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-        return httpx.Response(200, stream=_Chunks([raw[i:i + 9] for i in range(0, len(raw), 9)]),
+        return httpx.Response(200, stream=ChunkStream([raw[i:i + 9] for i in range(0, len(raw), 9)]),
                               headers={"content-type": "text/event-stream"})
     return httpx.Response(200, json={"id": "x", "object": "chat.completion", "model": body["model"],
                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],

@@ -9,7 +9,7 @@ import httpx
 
 from adapters.naming import AdapterRef
 from gateway.openai_api.serving import ResolvedModel, _NameRewriter, cache_salt
-from tests.unit.gateway.conftest import OTHER_KEY, Handler, Harness
+from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
 ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
 
@@ -18,15 +18,6 @@ def _completion(model: str) -> dict:
     return {"id": "cmpl-1", "object": "text_completion", "model": model,
             "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
-
-
-class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        for chunk in self.chunks:
-            yield chunk
 
 
 def _echo_engine(request: httpx.Request) -> httpx.Response:
@@ -39,7 +30,7 @@ def _echo_engine(request: httpx.Request) -> httpx.Response:
                      "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
             stream += f"data: {json.dumps(usage, separators=(',', ':'))}\n\n"
         stream = (stream + "data: [DONE]\n\n").encode()
-        return httpx.Response(200, stream=_Chunks([stream[:7], stream[7:50], stream[50:]]),
+        return httpx.Response(200, stream=ChunkStream([stream[:7], stream[7:50], stream[50:]]),
                               headers={"content-type": "text/event-stream"})
     return httpx.Response(200, json=_completion(body["model"]))
 
