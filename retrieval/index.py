@@ -19,9 +19,10 @@ give them cheaply, and the queries need them to stay fast on large tenants (:cla
 - a filtered KNN is run by brute force over the tenant's chunks when they are few (HNSW batches
   would have to walk much of the graph shared with every other tenant to find them), and by HNSW
   batches when they are many (brute force over 100k chunks takes ~25 ms here, batches ~0.3 ms);
-- a BM25 query leaves out the words found in a large share of the tenant's chunks: they weigh
-  almost nothing in BM25 (IDF near zero) and cost the most, since every chunk that holds them is
-  scored (a word in all of 100k chunks made a query ~40 ms instead of ~3).
+- a BM25 query leaves out the words found in a large share of the tenant's chunks, and then the
+  commonest of the others beyond a budget of chunks to score: such words weigh little in BM25 (a
+  low IDF) and cost the most, since every chunk that holds them is scored (a word in all of 100k
+  chunks made a query ~40 ms instead of ~3).
 
 Isolation: every query this module sends is scoped by ``@tenant:{<tenant>}`` (in every alternative
 of a union: see :func:`bm25_query`), built here from a validated tenant id with every
@@ -134,6 +135,10 @@ class QueryPlan:
     common_term_min_chunks: int = 1_000
     """BM25 leaves out a word found in more than this share of the scope's chunks and in more than
     this many chunks (both: small tenants keep every word, where it costs nothing)."""
+    max_postings: int = 15_000
+    """Of the remaining words, BM25 keeps the rarest while the chunks holding them add up to at most
+    this many: the cost of a BM25 query is the chunks it scores (about 0.4 us each here), and the
+    rarest words are the ones that carry its weight."""
 
     def knn_policy(self, scope_chunks: int | None) -> str | None:
         """``ADHOC_BF``, ``BATCHES``, or None (unknown size: the search module decides)."""
@@ -142,13 +147,21 @@ class QueryPlan:
         return "ADHOC_BF" if scope_chunks <= self.adhoc_max_chunks else "BATCHES"
 
     def bm25_terms(self, terms: Sequence[str], frequencies: Mapping[str, int], scope_chunks: int | None) -> list[str]:
-        """The query words worth a BM25 query: those that are not common in the scope."""
+        """The query words worth a BM25 query, in their original order."""
         if scope_chunks is None:
             return list(terms)
         common = max(self.common_term_share * scope_chunks, self.common_term_min_chunks)
         # A word the scope lacks is kept: the index stems words and these counts do not, so it may
         # still match a variant (and if it matches nothing, it costs nothing).
-        return [t for t in terms if frequencies.get(t, 0) <= common]
+        candidates = sorted((frequencies.get(t, 0), i) for i, t in enumerate(terms)
+                            if frequencies.get(t, 0) <= common)
+        kept, postings = [], 0
+        for frequency, i in candidates:
+            if postings + frequency > self.max_postings:
+                break
+            kept.append(i)
+            postings += frequency
+        return [terms[i] for i in sorted(kept)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,3 +85,10 @@ def test_bm25_leaves_out_words_common_in_a_large_scope_only() -> None:
     assert plan.bm25_terms(terms, frequencies, 100_000) == ["rare", "unseen", "medium"]
     assert plan.bm25_terms(terms, {"rare": 1, "common": 5}, 5) == terms  # a small tenant keeps every word
     assert plan.bm25_terms(terms, frequencies, None) == terms
+
+
+def test_bm25_keeps_the_rarest_words_within_a_budget_of_chunks_to_score() -> None:
+    plan = QueryPlan(common_term_share=0.5, max_postings=10_000)
+    terms = ["a", "b", "c", "d", "e"]
+    frequencies = {"a": 6_000, "b": 3_000, "c": 50, "d": 4_000, "e": 900}
+    assert plan.bm25_terms(terms, frequencies, 100_000) == ["b", "c", "d", "e"]  # 7,950 chunks; "a" would pass 10k
