@@ -66,6 +66,17 @@ def _ref(i: int) -> AdapterRef:
     return AdapterRef("tenant", f"a{i}", 1, f"uid{i:09d}")
 
 
+async def _load_registered(cache: AdapterDiskCache, store: FakeStore, engine: FakeEngine,
+                           ids: list[int]) -> dict[int, Path]:
+    """Fetch these adapters and have the fake engine register them, as vLLM does after resolving."""
+    paths = {}
+    for i in ids:
+        store.add(_ref(i))
+        paths[i] = await cache.ensure(_ref(i))
+        engine.registered_names.add(_ref(i).engine_name)
+    return paths
+
+
 @pytest.fixture
 def parts(tmp_path: Path) -> tuple[FakeStore, FakeEngine, Clock]:
     return FakeStore(), FakeEngine(), Clock()
@@ -119,11 +130,7 @@ async def test_bound_is_kept_by_evicting_unregistered_first(tmp_path: Path,
                                                            parts: tuple[FakeStore, FakeEngine, Clock]) -> None:
     store, engine, _ = parts
     cache = _cache(tmp_path, parts)
-    paths = {}
-    for i in range(1, 4):
-        store.add(_ref(i))
-        paths[i] = await cache.ensure(_ref(i))
-        engine.registered_names.add(_ref(i).engine_name)
+    paths = await _load_registered(cache, store, engine, [1, 2, 3])
     engine.registered_names.discard(_ref(2).engine_name)  # the gateway unloaded a2
     store.add(_ref(4))
     await cache.ensure(_ref(4))
@@ -136,11 +143,7 @@ async def test_idle_registered_adapter_is_unloaded_before_its_files_go(
         tmp_path: Path, parts: tuple[FakeStore, FakeEngine, Clock]) -> None:
     store, engine, _ = parts
     cache = _cache(tmp_path, parts)
-    paths = {}
-    for i in range(1, 4):
-        store.add(_ref(i))
-        paths[i] = await cache.ensure(_ref(i))
-        engine.registered_names.add(_ref(i).engine_name)
+    paths = await _load_registered(cache, store, engine, [1, 2, 3])
     engine.busy_names = {_ref(1).engine_name}
     store.add(_ref(4))
     await cache.ensure(_ref(4))
