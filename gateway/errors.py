@@ -175,7 +175,7 @@ def translate(exc: Exception) -> BanyanError:
     for cls in type(exc).__mro__:
         factory = _TRANSLATIONS.get(cls)
         if factory is not None:
-            log.warning("translated %s", cls.__name__)
+            log.debug("translated %s", cls.__name__)
             result: BanyanError = factory(exc)
             return result
     return BanyanError("The server had an error while processing your request.")
