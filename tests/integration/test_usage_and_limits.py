@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -52,28 +53,32 @@ def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
     tenant = make_tenant(stack, admin, "conc")
     assert admin.patch(f"/admin/tenants/{tenant.id}", json={"max_concurrency": 1}).status_code == 200
     base = stack.info["base_model"]
-    first: list[int] = []
-
-    def long_request() -> None:
-        with tenant.http() as http:
-            first.append(http.post("/v1/completions", json={"model": base, "prompt": "long", "max_tokens": 4000,
-                                                            "ignore_eos": True}).status_code)
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
     slots, redis = f"banyan:rl:{tenant.id}:inflight", stack.redis()
-    deadline = time.monotonic() + 30
-    while redis.get(slots) != b"1" and time.monotonic() < deadline:
-        time.sleep(0.005)  # until the first request holds the tenant's only slot
-    assert redis.get(slots) == b"1", f"the first request never held the slot: {first}"
-    with tenant.http() as http:
-        # Only the first request can hold the slot (no rpm or tpm limit is set): a 429 proves the limit.
-        second = http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1})
-        assert second.status_code == 429, (second.text, first, redis.get(slots), thread.is_alive())
+    # The first request holds the tenant's only slot for as long as the test wants, however fast the engine is:
+    # its stream (16 choices x 4000 tokens, ~12 MB of events) cannot fit in the buffers of a client that stops
+    # reading with a fixed 4 KiB receive buffer (no autotuning), so the gateway cannot finish relaying it.
+    held = {"model": base, "prompt": "long", "max_tokens": 4000, "ignore_eos": True, "n": 16, "stream": True}
+    small_window = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=120,
+                      transport=small_window) as slow, slow.stream("POST", "/v1/completions", json=held) as first:
+        assert first.status_code == 200, first.read()
+        events = first.iter_bytes()  # kept: dropping the iterator would close the connection
+        head = next(events)
+        assert head.startswith(b"data: "), head
+        assert redis.get(slots) == b"1"
+        with tenant.http() as http:
+            # Only the first request can hold the slot (no rpm or tpm limit is set): a 429 proves the limit.
+            second = http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1})
+        assert second.status_code == 429, second.text
         assert second.json()["error"]["type"] == "rate_limit_error"
-        thread.join(120)
-        assert first == [200]
-        # The slot was given back when the first request ended.
+        assert second.headers["retry-after"] == "1"
+        assert redis.get(slots) == b"1"
+    # The client went away mid-stream: the gateway notices and gives the slot back.
+    deadline = time.monotonic() + 30
+    while redis.get(slots) != b"0" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert redis.get(slots) == b"0", "the slot of a stream whose client went away was never given back"
+    with tenant.http() as http:
         assert http.post("/v1/completions", json={"model": base, "prompt": "x", "max_tokens": 1}).status_code == 200
 
 
