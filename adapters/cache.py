@@ -179,8 +179,14 @@ class AdapterDiskCache:
                 size = int(manifest.get("size_bytes") or 0) + (staging / MANIFEST).stat().st_size
                 entry = _Entry(ref=ref, path=target, size=size, state=AdapterState.DOWNLOADING)
                 await self._make_room(entry)
-                for filename in ADAPTER_FILES:
-                    await self._store.get_file(ref.s3_prefix + filename, staging / filename)
+                # The files side by side: a cold load waits for one object storage round trip, not two.
+                # Every download ends before the staging folder can be removed (no stray writes after).
+                results = await asyncio.gather(
+                    *(self._store.get_file(ref.s3_prefix + f, staging / f) for f in ADAPTER_FILES),
+                    return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
             except ObjectMissing as e:
                 self._metrics.load(stage="fetch", result="missing")
                 raise AdapterFetchError(f"{ref.engine_name}: not in object storage") from e

@@ -72,9 +72,27 @@ class AdapterRecord:
         return self.versions.get(self.active) if self.active else None
 
 
+# The active version's metadata in one round trip (it is read on every request for an adapter).
+_ACTIVE_META = """
+local active = redis.call('HGET', KEYS[1], 'active')
+if not active or active == '0' then return false end
+return redis.call('HGET', KEYS[1], 'v' .. active)
+"""
+
+
+def _record(tenant: str, name: str, hash_: dict[Any, Any]) -> AdapterRecord | None:
+    raw = {_text(k): v for k, v in hash_.items()}
+    versions = {int(k[1:]): VersionMeta.from_json(v) for k, v in raw.items() if k.startswith("v")}
+    if not versions:
+        return None
+    active = int(raw.get("active") or 0)
+    return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
+
+
 class AdapterRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._active_meta: Any = redis.register_script(_ACTIVE_META)
 
     async def allocate_version(self, tenant: str, name: str) -> int:
         return int(await self._redis.hincrby(_adapter_key(tenant, name), "next", 1))
@@ -95,20 +113,25 @@ class AdapterRegistry:
         version = int(raw) if raw else 0
         return version or None
 
+    async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
+        """The active version of an adapter; None when it does not exist or no version is active."""
+        raw = await self._active_meta(keys=[_adapter_key(tenant, name)])
+        return VersionMeta.from_json(raw) if raw else None
+
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
-        raw = {_text(k): v for k, v in (await self._redis.hgetall(_adapter_key(tenant, name))).items()}
-        versions = {int(k[1:]): VersionMeta.from_json(v) for k, v in raw.items() if k.startswith("v")}
-        if not versions:
-            return None
-        active = int(raw.get("active") or 0)
-        return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
+        return _record(tenant, name, await self._redis.hgetall(_adapter_key(tenant, name)))
 
     async def names(self, tenant: str) -> list[str]:
         members = await self._redis.smembers(_names_key(tenant))
         return sorted(_text(m) for m in members)
 
     async def list_records(self, tenant: str) -> list[AdapterRecord]:
-        records = [await self.get(tenant, name) for name in await self.names(tenant)]
+        names = await self.names(tenant)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(_adapter_key(tenant, name))
+            hashes = await pipe.execute()
+        records = [_record(tenant, name, raw) for name, raw in zip(names, hashes, strict=True)]
         return [r for r in records if r is not None]
 
     async def activate(self, tenant: str, name: str, version: int) -> bool:

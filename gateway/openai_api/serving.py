@@ -66,8 +66,7 @@ async def resolve_model(state: AppState, tenant: str, model: str) -> ResolvedMod
     if model == state.settings.base_model:
         state.metrics.model_resolutions.labels("base").inc()
         return ResolvedModel(public=model, engine=model, adapter=None)
-    record = await state.adapters.get(tenant, model) if is_valid_id(model) else None
-    meta = record.active_meta if record else None
+    meta = await state.adapters.active_meta(tenant, model) if is_valid_id(model) else None
     if meta is None:
         state.metrics.model_resolutions.labels("not_found").inc()
         raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",

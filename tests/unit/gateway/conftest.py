@@ -46,6 +46,10 @@ class FakeRegistry:
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
         return self.records.get((tenant, name))
 
+    async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
+        record = self.records.get((tenant, name))
+        return record.active_meta if record else None
+
     async def list_records(self, tenant: str) -> list[AdapterRecord]:
         return [r for (t, _), r in sorted(self.records.items()) if t == tenant]
 
