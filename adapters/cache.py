@@ -181,7 +181,7 @@ class AdapterDiskCache:
                 entry = _Entry(ref=ref, path=target, size=size, state=AdapterState.DOWNLOADING)
                 await self._make_room(entry)
                 phases["room"] = self._clock() - started - phases["manifest"]
-                # The files side by side: a cold load waits for one object storage round trip, not two.
+                # The files side by side: with the manifest, a cold load waits for two round trips, not three.
                 # Every download ends before the staging folder can be removed (no stray writes after).
                 results = await asyncio.gather(
                     *(self._store.get_file(ref.s3_prefix + f, staging / f) for f in ADAPTER_FILES),

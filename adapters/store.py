@@ -4,7 +4,7 @@ The S3 implementation uses boto3 (blocking) through ``asyncio.to_thread`` so tha
 event loop, except for downloads: those are presigned by boto3 (local computation) and read with an async
 HTTP client on the event loop. Downloads run inside the vLLM server, whose event loop keeps the GIL busy
 under load; a boto3 call in a thread then waits for the GIL at every one of its many I/O steps (measured:
-a 3 ms GET took tens of seconds next to a busy loop), while an async GET waits for none. botocore and
+a 3 ms GET took tens of seconds next to a loop kept busy with Python work), while an async GET does not. botocore and
 HTTP errors are translated here into :class:`StoreUnavailable` / :class:`ObjectMissing`.
 """
 
