@@ -172,7 +172,7 @@ class AdapterDiskCache:
         try:
             try:
                 await self._store.get_file(ref.s3_prefix + MANIFEST, staging / MANIFEST)
-                phases = {"manifest": self._clock() - started}
+                manifest_done = self._clock()
                 manifest = json.loads((staging / MANIFEST).read_text())
                 if manifest.get("uid") != ref.uid:
                     raise AdapterFetchError(f"{ref.engine_name}: stored files belong to another upload")
@@ -180,7 +180,7 @@ class AdapterDiskCache:
                 size = int(manifest.get("size_bytes") or 0) + (staging / MANIFEST).stat().st_size
                 entry = _Entry(ref=ref, path=target, size=size, state=AdapterState.DOWNLOADING)
                 await self._make_room(entry)
-                phases["room"] = self._clock() - started - phases["manifest"]
+                room_made = self._clock()
                 # The files side by side: with the manifest, a cold load waits for two round trips, not three.
                 # Every download ends before the staging folder can be removed (no stray writes after).
                 results = await asyncio.gather(
@@ -205,10 +205,10 @@ class AdapterDiskCache:
             staging.rename(target)
             entry.state = AdapterState.READY
             entry.touched = self._clock()
-            elapsed = self._clock() - started
-            self._metrics.load(stage="fetch", result="ok", seconds=elapsed)
+            done = self._clock()
+            self._metrics.load(stage="fetch", result="ok", seconds=done - started)
             log.info("fetched %s in %.3f s (manifest %.3f s, making room %.3f s, files %.3f s)", ref.engine_name,
-                     elapsed, phases["manifest"], phases["room"], elapsed - phases["manifest"] - phases["room"])
+                     done - started, manifest_done - started, room_made - manifest_done, done - room_made)
             return target
         except BaseException:
             self._entries.pop(ref.engine_name, None)

@@ -108,11 +108,6 @@ class AdapterRegistry:
             pipe.sadd(_names_key(tenant), name)
             await pipe.execute()
 
-    async def active_version(self, tenant: str, name: str) -> int | None:
-        raw = await self._redis.hget(_adapter_key(tenant, name), "active")
-        version = int(raw) if raw else 0
-        return version or None
-
     async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
         """The active version of an adapter; None when it does not exist or no version is active."""
         raw = await self._active_meta(keys=[_adapter_key(tenant, name)])

@@ -55,7 +55,6 @@ class ResolverSettings(BaseSettings):
     engine_api_key: SecretStr | None = None
 
 
-
 class HttpEngineControl:
     """The cache's view of the vLLM server it runs in, over loopback HTTP."""
 

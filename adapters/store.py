@@ -4,8 +4,8 @@ The S3 implementation uses boto3 (blocking) through ``asyncio.to_thread`` so tha
 event loop, except for downloads: those are presigned by boto3 (local computation) and read with an async
 HTTP client on the event loop. Downloads run inside the vLLM server, whose event loop keeps the GIL busy
 under load; a boto3 call in a thread then waits for the GIL at every one of its many I/O steps (measured:
-a 3 ms GET took tens of seconds next to a loop kept busy with Python work), while an async GET does not. botocore and
-HTTP errors are translated here into :class:`StoreUnavailable` / :class:`ObjectMissing`.
+a 3 ms GET took tens of seconds next to a loop kept busy with Python work), while an async GET does not.
+botocore and HTTP errors are translated here into :class:`StoreUnavailable` / :class:`ObjectMissing`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ObjectStore(Protocol):
     async def list_keys(self, prefix: str) -> list[str]: ...
     async def delete_prefix(self, prefix: str) -> int: ...
     async def ping(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,7 @@ class S3ObjectStore:
         return self._http
 
     async def aclose(self) -> None:
+        """Close the download client (only the loop that made it can)."""
         if self._http is not None and self._http_loop is asyncio.get_running_loop():
             await self._http.aclose()
         self._http = self._http_loop = None

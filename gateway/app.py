@@ -101,8 +101,7 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
             sweeper.cancel()
             watcher.cancel()
             await app_state.engines.aclose()
-            if isinstance(app_state.store, S3ObjectStore):
-                await app_state.store.aclose()
+            await app_state.store.aclose()
             await app_state.documents.aclose()
             await app_state.redis.aclose()
 

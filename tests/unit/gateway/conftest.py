@@ -97,6 +97,9 @@ class FakeStore:
     async def ping(self) -> None:
         return None
 
+    async def aclose(self) -> None:
+        return None
+
 
 @dataclass
 class FakeDocuments:
