@@ -69,12 +69,13 @@ def _encode(tenant: Tenant) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in tenant.to_dict().items()}
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply value as text (the client returns bytes)."""
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _decode(raw: dict[bytes | str, bytes | str]) -> Tenant:
-    fields = {_text(k): json.loads(v) for k, v in raw.items()}
+    fields = {as_text(k): json.loads(v) for k, v in raw.items()}
     return Tenant(**fields)
 
 
@@ -96,7 +97,7 @@ class TenantStore:
         return _decode(raw) if raw else None
 
     async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(_text(m) for m in await self._redis.smembers("banyan:tenants"))
+        ids = sorted(as_text(m) for m in await self._redis.smembers("banyan:tenants"))
         tenants = [await self.get(i) for i in ids]
         return [t for t in tenants if t is not None]
 
@@ -155,4 +156,4 @@ class TenantStore:
         if not looks_like_key(key):
             return None
         raw = await self._redis.get(_lookup_key(hash_key(key)))
-        return _text(raw).split(":", 1)[0] if raw else None
+        return as_text(raw).split(":", 1)[0] if raw else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from gateway.quotas import tpm_key
+from gateway.tenants import as_text
 
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens")
 
@@ -40,10 +41,6 @@ class TenantUsage:
     models: dict[str, Counts] = field(default_factory=dict)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class UsageStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -64,10 +61,10 @@ class UsageStore:
 
     async def get(self, tenant: str) -> TenantUsage:
         raw_total = await self._redis.hgetall(f"banyan:usage:{tenant}")
-        total = Counts(**{f: int(v) for k, v in raw_total.items() if (f := _text(k)) in _FIELDS})
+        total = Counts(**{f: int(v) for k, v in raw_total.items() if (f := as_text(k)) in _FIELDS})
         models: dict[str, Counts] = {}
         for key, value in (await self._redis.hgetall(f"banyan:usage:{tenant}:models")).items():
-            model, _, name = _text(key).rpartition("|")
+            model, _, name = as_text(key).rpartition("|")
             if name in _FIELDS:
                 setattr(models.setdefault(model, Counts()), name, int(value))
         return TenantUsage(total=total, models=dict(sorted(models.items())))
