@@ -48,15 +48,11 @@ class RunningStack:
 
     def engine_metric(self, name: str, **labels: str) -> float:
         """The sum of one metric's samples (matching ``labels``) on the engine's own /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return _metric_sum(self.info["engine_url"], name, labels)
 
-        text = httpx.get(self.info["engine_url"] + "/metrics", timeout=30).text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
+    def gateway_metric(self, name: str, **labels: str) -> float:
+        """The sum of one metric's samples (matching ``labels``) on the gateway's /metrics."""
+        return _metric_sum(self.url, name, labels)
 
     def s3_keys(self, prefix: str = "") -> list[str]:
         s3 = boto3.client("s3", endpoint_url=self.info["s3_endpoint_url"], region_name="us-east-1",
@@ -65,6 +61,14 @@ class RunningStack:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.info["s3_bucket"], Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return keys
+
+
+def _metric_sum(url: str, name: str, labels: dict[str, str]) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def start_dev(data_dir: Path, *, empty: bool, admin_key: str | None = None, extra_env: dict[str, str] | None = None,

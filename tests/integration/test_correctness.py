@@ -56,8 +56,7 @@ def _fill_every_lora_slot(stack: RunningStack, tenant: TenantHandle, source: Pat
     """Use more distinct adapters than the engine has LoRA slots, so that no slot is left empty (zeros): a
     base-model row that picked up a slot's weights by mistake would then show (it did, see
     adapters/vllm_patches.py)."""
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.admin_key}"},
-                      timeout=120) as admin, tenant.http() as http:
+    with stack.admin() as admin, tenant.http() as http:
         for i in range(MAX_LORAS + 2):
             folder = synthetic_variant(source, tmp_path / f"filler-{i}", seed=500 + i)
             assert upload(admin, tenant.id, f"filler-{i}", folder).status_code == 201

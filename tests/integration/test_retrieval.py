@@ -207,7 +207,11 @@ def test_another_tenants_documents_never_appear(stack: RunningStack, admin: http
     with other.http() as http:
         theirs = {_add(http, {"text": f"Secret plans of tenant {other.id}: {word} budget, other secret plans.",
                               "title": "secret"})["id"] for word in ("merger", "layoffs", "launch")}
+    # Both sides are searchable: an empty answer below is the scope at work, not an empty index.
+    with other.http() as http:
+        assert {p["document_id"] for p in _retrieve(http, "secret plans budget")} & theirs
     with me.http() as http:
+        assert {p["document_id"] for p in _retrieve(http, "picnic in the park")} == mine
         for template in HOSTILE_QUERIES:
             query = template % {"other": other.id, "me": me.id}
             response = http.post("/v1/retrieve", json={"query": query, "top_k": 20})
@@ -278,6 +282,10 @@ def test_rag_works_the_same_with_an_adapter(grounded: TenantHandle, admin: httpx
     completion = raw.parse()
     assert raw.headers["x-banyan-adapter"] == "helper" and completion.model == "helper"
     assert (completion.model_extra or {})["sources"][0]["title"] == "Lunch"
+    plain = grounded.client().chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "When is lunch served?"}], max_tokens=4, temperature=0)
+    assert completion.usage is not None and plain.usage is not None
+    assert completion.usage.prompt_tokens > plain.usage.prompt_tokens  # the passages went to the adapter too
 
 
 def test_streaming_carries_sources_on_the_first_chunk(grounded: TenantHandle, stack: RunningStack) -> None:
@@ -311,9 +319,16 @@ def test_completions_with_rag(grounded: TenantHandle, stack: RunningStack) -> No
 
 
 def test_retrieval_metrics_are_exported(grounded: TenantHandle, stack: RunningStack) -> None:
+    def counts() -> tuple[float, ...]:
+        return (stack.gateway_metric("banyan_retrieval_duration_seconds_count", stage="search"),
+                stack.gateway_metric("banyan_retrieval_duration_seconds_count", stage="embed"),
+                stack.gateway_metric("banyan_retrieval_passages_count"),
+                stack.gateway_metric("banyan_ingested_chunks_total"))
+
+    before = counts()
     with grounded.http() as http:
         _retrieve(http, "parking")
-    text = httpx.get(stack.url + "/metrics").text
-    assert 'banyan_retrieval_duration_seconds_count{stage="search"}' in text
-    assert 'banyan_retrieval_duration_seconds_count{stage="embed"}' in text
-    assert "banyan_ingested_chunks_total" in text and "banyan_retrieval_passages_bucket" in text
+        _add(http, {"text": "The car park closes at midnight.", "title": "Parking hours"})
+    search, embed, passages, chunks = (after - earlier for after, earlier in zip(counts(), before, strict=True))
+    assert search == 1 and embed == 1 and passages == 1
+    assert chunks >= 1

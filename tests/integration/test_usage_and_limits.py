@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -40,13 +39,17 @@ def test_requests_per_minute_limit(stack: RunningStack, admin: httpx.Client) -> 
     assert admin.patch(f"/admin/tenants/{tenant.id}", json={"rpm": 2}).status_code == 200
     client = tenant.client()
     base = stack.info["base_model"]
-    for _ in range(2):
-        client.completions.create(model=base, prompt="x", max_tokens=1)
+    limited_before = stack.gateway_metric("banyan_rate_limited_total", reason="rpm")
+    # The window is the clock's minute: requests may straddle two windows, so up to 2 x rpm get in first.
+    admitted = 0
     with pytest.raises(openai.RateLimitError) as info:
-        client.completions.create(model=base, prompt="x", max_tokens=1)
+        while admitted <= 4:
+            client.completions.create(model=base, prompt="x", max_tokens=1)
+            admitted += 1
+    assert 2 <= admitted <= 4
     assert info.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
     assert int(info.value.response.headers["retry-after"]) >= 1
-    assert "banyan_rate_limited_total{reason=\"rpm\"}" in httpx.get(stack.url + "/metrics").text
+    assert stack.gateway_metric("banyan_rate_limited_total", reason="rpm") == limited_before + 1
 
 
 def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
@@ -74,7 +77,7 @@ def test_concurrency_limit(stack: RunningStack, admin: httpx.Client) -> None:
         assert second.headers["retry-after"] == "1"
         assert redis.get(slots) == b"1"
     # The client went away mid-stream: the gateway notices and gives the slot back.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # the machine may stall for a whole generation (BENCHMARKS.md)
     while redis.get(slots) != b"0" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert redis.get(slots) == b"0", "the slot of a stream whose client went away was never given back"
@@ -86,16 +89,10 @@ def test_concurrency_slot_is_released_after_errors(stack: RunningStack, admin: h
     tenant = make_tenant(stack, admin, "slots")
     assert admin.patch(f"/admin/tenants/{tenant.id}", json={"max_concurrency": 1}).status_code == 200
     results: list[int] = []
-
-    def run() -> None:
-        with tenant.http() as http:
-            for model in ("missing-model", stack.info["base_model"]):
-                for stream in (False, True):
-                    r = http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1,
-                                                           "stream": stream})
-                    results.append(r.status_code)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(120)
+    with tenant.http() as http:
+        for model in ("missing-model", stack.info["base_model"]):
+            for stream in (False, True):
+                r = http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1,
+                                                       "stream": stream})
+                results.append(r.status_code)
     assert results == [404, 404, 200, 200]

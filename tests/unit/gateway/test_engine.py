@@ -117,6 +117,6 @@ async def test_a_request_waits_for_an_unload_of_its_adapter_under_way() -> None:
     await asyncio.sleep(0.01)
     assert events == []  # held back while vLLM may still drop the name
     gate.set()
-    await waiting
+    await asyncio.wait_for(waiting, 5)  # a deadlock fails here instead of hanging the suite
     assert events[:2] == [f"unloaded {a1}", "request a1"]
     await pool.aclose()
