@@ -13,13 +13,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gateway.settings import Settings
 from tests.integration.adapter_files import synthetic_variant
 from tests.integration.conftest import RunningStack, TenantHandle, upload
 
 PROMPTS = ["Hello there", "The quick brown fox", "abc", "Tell me a story about", "1 2 3 4", "Banyan trees",
            "{json: true}", "Why?"]
 MAX_TOKENS = 20
-MAX_LORAS = 8  # the engine's --max-loras in `banyan dev` (BANYAN_MAX_LORAS default)
+MAX_LORAS = Settings(mode="dev").max_loras  # the engine's --max-loras: the stack reads the same environment
 
 
 def peft_greedy(model_path: Path, adapter: Path | None, prompts: list[str], *, chat: bool = False,
