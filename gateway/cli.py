@@ -76,7 +76,8 @@ def run_dev(args: argparse.Namespace) -> int:
     generated = not settings.admin_key.get_secret_value()
     if generated:
         settings = settings.model_copy(update={"admin_key": SecretStr("adm_" + secrets.token_urlsafe(24))})
-    logs.configure("warning")
+    # The console belongs to the progress lines: access logs only when BANYAN_LOG_LEVEL asks for them.
+    logs.configure(settings.log_level if "log_level" in settings.model_fields_set else "warning")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stack = DevStack(settings, progress=_say)
     try:

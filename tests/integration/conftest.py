@@ -107,7 +107,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     admin_key = "adm_test_" + secrets.token_hex(12)
     # Small bounds, so that the adapter tests also exercise eviction (gateway unloads, disk cache bound).
     process, _, port = start_dev(data_dir, empty=True, admin_key=admin_key, extra_env={
-        "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24"})
+        "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24",
+        "BANYAN_LOG_LEVEL": "info"})  # the access log lines, checked by test_logs.py
     try:
         info = json.loads((data_dir / "stack.json").read_text())
         yield RunningStack(url=f"http://127.0.0.1:{port}", admin_key=admin_key, info=info, data_dir=data_dir)
