@@ -36,9 +36,9 @@ import httpx
 import psutil
 
 from gateway.dev.processes import Child, Children, free_port, http_ok
+from loadtests._stack import Stack, stack_env, start_stack
 
 REPO = Path(__file__).resolve().parents[1]
-READY_LINE = "banyan dev is ready"
 UNLOADED_PAIRS = 3
 UNLOADED_REQUESTS = 12
 PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
@@ -209,23 +209,14 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _environ() -> dict[str, str]:
-    """This process' environment without ``BANYAN_*``: only the benchmark's settings apply."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("BANYAN_")}
-
-
-def _start_dev(children: Children, options: Options, admin_key: str) -> tuple[Child, dict[str, Any], int]:
-    port = free_port()
-    env = {**_environ(), "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(port),
-           "BANYAN_ADMIN_KEY": admin_key}
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+def _start_dev(options: Options) -> Stack:
+    """``banyan dev --empty`` on a free loopback port, data in ``options.data_dir`` (the demo model is
+    built there once and reused); returns at once: call ``Stack.wait_ready`` (then ``Stack.info`` holds its
+    stack.json)."""
     (options.data_dir / "stack.json").unlink(missing_ok=True)
-    banyan = str(Path(sys.executable).parent / "banyan")
-    child = children.spawn("bench-dev", [banyan, "dev", "--empty"], env=env, cwd=REPO)
-    _say(f"[bench] starting banyan dev --empty on 127.0.0.1:{port} (data in {options.data_dir}) ...")
-    children.wait_ready(child, lambda: READY_LINE in child.log_path.read_text(errors="replace"), timeout=420)
-    info = json.loads((options.data_dir / "stack.json").read_text())
-    return child, info, port
+    stack = start_stack(options.data_dir, settings={}, admin_key="adm_bench_" + secrets.token_hex(16))
+    _say(f"[bench] starting banyan dev --empty on 127.0.0.1:{stack.port} (data in {options.data_dir}) ...")
+    return stack
 
 
 def _start_stub_gateway(children: Children, info: dict[str, Any], admin_key: str,
@@ -235,14 +226,13 @@ def _start_stub_gateway(children: Children, info: dict[str, Any], admin_key: str
                                          "--model", info["base_model"]], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
-    env = {**_environ(), "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": admin_key, "BANYAN_HOST": "127.0.0.1",
-           "BANYAN_PORT": str(gateway_port), "BANYAN_REDIS_URL": info["redis_url"],
-           "BANYAN_S3_ENDPOINT_URL": info["s3_endpoint_url"], "BANYAN_S3_BUCKET": info["s3_bucket"],
-           "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev", "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
-           "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
-           "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
-           "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = stack_env(options.data_dir, port=gateway_port, admin_key=admin_key, settings={
+        "BANYAN_MODE": "prod", "BANYAN_HOST": "127.0.0.1", "BANYAN_REDIS_URL": info["redis_url"],
+        "BANYAN_S3_ENDPOINT_URL": info["s3_endpoint_url"], "BANYAN_S3_BUCKET": info["s3_bucket"],
+        "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev", "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
+        "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
+        "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
+        "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     banyan = str(Path(sys.executable).parent / "banyan")
     gateway = children.spawn("bench-gateway-stub", [banyan, "serve"], env=env, cwd=REPO)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
@@ -333,10 +323,11 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
                     samples, wall = await _run_for(client, make, concurrency, options.stub_seconds)
                     gw_cpu, me_cpu = _cpu(gateway_process) - gw_before, _cpu(me) - me_before
                 ok = [s for s in samples if s.ok]
-                entry = {"mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok),
-                         "errors": len(samples) - len(ok), "rps": len(ok) / wall,
-                         "p50_ms": _pct_ms(ok, 0.5), "p99_ms": _pct_ms(ok, 0.99),
-                         "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
+                entry: dict[str, Any] = {
+                    "mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok),
+                    "errors": len(samples) - len(ok), "rps": len(ok) / wall,
+                    "p50_ms": _pct_ms(ok, 0.5), "p99_ms": _pct_ms(ok, 0.99),
+                    "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
                 if len(ok) < len(samples):
                     entry["error_reasons"] = _reasons(samples)
                 if target == "gateway+stub":
@@ -469,13 +460,11 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
     return result
 
 
-async def _bench(options: Options, children: Children) -> dict[str, Any]:
-    admin_key = "adm_bench_" + secrets.token_hex(16)
-    dev, info, port = _start_dev(children, options, admin_key)
-    gateway_url = f"http://127.0.0.1:{port}"
+async def _bench(options: Options, stack: Stack, children: Children) -> dict[str, Any]:
+    admin_key, info, gateway_url = stack.admin_key, stack.info, stack.url
     key = _tenant_key(gateway_url, admin_key)
     # The dev gateway runs inside the `banyan dev` process (its other services are children of it).
-    series, unloaded = await _side_by_side(options, info, gateway_url, key, psutil.Process(dev.process.pid))
+    series, unloaded = await _side_by_side(options, info, gateway_url, key, psutil.Process(stack.process.pid))
     alone: dict[str, Any] = {}
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
@@ -510,11 +499,16 @@ def main(argv: list[str] | None = None) -> int:
     if load_at_start > (os.cpu_count() or 1) / 2:
         _say(f"[bench] note: the 1-minute load average is {load_at_start:.1f} before starting; other work on "
              "this machine will show up in the figures")
+    stack: Stack | None = None
     try:
-        result = _run(options, children)
+        stack = _start_dev(options)
+        stack.wait_ready(timeout=420)
+        result = _run(options, stack, children)
     finally:
         _say("[bench] stopping everything it started ...")
         children.stop_all(grace=90)
+        if stack is not None:
+            stack.stop(timeout=90)
     result["machine"]["loadavg_1m_at_start"] = round(load_at_start, 2)
     result["seconds"] = round(time.monotonic() - started, 1)
     print()
@@ -522,12 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(options: Options, children: Children) -> dict[str, Any]:
+def _run(options: Options, stack: Stack, children: Children) -> dict[str, Any]:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_bench(options, children))
-    result: dict[str, Any] = uvloop.run(_bench(options, children))
+        return asyncio.run(_bench(options, stack, children))
+    result: dict[str, Any] = uvloop.run(_bench(options, stack, children))
     return result
 
 

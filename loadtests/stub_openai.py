@@ -20,6 +20,8 @@ import time
 from typing import Any
 
 _TOKEN = "a"
+_DEFAULT_TOKENS = 16  # tokens per answer when the request sets no max_tokens
+HOST = "127.0.0.1"  # loopback only
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
@@ -37,9 +39,8 @@ def _chunk(data: bytes) -> bytes:
 
 
 class _Stub:
-    def __init__(self, model: str, default_tokens: int) -> None:
+    def __init__(self, model: str) -> None:
         self.model = model
-        self.default_tokens = default_tokens
         self.counter = 0
 
     def models(self) -> bytes:
@@ -48,7 +49,7 @@ class _Stub:
 
     def complete(self, path: str, body: dict[str, Any]) -> list[bytes]:
         chat = path.endswith("/chat/completions")
-        tokens = int(body.get("max_tokens") or self.default_tokens)
+        tokens = int(body.get("max_tokens") or _DEFAULT_TOKENS)
         prompt = body.get("messages") if chat else body.get("prompt")
         prompt_tokens = len(json.dumps(prompt)) if prompt is not None else 0
         self.counter += 1
@@ -130,26 +131,24 @@ class _Stub:
                                                   "code": 404}})]
 
 
-async def _main(host: str, port: int, model: str, tokens: int) -> None:
-    stub = _Stub(model, tokens)
-    server = await asyncio.start_server(stub.serve, host, port, backlog=1024)
+async def _main(port: int, model: str) -> None:
+    stub = _Stub(model)
+    server = await asyncio.start_server(stub.serve, HOST, port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"stub OpenAI server on http://{host}:{port} (model {model})", flush=True)
+    print(f"stub OpenAI server on http://{HOST}:{port} (model {model})", flush=True)
     async with server:
         await stop.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8300)
     parser.add_argument("--model", default="banyan-demo")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer when max_tokens is unset")
     args = parser.parse_args()
-    coro = _main(args.host, args.port, args.model, args.tokens)
+    coro = _main(args.port, args.model)
     try:
         import uvloop
     except ImportError:

