@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from adapters.cache import ADAPTER_FILES, MANIFEST, AdapterDiskCache, AdapterFetchError
 from adapters.naming import AdapterRef
-from adapters.store import S3ObjectStore, s3_config
+from adapters.store import S3ObjectStore, S3Settings, s3_config
 from adapters.vllm_patches import patch_cpu_lora_ops
 
 __all__ = ["ADAPTER_FILES", "MANIFEST", "ResolverSettings", "register"]
@@ -38,16 +38,12 @@ log = logging.getLogger("banyan.resolver")
 _LORA_INFO = "vllm:lora_requests_info{"
 
 
-class ResolverSettings(BaseSettings):
-    """The resolver's settings, read from the vLLM server's environment (``BANYAN_*``)."""
+class ResolverSettings(S3Settings):
+    """The resolver's settings, read from the vLLM server's environment (``BANYAN_*``; the ``s3_*`` fields are
+    the shared :class:`S3Settings` group)."""
 
     model_config = SettingsConfigDict(env_prefix="BANYAN_", extra="ignore")
 
-    s3_endpoint_url: str | None = None
-    s3_bucket: str = "banyan"
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
     lora_cache_dir: Path = Path(".banyan/lora-cache")
     lora_cache_max_bytes: int = 2 * 1024**3
     lora_failure_ttl_s: float = 30.0

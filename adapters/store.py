@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StoreError(Exception):
@@ -49,23 +50,43 @@ class S3Config:
     secret_access_key: str | None = None
 
 
-class S3Settings(Protocol):
-    """The S3 fields of a settings object (the gateway's and the resolver's share them)."""
+class S3Settings(BaseSettings):
+    """The S3 settings group, read from ``BANYAN_S3_*``: the one declaration of these fields.
 
-    s3_bucket: str
-    s3_endpoint_url: str | None
-    s3_region: str
-    s3_access_key_id: SecretStr | None
-    s3_secret_access_key: SecretStr | None
+    The gateway's ``Settings`` and the resolver's ``ResolverSettings`` inherit it (flat fields, so the
+    environment names stay ``BANYAN_S3_ENDPOINT_URL``, ``BANYAN_S3_BUCKET``, ``BANYAN_S3_REGION``,
+    ``BANYAN_S3_ACCESS_KEY_ID`` and ``BANYAN_S3_SECRET_ACCESS_KEY``); :meth:`s3_env` renders them back
+    for a process that reads them (the engine ``banyan dev`` starts).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BANYAN_", extra="ignore")
+
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "banyan"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    def s3_env(self) -> dict[str, str]:
+        """The ``BANYAN_S3_*`` environment that reads back as these S3 settings (unset ones left out)."""
+        env: dict[str, str] = {}
+        for name in S3Settings.model_fields:  # this group's fields only, not those of a settings class built on it
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = _reveal(value)
+            if value is not None:
+                env[f"BANYAN_{name.upper()}"] = str(value)
+        return env
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret else None
 
 
 def s3_config(settings: S3Settings) -> S3Config:
-    def reveal(secret: SecretStr | None) -> str | None:
-        return secret.get_secret_value() if secret else None
-
     return S3Config(bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                    access_key_id=reveal(settings.s3_access_key_id),
-                    secret_access_key=reveal(settings.s3_secret_access_key))
+                    access_key_id=_reveal(settings.s3_access_key_id),
+                    secret_access_key=_reveal(settings.s3_secret_access_key))
 
 
 def make_s3_client(config: S3Config) -> Any:
@@ -133,9 +154,6 @@ class S3ObjectStore:
             self._client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self._call("create_bucket", Bucket=self.bucket)
-
-    async def ensure_bucket(self) -> None:
-        await asyncio.to_thread(self.ensure_bucket_sync)
 
     async def put_file(self, key: str, path: Path) -> None:
         def _put() -> None:

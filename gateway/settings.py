@@ -10,10 +10,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from adapters.store import S3Settings
 
 
-class Settings(BaseSettings):
+class Settings(S3Settings):
+    """The gateway's settings; the ``s3_*`` fields (``BANYAN_S3_*``) come from :class:`adapters.store.S3Settings`,
+    the group the engine's resolver reads too."""
+
     model_config = SettingsConfigDict(env_prefix="BANYAN_", extra="ignore")
 
     mode: Literal["dev", "prod"] = "prod"
@@ -24,11 +29,6 @@ class Settings(BaseSettings):
     admin_key: SecretStr = SecretStr("")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    s3_endpoint_url: str | None = None
-    s3_bucket: str = "banyan"
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
 
     engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8100"])
     """Comma-separated base URLs of the vLLM OpenAI servers (``http://host:port``)."""

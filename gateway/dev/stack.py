@@ -15,12 +15,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapters.store import S3Config, S3ObjectStore
+from pydantic import SecretStr
+
+from adapters.store import S3ObjectStore, S3Settings, s3_config
 from gateway.dev.demo_model import build_base_model
 from gateway.dev.processes import Children, free_port, http_ok, redis_ok
 from gateway.settings import Settings
 
 Progress = Callable[[str], None]
+
+DEV_S3_ACCESS_KEY_ID = "banyan-dev"
+DEV_S3_SECRET_ACCESS_KEY = "banyan-dev-secret"
 
 
 @dataclass(frozen=True)
@@ -62,17 +67,15 @@ class DevStack:
         """Start the services; return the settings the gateway should run with."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url = self._start_valkey()
-        s3_url = self._start_s3()
+        s3 = self._start_s3()
         model_path = self._build_model()
-        engine_url = self._start_engine(model_path, s3_url)
+        engine_url = self._start_engine(model_path, s3)
         settings = self.settings.model_copy(update={
-            "redis_url": redis_url, "s3_endpoint_url": s3_url, "engine_urls": [engine_url],
-            "base_model_config": model_path / "config.json",
-            "s3_access_key_id": self.settings.s3_access_key_id or _secret("banyan-dev"),
-            "s3_secret_access_key": self.settings.s3_secret_access_key or _secret("banyan-dev-secret"),
+            "redis_url": redis_url, "engine_urls": [engine_url], "base_model_config": model_path / "config.json",
+            **s3.model_dump(),
         })
         info = StackInfo(gateway_url=f"http://{settings.host}:{settings.port}", redis_url=redis_url,
-                         s3_endpoint_url=s3_url, s3_bucket=settings.s3_bucket, engine_url=engine_url,
+                         s3_endpoint_url=str(s3.s3_endpoint_url), s3_bucket=s3.s3_bucket, engine_url=engine_url,
                          base_model=settings.base_model, model_path=str(model_path))
         (self.data_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
         return settings
@@ -90,24 +93,24 @@ class DevStack:
         self.children.wait_ready(child, redis_ok(port), timeout=30, progress=self.progress)
         return f"redis://127.0.0.1:{port}/0"
 
-    def _start_s3(self) -> str:
+    def _start_s3(self) -> S3Settings:
+        """Start moto; return the S3 settings group of the stack (its URL, the bucket made, dev credentials)."""
         port = free_port()
         self.progress(f"[2/5] starting the S3 server (moto) on 127.0.0.1:{port}")
         child = self.children.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                            str(port)])
         url = f"http://127.0.0.1:{port}"
         self.children.wait_ready(child, http_ok(url + "/moto-api/"), timeout=60, progress=self.progress)
-        store = S3ObjectStore(S3Config(bucket=self.settings.s3_bucket, endpoint_url=url,
-                                       access_key_id="banyan-dev", secret_access_key="banyan-dev-secret"))
-        store.ensure_bucket_sync()
-        return url
+        s3 = dev_s3_settings(url, bucket=self.settings.s3_bucket, region=self.settings.s3_region)
+        S3ObjectStore(s3_config(s3)).ensure_bucket_sync()
+        return s3
 
     def _build_model(self) -> Path:
         path = self.settings.models_dir.resolve() / self.settings.base_model
         self.progress(f"[3/5] demo base model `{self.settings.base_model}` at {path}")
         return build_base_model(path)
 
-    def _start_engine(self, model_path: Path, s3_url: str) -> str:
+    def _start_engine(self, model_path: Path, s3: S3Settings) -> str:
         port = free_port()
         s = self.settings
         self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} (about 30 s)")
@@ -119,11 +122,7 @@ class DevStack:
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
-            "BANYAN_S3_ENDPOINT_URL": s3_url,
-            "BANYAN_S3_BUCKET": s.s3_bucket,
-            "BANYAN_S3_REGION": s.s3_region,
-            "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev",
-            "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
+            **s3.s3_env(),
             "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
             "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
             "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
@@ -144,7 +143,8 @@ class DevStack:
         return url
 
 
-def _secret(value: str) -> object:
-    from pydantic import SecretStr
-
-    return SecretStr(value)
+def dev_s3_settings(endpoint_url: str, *, bucket: str, region: str = "us-east-1") -> S3Settings:
+    """The S3 settings of a dev stack's moto server (it takes any credentials; these are the ones it is given)."""
+    return S3Settings(s3_endpoint_url=endpoint_url, s3_bucket=bucket, s3_region=region,
+                      s3_access_key_id=SecretStr(DEV_S3_ACCESS_KEY_ID),
+                      s3_secret_access_key=SecretStr(DEV_S3_SECRET_ACCESS_KEY))

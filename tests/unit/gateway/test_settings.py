@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from adapters.resolver import ResolverSettings
+from adapters.store import s3_config
 from gateway.settings import Settings
 
 
@@ -28,3 +30,21 @@ def test_environment_is_read_with_the_banyan_prefix(monkeypatch: pytest.MonkeyPa
 def test_engine_urls_must_not_be_empty() -> None:
     with pytest.raises(ValidationError):
         Settings(mode="dev", engine_urls=[])
+
+
+def test_gateway_and_resolver_read_the_same_s3_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"BANYAN_S3_ENDPOINT_URL": "http://127.0.0.1:9000", "BANYAN_S3_BUCKET": "tenant-adapters",
+           "BANYAN_S3_REGION": "ap-south-1", "BANYAN_S3_ACCESS_KEY_ID": "AKIA-test",
+           "BANYAN_S3_SECRET_ACCESS_KEY": "s3cr3t"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    gateway, resolver = Settings(mode="dev"), ResolverSettings()
+    assert s3_config(gateway) == s3_config(resolver)
+    assert s3_config(gateway).secret_access_key == "s3cr3t" and s3_config(gateway).bucket == "tenant-adapters"
+    assert gateway.s3_env() == env  # what `banyan dev` hands the engine is what the gateway read
+    assert "s3cr3t" not in repr(gateway)
+
+
+def test_unknown_banyan_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANYAN_DEV_MODEL", "tiny")  # the launcher sets it for `banyan dev`; Settings must not refuse it
+    assert Settings(mode="dev").mode == "dev"
