@@ -21,7 +21,7 @@ from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
 from gateway.admin.service import sweep_abandoned_uploads
 from gateway.documents.api_router import router as documents_router
-from gateway.engine import EnginePool, HttpEnginePool
+from gateway.engine import EnginePool
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openai_api.api_router import router as openai_router
@@ -29,6 +29,7 @@ from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import TenantStore
+from gateway.tokens import base_model_tokens
 from gateway.usage import UsageStore
 from retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from retrieval.service import DocumentService, RetrievalConfig
@@ -48,11 +49,12 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
     redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
                                                          socket_connect_timeout=5.0, health_check_interval=30)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+    tokens = base_model_tokens(settings)
     return AppState(
         settings=settings,
         redis=redis,
         store=store if store is not None else S3ObjectStore(s3_config(settings)),
-        engines=engines if engines is not None else HttpEnginePool(
+        engines=engines if engines is not None else EnginePool(
             settings.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
             read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
             max_resident=settings.engine_resident_adapters, metrics=metrics),
@@ -63,7 +65,8 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         usage=UsageStore(redis),
         base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
         documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
-                                  config=retrieval_config(settings), observer=metrics),
+                                  config=retrieval_config(settings), observer=metrics, tokens=tokens),
+        tokens=tokens,
     )
 
 

@@ -20,9 +20,9 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
@@ -46,16 +46,6 @@ class Replica:
     drop the name after accepting the request)."""
 
 
-class EnginePool(Protocol):
-    """What the request path needs from the engines."""
-
-    def lease(self, engine_model: str, *, adapter: bool) -> AbstractAsyncContextManager[Replica]: ...
-    async def check(self) -> dict[str, bool]: ...
-    def warm(self, engine_model: str) -> None: ...
-    async def unload(self, engine_model: str) -> None: ...
-    async def aclose(self) -> None: ...
-
-
 def _forget_unload(replica: Replica, name: str, _: asyncio.Task[None]) -> None:
     replica.unloading.pop(name, None)
 
@@ -64,8 +54,8 @@ def _score(url: str, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{url}|{key}".encode(), digest_size=8).digest(), "big")
 
 
-class HttpEnginePool:
-    """An :class:`EnginePool` over the vLLM OpenAI HTTP servers at ``urls``."""
+class EnginePool:
+    """The vLLM OpenAI HTTP servers at ``urls``. Its seam for tests is the httpx transport (``transport``)."""
 
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
@@ -87,10 +77,10 @@ class HttpEnginePool:
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
-    def choose(self, engine_model: str, *, adapter: bool) -> tuple[Replica, str]:
+    def choose(self, engine_model: str, *, is_adapter: bool) -> tuple[Replica, str]:
         """The replica for a request, and why (``resident``, ``home``, ``spill`` or ``base``)."""
         candidates = [r for r in self.replicas if r.healthy] or self.replicas
-        if not adapter:
+        if not is_adapter:
             return min(candidates, key=lambda r: r.inflight), "base"
         for replica in candidates:
             if engine_model in replica.resident and replica.inflight < self._saturation:
@@ -101,21 +91,21 @@ class HttpEnginePool:
         return min(candidates, key=lambda r: r.inflight), "spill"
 
     @asynccontextmanager
-    async def lease(self, engine_model: str, *, adapter: bool) -> AsyncIterator[Replica]:
-        replica, placement = self.choose(engine_model, adapter=adapter)
+    async def lease(self, engine_model: str, *, is_adapter: bool) -> AsyncIterator[Replica]:
+        replica, placement = self.choose(engine_model, is_adapter=is_adapter)
         if self._metrics is not None:
             self._metrics.adapter_placements.labels(placement).inc()
-        if adapter and engine_model in replica.unloading:
+        if is_adapter and engine_model in replica.unloading:
             await asyncio.shield(replica.unloading[engine_model])
         replica.inflight += 1
-        if adapter:
+        if is_adapter:
             replica.resident[engine_model] = replica.resident.get(engine_model, 0) + 1
             replica.resident.move_to_end(engine_model)
         try:
             yield replica
         finally:
             replica.inflight -= 1
-            if adapter:
+            if is_adapter:
                 replica.resident[engine_model] = max(0, replica.resident.get(engine_model, 1) - 1)
                 self._trim(replica)
 
@@ -166,7 +156,7 @@ class HttpEnginePool:
 
     async def _warm_one(self, engine_model: str) -> None:
         try:
-            async with self.lease(engine_model, adapter=True) as replica:
+            async with self.lease(engine_model, is_adapter=True) as replica:
                 await replica.client.post("/v1/completions", json={
                     "model": engine_model, "prompt": "\n", "max_tokens": 1, "cache_salt": "banyan-warmup"})
         except httpx.HTTPError as e:

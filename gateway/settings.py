@@ -54,9 +54,16 @@ class Settings(S3Settings):
 
     max_document_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest document text (UTF-8 bytes) `POST /v1/documents` accepts (413 above it)."""
-    rag_context_chars: int = Field(default=1500, ge=200)
-    """Budget of the retrieved passages put in front of the model (the demo model reads one token per
-    character and has 4096 positions; raise it for a real model)."""
+    max_model_len: int = Field(default=4096, ge=256)
+    """The engines' context window in tokens (their ``--max-model-len``): prompt, context and output share it."""
+    base_model_tokenizer: Path | None = None
+    """The base model's ``tokenizer.json``, for budgeting ``rag`` context in its tokens. Default: the one beside
+    ``base_model_config``; without either, tokens are estimated from characters."""
+    rag_max_context_tokens: int = Field(default=1024, ge=64)
+    """Upper bound of the retrieved context put in front of the model with ``rag``, in base-model tokens. Below
+    it, the context gets what the window leaves after the prompt and the request's ``max_tokens``."""
+    rag_output_reserve_tokens: int = Field(default=256, ge=1)
+    """Tokens kept free for the answer when a ``rag`` request does not set ``max_tokens``."""
     embedding_batch_size: int = Field(default=32, ge=1, le=1024)
     """Chunks embedded per batch (each batch runs in a worker thread)."""
     retrieval_index: str = Field(default="banyan-chunks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -15,6 +15,7 @@ from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.tenants import TenantStore
 from gateway.usage import UsageStore
+from retrieval.context import TokenCounter
 from retrieval.service import DocumentService
 
 if TYPE_CHECKING:
@@ -34,3 +35,5 @@ class AppState:
     usage: UsageStore
     base_spec: BaseModelSpec | None
     documents: DocumentService
+    tokens: TokenCounter
+    """Counts base-model tokens (the unit of the ``rag`` context budget)."""

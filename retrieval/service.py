@@ -2,7 +2,9 @@
 
 Ingestion: validate -> chunk (off the event loop) -> embed ``title + chunk`` in batches (off the
 event loop, one batch at a time so queries interleave) -> write the document and its chunks in one
-Redis transaction. Retrieval: embed the query -> read the scope's size and word counts -> vector
+Redis transaction. Grounding (:meth:`DocumentService.context_for`, the one call the gateway makes for
+``rag``): retrieve, then build the numbered context within a token budget (:mod:`retrieval.context`).
+Retrieval: embed the query -> read the scope's size and word counts -> vector
 KNN and BM25 in parallel, both scoped to the tenant inside the query and planned for the scope's
 size (:class:`retrieval.index.QueryPlan`) -> rank (:mod:`retrieval.ranking`) -> passages. Every
 call takes the tenant from the caller (the gateway's authenticated key), never from the request body.
@@ -22,7 +24,8 @@ from typing import Protocol, cast
 import numpy as np
 from redis.asyncio import Redis
 
-from retrieval.chunking import ChunkingConfig, chunk_text
+from retrieval.chunking import ChunkingConfig, chunk_document
+from retrieval.context import CharEstimate, Context, TokenCounter, build_context
 from retrieval.documents import NewDocument, Passage, check_collection, validate
 from retrieval.embedding import Embedder
 from retrieval.errors import DocumentNotFound, InvalidQuery
@@ -91,8 +94,10 @@ def new_document_id() -> str:
 
 class DocumentService:
     def __init__(self, redis: Redis, embedder: Embedder, *, config: RetrievalConfig | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, tokens: TokenCounter | None = None) -> None:
         self.config = config or RetrievalConfig()
+        self.tokens: TokenCounter = tokens or CharEstimate()
+        """Counts tokens of the base model: the unit of the context budget."""
         self.embedder = embedder
         self.index = ChunkIndex(redis, name=self.config.index_name, prefix=self.config.key_prefix,
                                 dimension=embedder.dimension, hnsw=self.config.hnsw)
@@ -126,9 +131,11 @@ class DocumentService:
     async def add(self, tenant: str, document: NewDocument) -> DocumentRecord:
         valid = validate(document, max_bytes=self.config.max_document_bytes, now=time.time())
         await self.ensure_index()
-        texts = await asyncio.to_thread(chunk_text, valid.text, self.config.chunking)
+        pieces = await asyncio.to_thread(chunk_document, valid.text, title=valid.title, tokenizer=self.embedder,
+                                         config=self.config.chunking)
+        texts = [p.text for p in pieces]
         started = time.perf_counter()
-        vectors = await self.embed([f"{valid.title}\n{t}" if valid.title else t for t in texts])
+        vectors = await self.embed([p.embedded for p in pieces])
         stored = time.perf_counter()
         self._observer.retrieval_stage("ingest_embed", stored - started)
         record = DocumentRecord(id=new_document_id(), tenant=tenant, title=valid.title, timestamp=valid.timestamp,
@@ -172,6 +179,16 @@ class DocumentService:
 
     async def aclose(self) -> None:
         self._embedding_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
+                          collection: str | None = None) -> Context:
+        """The numbered context of the passages of the tenant's documents best for ``query`` that fit in
+        ``budget_tokens`` (base-model tokens), and those passages. A query longer than retrieval reads is
+        cut to its head."""
+        passages = await self.retrieve(tenant, query[:MAX_QUERY_CHARS], top_k=top_k, collection=collection)
+        if not passages:
+            return Context(text="", passages=[])
+        return await asyncio.to_thread(build_context, passages, budget_tokens=budget_tokens, tokens=self.tokens)
 
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]:

@@ -19,9 +19,9 @@ async def models(state: StateDep, tenant: TenantDep) -> ModelList:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
-    return await CompletionService(state).handle(tenant=tenant, request=body, path="/v1/chat/completions")
+    return await CompletionService(state).handle(tenant=tenant, request=body)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
-    return await CompletionService(state).handle(tenant=tenant, request=body, path="/v1/completions")
+    return await CompletionService(state).handle(tenant=tenant, request=body)

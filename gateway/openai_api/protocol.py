@@ -3,9 +3,11 @@ other OpenAI (and vLLM sampling) field passes through to the engine unchanged. N
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.openai_api.surfaces import CHAT, COMPLETIONS, Surface
 
 ENGINE_ONLY_FIELDS = frozenset({"cache_salt", "kv_transfer_params", "vllm_xargs", "chat_template",
                                 "lora_request", "priority"})
@@ -25,9 +27,11 @@ class StreamOptions(BaseModel):
 
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+    surface: ClassVar[Surface]
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
     rag: RagOptions | bool = False
 
     def engine_body(self) -> dict[str, Any]:
@@ -39,12 +43,22 @@ class GenerationRequest(BaseModel):
             return None
         return RagOptions() if self.rag is True else self.rag
 
+    def output_tokens(self) -> int | None:
+        """The most tokens the request asks the model to generate, if it says."""
+        return self.max_tokens
+
 
 class ChatCompletionRequest(GenerationRequest):
+    surface = CHAT
     messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+    def output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(GenerationRequest):
+    surface = COMPLETIONS
     prompt: str | list[str] | list[int] | list[list[int]]
 
 

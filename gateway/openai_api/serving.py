@@ -1,17 +1,22 @@
-"""The request path of a completion: resolve the model, call a replica, render JSON or SSE.
+"""The request path of a completion: admit, resolve the model, ground it (``rag``), call a replica, render
+JSON or relay SSE.
 
-Everything that can fail for a reason the client should see (auth, the model, engine refusal of the
-request) fails before the first byte; after that, a failure becomes an SSE error event and ``[DONE]``.
-The stream is relayed event by event with the internal model name rewritten in the bytes; it is
-never re-encoded as JSON.
+Everything that can fail for a reason the client should see (auth, the model, retrieval, engine refusal
+of the request) fails before the first byte; after that, a failure becomes an SSE error event and
+``[DONE]``. JSON and streams take one path to the engine (:meth:`CompletionService._send`). A stream is
+relayed as bytes, event by event: the internal model name is replaced in the bytes, an engine error event
+is re-rendered in the gateway's shape, and the final usage event is read for accounting; other events are
+never parsed or re-encoded.
 
-With ``rag``, passages are retrieved from the caller's documents (before the first byte, like every
-other check), put in front of the model by the surface's grounder, and returned as ``sources``: a
+With ``rag``, one call to retrieval returns the numbered context that fits the budget (what the model's
+window leaves after the prompt and the answer, at most ``rag_max_context_tokens``) and its passages; the
+request's surface puts the context in front of the model, and the passages come back as ``sources``: a
 top-level field of the JSON response, or of the first event of a stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -26,7 +31,7 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.naming import AdapterRef, is_valid_id
-from gateway.engine import Replica, json_or_none, translate_transport_error
+from gateway.engine import json_or_none, translate_transport_error
 from gateway.errors import (
     BanyanError,
     EngineUnavailable,
@@ -36,17 +41,15 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.logs import annotate
-from gateway.metrics import Metrics
 from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, GenerationRequest, ModelCard, ModelList, RagOptions
+from gateway.openai_api.surfaces import Surface
 from gateway.quotas import Admission
 from gateway.state import AppState
-from retrieval.grounding import ChatGrounder, Grounder, PromptGrounder, build_context
-from retrieval.service import MAX_QUERY_CHARS
 
 log = logging.getLogger("banyan.serving")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-_GROUNDERS: dict[str, Grounder] = {"/v1/chat/completions": ChatGrounder(), "/v1/completions": PromptGrounder()}
+_ATTEMPTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,17 +124,13 @@ class _Call:
     """One completion request on its way through the gateway."""
 
     tenant: str
-    path: str
+    surface: Surface
     body: dict[str, Any]
     resolved: ResolvedModel
     admission: Admission
     started: float
     sources: list[dict[str, Any]] | None = None
     strip_usage: bool = False
-
-    @property
-    def endpoint(self) -> str:
-        return "chat" if self.path.endswith("/chat/completions") else "completions"
 
 
 class CompletionService:
@@ -140,36 +139,142 @@ class CompletionService:
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    async def handle(self, *, tenant: str, request: GenerationRequest, path: str) -> Response:
+    async def handle(self, *, tenant: str, request: GenerationRequest) -> Response:
         started = time.perf_counter()
         admission = await self.state.quotas.admit(tenant)
         streaming = False
         try:
             resolved = await resolve_model(self.state, tenant, request.model)
-            call = _Call(tenant=tenant, path=path, body=_engine_body(request, resolved, tenant), resolved=resolved,
-                         admission=admission, started=started)
+            call = _Call(tenant=tenant, surface=request.surface, body=_engine_body(request, resolved, tenant),
+                         resolved=resolved, admission=admission, started=started)
             rag = request.rag_options()
             if rag is not None:
-                call.sources = await self._ground(tenant, rag, path, call.body)
-            if request.stream:
-                response = await self._stream(call)
-                streaming = True  # the stream gives the slot back when it ends
-                return response
-            return await self._json(call)
+                call.sources = await self._ground(call, rag, output_tokens=request.output_tokens())
+            response = await self._send(call, stream=bool(request.stream))
+            streaming = isinstance(response, StreamingResponse)  # the stream gives the slot back when it ends
+            return response
         finally:
             if not streaming:
                 await admission.release()
 
-    async def _ground(self, tenant: str, rag: RagOptions, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """Retrieve for the request, put the passages that fit the budget in front of the model (in
-        ``body``); those passages are the ``sources``."""
-        grounder = _GROUNDERS[path]
-        query = grounder.query(body)[:MAX_QUERY_CHARS]
-        passages = await self.state.documents.retrieve(tenant, query, top_k=rag.top_k, collection=rag.collection)
-        context = build_context(passages, budget_chars=self.state.settings.rag_context_chars)
+    async def _ground(self, call: _Call, rag: RagOptions, *, output_tokens: int | None) -> list[dict[str, Any]]:
+        """Put the context retrieved for the request in front of the model (in ``call.body``); its passages
+        are the ``sources``."""
+        grounder, settings = call.surface.grounder, self.state.settings
+        query = grounder.query(call.body)
+        prompt = await asyncio.to_thread(grounder.prompt_tokens, call.body, self.state.tokens)
+        room = settings.max_model_len - (output_tokens or settings.rag_output_reserve_tokens) - prompt
+        context = await self.state.documents.context_for(
+            call.tenant, query, budget_tokens=max(0, min(settings.rag_max_context_tokens, room)), top_k=rag.top_k,
+            collection=rag.collection)
         if context.text:
-            grounder.apply(body, context.text)
+            grounder.apply(call.body, context.text)
         return [p.source() for p in context.passages]
+
+    async def _send(self, call: _Call, *, stream: bool) -> Response:
+        """Call a replica: the JSON response, or the relay of its stream (which then owns the replica lease,
+        the engine response and the admission slot until it ends)."""
+        if stream:  # usage is always asked of the engine (for accounting); the client sees it only if it asked
+            options = call.body.setdefault("stream_options", {})
+            call.strip_usage = not options.get("include_usage")
+            options["include_usage"] = True
+        metrics = self.state.metrics
+        held = AsyncExitStack()
+        metrics.inflight.inc()
+        held.callback(metrics.inflight.dec)
+        try:
+            upstream = await self._open(call, held)
+            if not stream:
+                try:
+                    content = await upstream.aread()
+                except httpx.HTTPError as e:
+                    metrics.engine_errors.labels("unavailable").inc()
+                    raise translate_transport_error(e) from e
+        except BaseException:
+            await held.aclose()
+            raise
+        if not stream:
+            await held.aclose()
+            return await self._render_json(call, content)
+        held.push_async_callback(call.admission.release)
+        return StreamingResponse(self._relay(call, upstream, held), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **call.resolved.headers()})
+
+    async def _open(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
+        """The engine's 200 response, its body not read yet; ``held`` then holds it and its replica's lease.
+
+        A replica may drop an adapter's name (an unload by another gateway replica, or its own disk cache)
+        between accepting a request and starting it: an adapter 404 is asked again once, and the replica
+        loads the adapter anew."""
+        metrics, resolved = self.state.metrics, call.resolved
+        for attempt in range(1, _ATTEMPTS + 1):
+            lease = AsyncExitStack()
+            handed_over = False
+            try:
+                replica = await lease.enter_async_context(
+                    self.state.engines.lease(resolved.engine, is_adapter=resolved.adapter is not None))
+                request = replica.client.build_request("POST", call.surface.path, json=call.body)
+                try:
+                    response = await replica.client.send(request, stream=True)
+                    if response.status_code != 200:
+                        try:
+                            content = await response.aread()
+                        finally:
+                            await response.aclose()
+                except httpx.HTTPError as e:
+                    metrics.engine_errors.labels("unavailable").inc()
+                    raise translate_transport_error(e) from e
+                if response.status_code == 200:
+                    held.push_async_callback(lease.aclose)
+                    held.push_async_callback(response.aclose)
+                    handed_over = True
+                    return response
+            finally:
+                if not handed_over:
+                    await lease.aclose()
+            if response.status_code == 404 and resolved.adapter is not None and attempt < _ATTEMPTS:
+                metrics.engine_errors.labels("adapter_retried").inc()
+                continue
+            metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
+            raise _upstream_error(response.status_code, content, resolved)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _render_json(self, call: _Call, content: bytes) -> Response:
+        payload = json_or_none(content)
+        if not isinstance(payload, dict):
+            self.state.metrics.engine_errors.labels("unavailable").inc()
+            raise EngineUnavailable("The engine sent an unreadable response.")
+        payload["model"] = call.resolved.public
+        if call.sources is not None:
+            payload["sources"] = call.sources
+        await self._record(call, payload.get("usage") or {})
+        return JSONResponse(payload, headers=call.resolved.headers())
+
+    async def _relay(self, call: _Call, upstream: httpx.Response, held: AsyncExitStack) -> AsyncIterator[bytes]:
+        metrics = self.state.metrics
+        rewriter = _EventRewriter(call.resolved, sources=call.sources, strip_usage=call.strip_usage)
+        first = True
+        try:
+            async for chunk in upstream.aiter_raw():
+                out = rewriter.feed(chunk)
+                if out:
+                    if first:
+                        ttft = time.perf_counter() - call.started
+                        metrics.ttft_seconds.labels(call.surface.label).observe(ttft)
+                        annotate(ttft_ms=round(ttft * 1000, 2))
+                        first = False
+                    yield out
+            tail = rewriter.flush()
+            if tail:
+                yield tail
+        except httpx.HTTPError as e:
+            metrics.engine_errors.labels("stream_broken").inc()
+            log.warning("engine stream broke: %s", type(e).__name__)
+            yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
+        finally:
+            if rewriter.usage is not None:
+                await self._record(call, rewriter.usage)
+            await held.aclose()
 
     async def _record(self, call: _Call, usage: dict[str, Any]) -> None:
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -182,120 +287,12 @@ class CompletionService:
         except RedisError as e:  # the answer is served; losing one usage record must not fail it
             log.warning("recording usage failed: %s", type(e).__name__)
 
-    async def _json(self, call: _Call) -> Response:
-        metrics, resolved = self.state.metrics, call.resolved
-        metrics.inflight.inc()
-        try:
-            for attempt in range(1, _ATTEMPTS + 1):
-                async with self.state.engines.lease(resolved.engine, adapter=resolved.adapter is not None) as replica:
-                    try:
-                        response = await replica.client.post(call.path, json=call.body)
-                    except httpx.HTTPError as e:
-                        metrics.engine_errors.labels("unavailable").inc()
-                        raise translate_transport_error(e) from e
-                if not _retry_adapter_miss(response.status_code, resolved, attempt, metrics):
-                    break
-        finally:
-            metrics.inflight.dec()
-        if response.status_code != 200:
-            metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
-            raise _upstream_error(response.status_code, response.content, resolved)
-        payload = json_or_none(response.content)
-        if not isinstance(payload, dict):
-            metrics.engine_errors.labels("unavailable").inc()
-            raise EngineUnavailable("The engine sent an unreadable response.")
-        payload["model"] = resolved.public
-        if call.sources is not None:
-            payload["sources"] = call.sources
-        await self._record(call, payload.get("usage") or {})
-        return JSONResponse(payload, headers=resolved.headers())
 
-    async def _stream(self, call: _Call) -> Response:
-        # Usage is always asked of the engine (for accounting); the client sees it only if it asked.
-        options = call.body.setdefault("stream_options", {})
-        call.strip_usage = not options.get("include_usage")
-        options["include_usage"] = True
-        for attempt in range(1, _ATTEMPTS + 1):
-            stack = AsyncExitStack()
-            try:
-                replica = await stack.enter_async_context(
-                    self.state.engines.lease(call.resolved.engine, adapter=call.resolved.adapter is not None))
-                upstream = await _open_stream(replica, call, self.state, attempt=attempt)
-            except BaseException:
-                await stack.aclose()
-                raise
-            if upstream is not None:
-                break
-            await stack.aclose()
-        assert upstream is not None  # the last attempt raises instead of asking for another
-        stack.push_async_callback(upstream.aclose)
-        stack.push_async_callback(call.admission.release)
-        return StreamingResponse(self._relay(call, upstream, stack), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **call.resolved.headers()})
-
-    async def _relay(self, call: _Call, upstream: httpx.Response, stack: AsyncExitStack) -> AsyncIterator[bytes]:
-        metrics = self.state.metrics
-        rewrite = _NameRewriter(call.resolved, sources=call.sources, strip_usage=call.strip_usage)
-        first = True
-        metrics.inflight.inc()
-        try:
-            async for chunk in upstream.aiter_raw():
-                out = rewrite.feed(chunk)
-                if out:
-                    if first:
-                        ttft = time.perf_counter() - call.started
-                        metrics.ttft_seconds.labels(call.endpoint).observe(ttft)
-                        annotate(ttft_ms=round(ttft * 1000, 2))
-                        first = False
-                    yield out
-            tail = rewrite.flush()
-            if tail:
-                yield tail
-        except httpx.HTTPError as e:
-            metrics.engine_errors.labels("stream_broken").inc()
-            log.warning("engine stream broke: %s", type(e).__name__)
-            yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
-        finally:
-            metrics.inflight.dec()
-            if rewrite.usage is not None:
-                await self._record(call, rewrite.usage)
-            await stack.aclose()
-
-
-_ATTEMPTS = 2
-
-
-def _retry_adapter_miss(status: int, resolved: ResolvedModel, attempt: int, metrics: Metrics) -> bool:
-    """Whether to send again: a replica may drop an adapter's name (an unload by another gateway replica, or
-    its own disk cache) between accepting a request and starting it; asked again, it loads the adapter anew."""
-    if status == 404 and resolved.adapter is not None and attempt < _ATTEMPTS:
-        metrics.engine_errors.labels("adapter_retried").inc()
-        return True
-    return False
-
-
-async def _open_stream(replica: Replica, call: _Call, state: AppState, *, attempt: int) -> httpx.Response | None:
-    """The engine's stream, or None when it should be asked again (see :func:`_retry_adapter_miss`)."""
-    request = replica.client.build_request("POST", call.path, json=call.body)
-    try:
-        response = await replica.client.send(request, stream=True)
-    except httpx.HTTPError as e:
-        state.metrics.engine_errors.labels("unavailable").inc()
-        raise translate_transport_error(e) from e
-    if response.status_code != 200:
-        content = await response.aread()
-        await response.aclose()
-        if _retry_adapter_miss(response.status_code, call.resolved, attempt, state.metrics):
-            return None
-        state.metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
-        raise _upstream_error(response.status_code, content, call.resolved)
-    return response
-
-
-class _NameRewriter:
-    """Rewrites complete SSE events: the internal model name becomes the public one, an engine error
-    event is re-rendered in the gateway's error shape, and ``sources`` (when given) become the first
-    key of the first data event."""
+class _EventRewriter:
+    """Rewrites the engine's complete SSE events for the client: the internal model name becomes the public
+    one, an engine error event is re-rendered in the gateway's error shape, ``sources`` (when given) become
+    the first key of the first data event, and the usage of the final usage event is noted (and the event
+    dropped when the client did not ask for usage)."""
 
     def __init__(self, resolved: ResolvedModel, *, sources: list[dict[str, Any]] | None = None,
                  strip_usage: bool = False) -> None:

@@ -13,10 +13,11 @@ from pydantic import SecretStr
 
 from adapters.registry import AdapterRecord, VersionMeta
 from gateway.app import create_app
-from gateway.engine import HttpEnginePool
+from gateway.engine import EnginePool
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.state import AppState
+from retrieval.context import Context, build_context
 from retrieval.documents import Passage
 
 ADMIN_KEY = "adm_unit_test_key_0123456789"
@@ -101,17 +102,27 @@ class FakeStore:
         return None
 
 
+class CharTokens:
+    """One token a character: budgets in tests read as lengths."""
+
+    def count(self, text: str) -> int:
+        return len(text)
+
+
 @dataclass
 class FakeDocuments:
-    """The retrieval service's ``retrieve``: canned passages per tenant; records what was asked."""
+    """The retrieval service's ``context_for``: canned passages per tenant, put in the real context format;
+    records what was asked and the budget it was given."""
 
     passages: dict[str, list[Passage]] = field(default_factory=dict)
     queries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
 
-    async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
-                       collection: str | None = None) -> list[Passage]:
+    async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
+                          collection: str | None = None) -> Context:
         self.queries.append((tenant, query, top_k, collection))
-        return self.passages.get(tenant, [])[:top_k]
+        self.budgets.append(budget_tokens)
+        return build_context(self.passages.get(tenant, [])[:top_k], budget_tokens=budget_tokens, tokens=CharTokens())
 
     async def start(self) -> None:
         return None
@@ -154,10 +165,10 @@ def make_harness() -> Callable[[Handler], Harness]:
         metrics = Metrics()
         documents = FakeDocuments()
         state = AppState(settings=settings, redis=FakeRedis(), store=FakeStore(),  # type: ignore[arg-type]
-                         engines=HttpEnginePool(["http://engine"], transport=httpx.MockTransport(recording)),
+                         engines=EnginePool(["http://engine"], transport=httpx.MockTransport(recording)),
                          tenants=FakeTenants(), adapters=registry, metrics=metrics,  # type: ignore[arg-type]
                          base_spec=None, documents=documents,  # type: ignore[arg-type]
-                         quotas=FakeQuotas(), usage=usage)  # type: ignore[arg-type]
+                         quotas=FakeQuotas(), usage=usage, tokens=CharTokens())  # type: ignore[arg-type]
         client = TestClient(create_app(settings, state=state), raise_server_exceptions=False)
         return Harness(client=client, registry=registry, engine_requests=seen, metrics=metrics, documents=documents,
                        usage=usage)

@@ -8,32 +8,32 @@ import json
 import httpx
 import pytest
 
-from gateway.engine import HttpEnginePool
+from gateway.engine import EnginePool
 
 URLS = [f"http://replica-{i}" for i in range(4)]
 
 
-def _pool(saturation: int = 2) -> HttpEnginePool:
-    return HttpEnginePool(URLS, saturation=saturation,
+def _pool(saturation: int = 2) -> EnginePool:
+    return EnginePool(URLS, saturation=saturation,
                           transport=httpx.MockTransport(lambda r: httpx.Response(200)))
 
 
 def test_adapter_goes_to_the_same_home_each_time() -> None:
     pool = _pool()
-    homes = {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True)[0].url for i in range(40)}
+    homes = {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", is_adapter=True)[0].url for i in range(40)}
     assert len(homes) > 1  # spread over replicas
     name = "banyan.t.x.v1.abcdef012345"
-    assert len({pool.choose(name, adapter=True)[0].url for _ in range(10)}) == 1
+    assert len({pool.choose(name, is_adapter=True)[0].url for _ in range(10)}) == 1
 
 
 async def test_saturated_home_spills_to_least_loaded_and_residency_is_remembered() -> None:
     pool = _pool(saturation=1)
     name = "banyan.t.x.v1.abcdef012345"
-    home, placement = pool.choose(name, adapter=True)
+    home, placement = pool.choose(name, is_adapter=True)
     assert placement == "home"
-    async with pool.lease(name, adapter=True) as first:
+    async with pool.lease(name, is_adapter=True) as first:
         assert first is home
-        async with pool.lease(name, adapter=True) as second:
+        async with pool.lease(name, is_adapter=True) as second:
             assert second is not home
     assert name in home.resident and name in second.resident
 
@@ -42,10 +42,10 @@ async def test_unhealthy_replicas_are_skipped() -> None:
     def health(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200 if request.url.host == "replica-2" else 503)
 
-    pool = HttpEnginePool(URLS, transport=httpx.MockTransport(health))
+    pool = EnginePool(URLS, transport=httpx.MockTransport(health))
     status = await pool.check()
     assert status == {u: u == "http://replica-2" for u in URLS}
-    assert {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", adapter=True)[0].url for i in range(20)} == {"http://replica-2"}
+    assert {pool.choose(f"banyan.t.a{i}.v1.abcdef012345", is_adapter=True)[0].url for i in range(20)} == {"http://replica-2"}
 
 
 @pytest.mark.parametrize("inflight", [(0, 3, 1, 2), (5, 0, 5, 5)])
@@ -53,7 +53,7 @@ def test_base_model_goes_to_least_loaded(inflight: tuple[int, ...]) -> None:
     pool = _pool()
     for replica, n in zip(pool.replicas, inflight, strict=True):
         replica.inflight = n
-    assert pool.choose("banyan-demo", adapter=False)[0] is pool.replicas[inflight.index(min(inflight))]
+    assert pool.choose("banyan-demo", is_adapter=False)[0] is pool.replicas[inflight.index(min(inflight))]
 
 
 async def test_residency_is_bounded_by_unloading_idle_lru_adapters() -> None:
@@ -64,11 +64,11 @@ async def test_residency_is_bounded_by_unloading_idle_lru_adapters() -> None:
             unloads.append(json.loads(request.content)["lora_name"])
         return httpx.Response(200)
 
-    pool = HttpEnginePool(["http://only"], max_resident=2, transport=httpx.MockTransport(engine))
+    pool = EnginePool(["http://only"], max_resident=2, transport=httpx.MockTransport(engine))
     names = [f"banyan.t.a{i}.v1.abcdef012345" for i in range(4)]
-    async with pool.lease(names[0], adapter=True):  # a0 stays in flight throughout
+    async with pool.lease(names[0], is_adapter=True):  # a0 stays in flight throughout
         for name in names[1:]:
-            async with pool.lease(name, adapter=True):
+            async with pool.lease(name, is_adapter=True):
                 pass
         await asyncio.sleep(0.01)
         assert unloads == [names[1], names[2]]  # a0 is least recently used but in flight: it stays
@@ -84,10 +84,10 @@ async def test_residency_is_learned_from_the_replica() -> None:
             return httpx.Response(200, json={"data": [{"id": "banyan-demo"}, *({"id": n} for n in held)]})
         return httpx.Response(200)
 
-    pool = HttpEnginePool(["http://a", "http://b"], transport=httpx.MockTransport(engine))
+    pool = EnginePool(["http://a", "http://b"], transport=httpx.MockTransport(engine))
     await pool.check()
     assert all(set(r.resident) == set(held) for r in pool.replicas)
-    _, placement = pool.choose(held[0], adapter=True)
+    _, placement = pool.choose(held[0], is_adapter=True)
     assert placement == "resident"
     await pool.aclose()
 
@@ -102,15 +102,15 @@ async def test_a_request_waits_for_an_unload_of_its_adapter_under_way() -> None:
             events.append("unloaded " + json.loads(request.content)["lora_name"])
         return httpx.Response(200)
 
-    pool = HttpEnginePool(["http://only"], max_resident=1, transport=httpx.MockTransport(engine))
+    pool = EnginePool(["http://only"], max_resident=1, transport=httpx.MockTransport(engine))
     a1, a2 = "banyan.t.a1.v1.abcdef012345", "banyan.t.a2.v1.abcdef012345"
-    async with pool.lease(a1, adapter=True):
+    async with pool.lease(a1, is_adapter=True):
         pass
-    async with pool.lease(a2, adapter=True):
+    async with pool.lease(a2, is_adapter=True):
         pass  # a1 is now over the bound: its unload starts (and hangs on the gate)
 
     async def request_a1() -> None:
-        async with pool.lease(a1, adapter=True):
+        async with pool.lease(a1, is_adapter=True):
             events.append("request a1")
 
     waiting = asyncio.create_task(request_a1())

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import httpx
 
-from gateway.openai_api.serving import ResolvedModel, _NameRewriter
+from gateway.openai_api.serving import ResolvedModel, _EventRewriter
+from retrieval.context import INSTRUCTIONS
 from retrieval.documents import Passage, parse_rfc3339
-from retrieval.grounding import INSTRUCTIONS
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
 ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
@@ -81,10 +81,31 @@ def test_sources_are_the_passages_that_fit_the_budget(make_harness: Callable[[Ha
     response = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
         "model": "banyan-demo", "rag": {"top_k": 5}, "messages": [{"role": "user", "content": "q"}]})
     sources = response.json()["sources"]
-    assert 1 <= len(sources) < 5  # the default budget is 1500 characters
+    assert 1 <= len(sources) < 5  # the default bound is 1024 tokens (here: characters)
+    assert h.documents.budgets == [1024]
     context = _sent(h)["messages"][0]["content"]
     assert f"[{len(sources)}]" in context and f"[{len(sources) + 1}]" not in context
-    assert len(context) - len(INSTRUCTIONS) <= 1500 + 2
+    assert len(context) <= 1024
+
+
+def test_the_budget_is_what_the_window_leaves_after_prompt_and_answer(
+        make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_engine)
+    h.documents.passages["acme"] = [_passage(n, "word " * 100) for n in range(1, 6)]
+    question = "q" * 100
+    for max_tokens in (3600, 3800):
+        response = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
+            "model": "banyan-demo", "rag": {"top_k": 5}, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": question}]})
+        assert response.status_code == 200, response.text
+    # 4096 positions - max_tokens - the question (100) - 8 per message and 8 for the reply's header
+    assert h.documents.budgets == [4096 - 3600 - 100 - 16, 4096 - 3800 - 100 - 16]
+    assert len(_sent(h)["messages"][0]["content"]) <= 4096 - 3800 - 100 - 16
+    response = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
+        "model": "banyan-demo", "rag": True, "max_completion_tokens": 4000,
+        "messages": [{"role": "user", "content": question}]})
+    assert response.json()["sources"] == []  # no room: the request goes as it came
+    assert _sent(h)["messages"] == [{"role": "user", "content": question}]
 
 
 def test_no_passages_leaves_the_prompt_alone(make_harness: Callable[[Handler], Harness]) -> None:
@@ -164,7 +185,7 @@ def test_stream_carries_sources_on_the_first_chunk_only(make_harness: Callable[[
 
 def test_rewriter_skips_error_events_and_empty_objects() -> None:
     resolved = ResolvedModel(public="m", engine="m", adapter=None)
-    rewriter = _NameRewriter(resolved, sources=[{"a": 1}])
+    rewriter = _EventRewriter(resolved, sources=[{"a": 1}])
     out = rewriter.feed(b'data: {"error": {"message": "x", "code": 400}}\n\n')
     assert b"sources" not in out
     out = rewriter.feed(b"data: {}\n\ndata: {}\n\n")

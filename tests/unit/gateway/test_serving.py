@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 
 from adapters.naming import AdapterRef
-from gateway.openai_api.serving import ResolvedModel, _NameRewriter, cache_salt
+from gateway.openai_api.serving import ResolvedModel, _EventRewriter, cache_salt
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
 ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
@@ -138,7 +138,7 @@ def test_name_rewriter_handles_events_split_anywhere() -> None:
     resolved = ResolvedModel(public="helper", engine=ref.engine_name, adapter=ref)
     event = f'data: {{"model":"{ref.engine_name}","x":1}}\n\n'.encode() * 3
     for cut in range(1, len(event)):
-        rewriter = _NameRewriter(resolved)
+        rewriter = _EventRewriter(resolved)
         out = rewriter.feed(event[:cut]) + rewriter.feed(event[cut:]) + rewriter.flush()
         assert out == b'data: {"model":"helper","x":1}\n\n' * 3, cut
 
@@ -146,7 +146,7 @@ def test_name_rewriter_handles_events_split_anywhere() -> None:
 def test_name_rewriter_renders_engine_error_events() -> None:
     ref = AdapterRef("acme", "helper", 3, "abcdef012345")
     resolved = ResolvedModel(public="helper", engine=ref.engine_name, adapter=ref)
-    rewriter = _NameRewriter(resolved)
+    rewriter = _EventRewriter(resolved)
     raw = b'data: {"error": {"message": "boom", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
     out = json.loads(rewriter.feed(raw)[6:])
     assert out["error"]["type"] == "server_error" and out["error"]["code"] == "engine_unavailable"

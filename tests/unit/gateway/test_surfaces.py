@@ -1,43 +1,28 @@
-"""Numbered context within a character budget, and where each surface puts it."""
+"""Where each surface's ``rag`` query is, how long its prompt is and where the context goes."""
 
 from __future__ import annotations
 
 import pytest
 
-from retrieval.documents import Passage
-from retrieval.errors import InvalidQuery
-from retrieval.grounding import INSTRUCTIONS, ChatGrounder, PromptGrounder, build_context
+from gateway.errors import InvalidRequest
+from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai_api.surfaces import CHAT, COMPLETIONS, ChatGrounder, PromptGrounder
 
 
-def _p(n: int, text: str, title: str | None = "T") -> Passage:
-    return Passage(document_id=f"d{n}", chunk_id=f"d{n}:0", title=title, text=text, score=1.0,
-                   timestamp=1714555800.0 + n * 86400)
+class CharTokens:
+    def count(self, text: str) -> int:
+        return len(text)
 
 
-def test_context_is_numbered_with_title_and_date() -> None:
-    context = build_context([_p(1, "Alpha."), _p(2, "Beta.", title=None)], budget_chars=1000)
-    assert context.text == INSTRUCTIONS + "\n\n[1] T (2024-05-02)\nAlpha.\n\n[2] (2024-05-03)\nBeta."
-    assert [p.document_id for p in context.passages] == ["d1", "d2"]
-
-
-def test_empty_context() -> None:
-    assert build_context([], budget_chars=1000).text == ""
-
-
-def test_budget_cuts_at_a_sentence_and_drops_what_does_not_fit() -> None:
-    long = " ".join(f"Sentence number {i} is here." for i in range(40))  # ~1100 chars
-    context = build_context([_p(1, "Short one."), _p(2, long), _p(3, "Never.")], budget_chars=600)
-    body = context.text[len(INSTRUCTIONS) + 2:]
-    assert len(body) <= 600
-    assert [p.document_id for p in context.passages] == ["d1", "d2"]
-    assert body.endswith("is here.…")
-    assert "Never." not in body
-
-
-def test_a_first_passage_larger_than_the_budget_is_cut_not_dropped() -> None:
-    context = build_context([_p(1, "word " * 500)], budget_chars=300)
-    assert len(context.passages) == 1
-    assert len(context.text) - len(INSTRUCTIONS) - 2 <= 300
+def test_each_request_class_names_its_surface() -> None:
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "q"}], max_completion_tokens=7,
+                                 max_tokens=9)
+    assert chat.surface is CHAT and CHAT.path == "/v1/chat/completions" and CHAT.label == "chat"
+    assert chat.output_tokens() == 7
+    completion = CompletionRequest(model="m", prompt="p", max_tokens=5)
+    assert completion.surface is COMPLETIONS and COMPLETIONS.label == "completions"
+    assert completion.output_tokens() == 5
+    assert CompletionRequest(model="m", prompt="p").output_tokens() is None
 
 
 def test_chat_query_is_the_last_user_message() -> None:
@@ -48,8 +33,15 @@ def test_chat_query_is_the_last_user_message() -> None:
     assert grounder.query(body) == "new"
     for messages in ([{"role": "system", "content": "s"}], [{"role": "user", "content": "  "}],
                      [{"role": "user", "content": "q"}, {"role": "user", "content": [{"type": "image_url"}]}]):
-        with pytest.raises(InvalidQuery):
+        with pytest.raises(InvalidRequest):
             grounder.query({"messages": messages})
+
+
+def test_prompt_tokens_count_every_message_and_the_template() -> None:
+    body = {"messages": [{"role": "system", "content": "abc"}, {"role": "user", "content": "de"}]}
+    # "abc\nde" and 8 a message plus 8 for the reply's header
+    assert ChatGrounder().prompt_tokens(body, CharTokens()) == 6 + 8 * 3
+    assert PromptGrounder().prompt_tokens({"prompt": "hello"}, CharTokens()) == 5 + 8
 
 
 def test_chat_context_goes_into_the_system_message() -> None:
@@ -72,5 +64,5 @@ def test_prompt_grounder() -> None:
     grounder.apply(body, "CTX")
     assert body["prompt"] == "CTX\n\nContinue"
     for prompt in ([1, 2], ["a"], "   "):
-        with pytest.raises(InvalidQuery):
+        with pytest.raises(InvalidRequest):
             grounder.query({"prompt": prompt})
