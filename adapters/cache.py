@@ -7,7 +7,8 @@ on disk, vLLM's registry of adapter names, and the byte bound.
   (concurrent callers await the same download); a failed fetch is remembered for ``failure_ttl_s`` so a
   broken adapter fails fast instead of hammering object storage.
 - Files are downloaded to a staging folder and renamed into place, so a half-written version is never
-  visible; a manifest written at upload time ties the files to the exact upload (``uid``).
+  visible; the manifest written at upload time (:mod:`adapters.layout`) ties the files to the exact upload
+  (``uid``).
 - Never delete files under a registered name, nor files just handed to vLLM that it has not
   registered yet: vLLM re-reads an adapter's files whenever its own CPU
   LRU reloads it. Room is made by deleting versions vLLM no longer has registered (the gateway unloads
@@ -19,7 +20,6 @@ on disk, vLLM's registry of adapter names, and the byte bound.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
@@ -31,14 +31,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from adapters.layout import ADAPTER_FILES, MANIFEST_FILE, Manifest, object_key
 from adapters.naming import AdapterRef
 from adapters.store import ObjectMissing, ObjectStore, StoreError
 
 log = logging.getLogger("banyan.resolver")
-
-MANIFEST = "manifest.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
 
 class AdapterState(Enum):
     DOWNLOADING = "downloading"
@@ -171,20 +168,23 @@ class AdapterDiskCache:
         staging.mkdir(parents=True)
         try:
             try:
-                await self._store.get_file(ref.s3_prefix + MANIFEST, staging / MANIFEST)
+                await self._store.get_file(object_key(ref, MANIFEST_FILE), staging / MANIFEST_FILE)
                 manifest_done = self._clock()
-                manifest = json.loads((staging / MANIFEST).read_text())
-                if manifest.get("uid") != ref.uid:
+                try:
+                    manifest = Manifest.from_json((staging / MANIFEST_FILE).read_bytes())
+                except ValueError as e:
+                    raise AdapterFetchError(f"{ref.engine_name}: its manifest is unreadable") from e
+                if manifest.uid != ref.uid:
                     raise AdapterFetchError(f"{ref.engine_name}: stored files belong to another upload")
                 # The bound covers everything the version keeps on disk: its files and the manifest.
-                size = int(manifest.get("size_bytes") or 0) + (staging / MANIFEST).stat().st_size
+                size = manifest.size_bytes + (staging / MANIFEST_FILE).stat().st_size
                 entry = _Entry(ref=ref, path=target, size=size, state=AdapterState.DOWNLOADING)
                 await self._make_room(entry)
                 room_made = self._clock()
                 # The files side by side: with the manifest, a cold load waits for two round trips, not three.
                 # Every download ends before the staging folder can be removed (no stray writes after).
                 results = await asyncio.gather(
-                    *(self._store.get_file(ref.s3_prefix + f, staging / f) for f in ADAPTER_FILES),
+                    *(self._store.get_file(object_key(ref, f), staging / f) for f in ADAPTER_FILES),
                     return_exceptions=True)
                 for result in results:
                     if isinstance(result, BaseException):
@@ -195,7 +195,7 @@ class AdapterDiskCache:
             except StoreError as e:
                 self._metrics.load(stage="fetch", result="store_error")
                 raise AdapterFetchError(f"{ref.engine_name}: object storage unavailable") from e
-            actual = sum((staging / f).stat().st_size for f in (*ADAPTER_FILES, MANIFEST))
+            actual = sum((staging / f).stat().st_size for f in (*ADAPTER_FILES, MANIFEST_FILE))
             if actual != size:
                 self._metrics.load(stage="fetch", result="size_mismatch")
                 self._entries.pop(ref.engine_name, None)

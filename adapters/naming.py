@@ -1,7 +1,7 @@
 """Ids, and the internal engine name that encodes tenant, adapter and version.
 
 The internal name is ``banyan.<tenant>.<adapter>.v<version>.<upload id>``. Ids never contain dots, so
-the name parses back unambiguously; it maps to the S3 prefix ``adapters/<tenant>/<adapter>/v<version>/``.
+the name parses back unambiguously (where a version is stored is :mod:`adapters.layout`'s business).
 A new version is a new name, and so is a re-upload after the adapter was deleted and its version numbers
 started again (the random upload id differs), so the engine never serves stale weights under a name.
 """
@@ -17,7 +17,6 @@ _ID_RE = re.compile(ID_PATTERN)
 _ID = r"[a-z0-9][a-z0-9-]{0,62}"
 _ENGINE_NAME_RE = re.compile(rf"^banyan\.({_ID})\.({_ID})\.v([1-9][0-9]{{0,8}})\.([a-z0-9]{{8,16}})$")
 _UID_RE = re.compile(r"^[a-z0-9]{8,16}$")
-ADAPTER_PREFIX = "adapters"
 ENGINE_NAME_PREFIX = "banyan."
 
 
@@ -48,18 +47,9 @@ class AdapterRef:
     def engine_name(self) -> str:
         return f"banyan.{self.tenant}.{self.name}.v{self.version}.{self.uid}"
 
-    @property
-    def s3_prefix(self) -> str:
-        return f"{ADAPTER_PREFIX}/{self.tenant}/{self.name}/v{self.version}/"
-
     @classmethod
     def from_engine_name(cls, engine_name: str) -> AdapterRef | None:
         match = _ENGINE_NAME_RE.match(engine_name)
         if match is None:
             return None
         return cls(match.group(1), match.group(2), int(match.group(3)), match.group(4))
-
-
-def adapter_prefix(tenant: str, name: str | None = None) -> str:
-    """The S3 prefix of all versions of one adapter, or of all adapters of a tenant."""
-    return f"{ADAPTER_PREFIX}/{tenant}/" + (f"{name}/" if name else "")

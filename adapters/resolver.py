@@ -26,12 +26,12 @@ import httpx
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from adapters.cache import ADAPTER_FILES, MANIFEST, AdapterDiskCache, AdapterFetchError
+from adapters.cache import AdapterDiskCache, AdapterFetchError
 from adapters.naming import AdapterRef
 from adapters.store import S3ObjectStore, S3Settings, s3_config
 from adapters.vllm_patches import patch_cpu_lora_ops
 
-__all__ = ["ADAPTER_FILES", "MANIFEST", "ResolverSettings", "register"]
+__all__ = ["ResolverSettings", "register"]
 
 log = logging.getLogger("banyan.resolver")
 

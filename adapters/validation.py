@@ -31,10 +31,8 @@ import numpy.typing as npt
 
 from adapters.basemodel import BaseModelSpec
 from adapters.errors import AdapterErrorCode, AdapterTooLargeError, InvalidAdapterError, shown, shown_list
+from adapters.layout import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 IGNORED_FILES = ("README.md",)  # PEFT writes it; accepted and dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -84,15 +82,15 @@ def check_file_set(names: Iterable[str]) -> None:
             f"{shown_list(pickled)}: only safetensors weights ({WEIGHTS_FILE}) are accepted; "
             "pickle-based formats (.bin, .pt, .pth, .ckpt) can run code when loaded",
             code=AdapterErrorCode.UNSAFE_WEIGHTS_FORMAT)
-    missing = [n for n in REQUIRED_FILES if n not in present]
+    missing = [n for n in ADAPTER_FILES if n not in present]
     if missing:
         raise InvalidAdapterError(f"the adapter is missing {' and '.join(missing)}",
                                   code=AdapterErrorCode.MISSING_ADAPTER_FILE)
-    unexpected = sorted(present - set(REQUIRED_FILES) - set(IGNORED_FILES))
+    unexpected = sorted(present - set(ADAPTER_FILES) - set(IGNORED_FILES))
     if unexpected:
         raise InvalidAdapterError(
             f"unexpected file {shown_list(unexpected)}: an adapter holds only "
-            f"{' and '.join(REQUIRED_FILES)} (and optionally {', '.join(IGNORED_FILES)})",
+            f"{' and '.join(ADAPTER_FILES)} (and optionally {', '.join(IGNORED_FILES)})",
             code=AdapterErrorCode.UNEXPECTED_ADAPTER_FILE)
 
 

@@ -47,8 +47,9 @@ from typing import Any, cast
 import httpx
 import numpy as np
 
-from adapters.cache import ADAPTER_FILES
+from adapters.layout import ADAPTER_FILES, MANIFEST_FILE
 from adapters.naming import ENGINE_NAME_PREFIX, AdapterRef
+from gateway.dev.demo_model import synthetic_variant
 from gateway.dev.seed import upload_adapter
 from loadtests._stack import Sample, Stack, metric_by_label, metric_sum, model_dir, scrape, start_stack
 
@@ -144,8 +145,6 @@ def tenant_id(index: int) -> str:
 
 def build_adapters(cfg: RunConfig, *, work: Path, first: Path) -> list[Adapter]:
     """One real PEFT adapter (``first``) and ``adapters - 1`` synthetic variants of it, spread over tenants."""
-    from tests.integration.adapter_files import synthetic_variant
-
     out = [Adapter(0, tenant_id(0), "a0000", first)]
     for i in range(1, cfg.adapters):
         folder = synthetic_variant(first, work / f"adapter-{i:04d}", seed=cfg.seed + i)
@@ -266,7 +265,7 @@ def disk_footprint(root: Path) -> dict[str, int]:
     out = {"folders": 0, "adapter_file_bytes": 0, "manifest_bytes": 0, "staging_entries": 0}
     staging = root / ".staging"
     out["staging_entries"] = len(list(staging.iterdir())) if staging.is_dir() else 0
-    for manifest in root.glob("*/*/v*/manifest.json"):
+    for manifest in root.glob(f"*/*/v*/{MANIFEST_FILE}"):
         out["folders"] += 1
         out["manifest_bytes"] += manifest.stat().st_size
         out["adapter_file_bytes"] += adapter_bytes(manifest.parent)

@@ -26,8 +26,9 @@ documents per tenant for the ``rag`` requests; at test stop it deletes those ten
 
 A streamed request's time in Locust's stats is its whole duration (to ``[DONE]``); the time to first
 token of streams is printed as its own table when the test stops.
-This file imports only Locust and the standard library (never the product: Locust patches the
-process with gevent).
+This file imports only Locust, the standard library and :mod:`adapters.layout` (the stored file names; it
+imports nothing but the standard library), never the rest of the product: Locust patches the process with
+gevent.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import requests
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner
+
+from adapters.layout import ADAPTER_FILES, WEIGHTS_FILE
 
 DOCUMENTS = [
     ("Office hours", "The office opens at 9 am and closes at 6 pm on weekdays; on Saturdays it opens at 10 am."),
@@ -94,7 +97,7 @@ def _adapter_dir() -> Path:
     if configured:
         return Path(configured)
     data_dir = Path(os.environ.get("BANYAN_DATA_DIR", ".banyan"))
-    found = sorted((data_dir / "demo-adapters").glob("*/adapter_model.safetensors"))
+    found = sorted((data_dir / "demo-adapters").glob(f"*/{WEIGHTS_FILE}"))
     if not found:
         raise SystemExit("no adapter to upload: set BANYAN_LOAD_ADAPTER_DIR to a PEFT adapter folder, or run "
                          "`banyan dev` (without --empty) once so that .banyan/demo-adapters/ exists")
@@ -112,7 +115,7 @@ def _setup(host: str) -> None:
     if not admin_key:
         raise SystemExit("set BANYAN_ADMIN_KEY to the gateway's admin key")
     folder = _adapter_dir()
-    files = {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
     tenants, per_tenant = _env_int("BANYAN_LOAD_TENANTS", 4), _env_int("BANYAN_LOAD_ADAPTERS", 8)
     zipf_s = _env_float("BANYAN_LOAD_ZIPF_S", 1.1)
     PLAN.base_share = _env_float("BANYAN_LOAD_BASE_SHARE", 0.1)

@@ -1,15 +1,14 @@
 """Admin operations: tenants, keys and the adapter upload pipeline.
 
 An upload goes: stage the files on local disk (archives extracted safely) -> validate hard against
-the base model -> allocate a version -> write the files to ``adapters/<tenant>/<name>/v<N>/`` with
-``manifest.json`` last -> record the version in Redis (the commit point). Any failure before the
-commit removes what was written, so a rejected or failed upload leaves nothing behind.
+the base model -> allocate a version -> publish it (:func:`adapters.layout.publish_version`: the files,
+the manifest last, then the version recorded in Redis, the commit point). Any failure before the commit
+removes what was written, so a rejected or failed upload leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import tempfile
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.archive import extract_archive
-from adapters.naming import AdapterRef, adapter_prefix, is_valid_id, new_uid
+from adapters.layout import delete_stored, publish_version, sweep_abandoned
+from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, VersionMeta
-from adapters.resolver import ADAPTER_FILES, MANIFEST
 from adapters.validation import check_file_set, validate_adapter_dir
 from gateway.admin.protocol import AdapterOut, AdapterVersionOut, TenantOut
 from gateway.errors import InvalidAdapter, InvalidRequest, NotFound
@@ -74,7 +73,7 @@ async def delete_adapter_everywhere(state: AppState, tenant_id: str, record: Ada
     await state.adapters.delete(tenant_id, record.name)
     for meta in record.versions.values():
         await state.engines.unload(AdapterRef(tenant_id, record.name, meta.version, meta.uid).engine_name)
-    await state.store.delete_prefix(adapter_prefix(tenant_id, record.name))
+    await delete_stored(state.store, tenant_id, record.name)
 
 
 async def delete_tenant(state: AppState, tenant_id: str) -> None:
@@ -84,7 +83,7 @@ async def delete_tenant(state: AppState, tenant_id: str) -> None:
     for record in await state.adapters.list_records(tenant_id):
         await delete_adapter_everywhere(state, tenant_id, record)
     await state.adapters.delete_tenant(tenant_id)
-    await state.store.delete_prefix(adapter_prefix(tenant_id))
+    await delete_stored(state.store, tenant_id)
     await state.documents.delete_tenant(tenant_id)
 
 
@@ -139,38 +138,23 @@ class AdapterUpload:
         return folder
 
     async def _store(self, ref: AdapterRef, folder: Path, meta: VersionMeta, *, activate: bool) -> None:
-        store = self.state.store
-        manifest = folder / MANIFEST
-        manifest.write_text(json.dumps({"uid": ref.uid, "sha256": meta.sha256, "version": ref.version,
-                                        "size_bytes": meta.size_bytes}))
-        registry = self.state.adapters
-        await registry.mark_pending(ref)
         try:
-            for filename in ADAPTER_FILES:
-                await store.put_file(ref.s3_prefix + filename, folder / filename)
-            await store.put_file(ref.s3_prefix + MANIFEST, manifest)
-            await registry.record_version(ref.tenant, ref.name, meta, activate=activate)
+            await publish_version(self.state.store, self.state.adapters, ref=ref, folder=folder, meta=meta,
+                                  activate=activate)
         except BaseException:
             self.state.metrics.adapter_uploads.labels("failed").inc()
-            await asyncio.shield(store.delete_prefix(ref.s3_prefix))
             raise
-        finally:
-            await asyncio.shield(registry.clear_pending(ref))
         if activate and self.settings.prefetch_on_activate:
             self.state.engines.warm(ref.engine_name)
 
 
 async def sweep_abandoned_uploads(state: AppState, *, older_than_s: float) -> int:
     """Remove the files of uploads that never got recorded (the process died mid-upload)."""
-    removed = 0
-    for ref in await state.adapters.abandoned(older_than_s=older_than_s):
-        if not await state.adapters.is_recorded(ref):
-            await state.store.delete_prefix(ref.s3_prefix)
-            removed += 1
-            log.warning("removed the files of an abandoned upload", extra={"tenant": ref.tenant, "adapter": ref.name,
-                                                                          "version": ref.version})
-        await state.adapters.clear_pending(ref)
-    return removed
+    removed = await sweep_abandoned(state.store, state.adapters, older_than_s=older_than_s)
+    for ref in removed:
+        log.warning("removed the files of an abandoned upload", extra={"tenant": ref.tenant, "adapter": ref.name,
+                                                                      "version": ref.version})
+    return len(removed)
 
 
 async def activate_version(state: AppState, tenant_id: str, name: str, version: int) -> AdapterRecord:

@@ -110,3 +110,21 @@ def build_adapter(base_path: Path, out: Path, *, seed: int, rank: int = 8,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def synthetic_variant(src: Path, dest: Path, *, seed: int) -> Path:
+    """A copy of the adapter in ``src`` with the same PEFT config and new random LoRA weights: a distinct,
+    valid adapter for the same base model, made in milliseconds (no model is loaded)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from adapters.layout import ADAPTER_FILES, WEIGHTS_FILE
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copy(src / name, dest / name)
+    rng = np.random.default_rng(seed)
+    tensors = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32)
+               for k, v in load_file(src / WEIGHTS_FILE).items()}
+    save_file(tensors, str(dest / WEIGHTS_FILE))
+    return dest

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from adapters.layout import ADAPTER_FILES
 from gateway.dev.demo_model import build_adapter
 
 DEMO_TENANT = "demo"
@@ -58,8 +59,7 @@ async def seed_demo(gateway_url: str, *, admin_key: str, model_path: Path, work_
 
 
 async def upload_adapter(client: httpx.AsyncClient, tenant: str, name: str, folder: Path) -> dict[str, object]:
-    files = [("files", (f, (folder / f).read_bytes(), "application/octet-stream"))
-             for f in ("adapter_config.json", "adapter_model.safetensors")]
+    files = [("files", (f, (folder / f).read_bytes(), "application/octet-stream")) for f in ADAPTER_FILES]
     response = await client.post(f"/admin/tenants/{tenant}/adapters", data={"name": name}, files=files)
     response.raise_for_status()
     result: dict[str, object] = response.json()

@@ -1,4 +1,5 @@
-"""Adapter folders for integration tests: real PEFT files, mutated copies, archives, synthetic variants."""
+"""Adapter folders for integration tests: copies, mutated copies and archives of real PEFT files (synthetic
+variants are :func:`gateway.dev.demo_model.synthetic_variant`)."""
 
 from __future__ import annotations
 
@@ -13,38 +14,28 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
+from adapters.layout import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 
 
 def copy_adapter(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG, WEIGHTS):
+    for name in ADAPTER_FILES:
         shutil.copy(src / name, dest / name)
-    return dest
-
-
-def synthetic_variant(src: Path, dest: Path, *, seed: int) -> Path:
-    """The same PEFT config with new random LoRA weights: a distinct, valid adapter, made in milliseconds."""
-    copy_adapter(src, dest)
-    rng = np.random.default_rng(seed)
-    tensors = {k: (rng.standard_normal(v.shape) * 0.2).astype(np.float32) for k, v in load_file(src / WEIGHTS).items()}
-    save_file(tensors, str(dest / WEIGHTS))
     return dest
 
 
 def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
-        config = json.loads((folder / CONFIG).read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text())
         change(config)
-        (folder / CONFIG).write_text(json.dumps(config))
+        (folder / CONFIG_FILE).write_text(json.dumps(config))
     return apply
 
 
 def _edit_tensors(change: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Callable[[Path], None]:
     def apply(folder: Path) -> None:
-        tensors = load_file(folder / WEIGHTS)
-        save_file(change(dict(tensors)), str(folder / WEIGHTS))
+        tensors = load_file(folder / WEIGHTS_FILE)
+        save_file(change(dict(tensors)), str(folder / WEIGHTS_FILE))
     return apply
 
 
@@ -78,12 +69,12 @@ def _with_value(value: float) -> Callable[[dict[str, np.ndarray]], dict[str, np.
 
 
 def _absurd_header(folder: Path) -> None:
-    data = (folder / WEIGHTS).read_bytes()
-    (folder / WEIGHTS).write_bytes((2**40).to_bytes(8, "little") + data[8:])
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (folder / WEIGHTS_FILE).write_bytes((2**40).to_bytes(8, "little") + data[8:])
 
 
 def _not_json(folder: Path) -> None:
-    (folder / CONFIG).write_text("{'r': 8")
+    (folder / CONFIG_FILE).write_text("{'r': 8")
 
 
 MUTATIONS: dict[str, Callable[[Path], None]] = {

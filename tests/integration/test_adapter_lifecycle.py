@@ -14,16 +14,15 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from adapters.layout import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, version_prefix
 from adapters.naming import AdapterRef
 from gateway.admin.service import sweep_abandoned_uploads
 from gateway.app import build_state
+from gateway.dev.demo_model import synthetic_variant
 from gateway.settings import Settings
 from tests.integration.adapter_files import (
-    CONFIG,
     MUTATIONS,
-    WEIGHTS,
     copy_adapter,
-    synthetic_variant,
     tar_gz,
     zip_bytes,
 )
@@ -60,14 +59,15 @@ def test_invalid_adapter_is_rejected_and_nothing_is_stored(
 
 
 def _archive_cases(folder: Path) -> dict[str, tuple[str, bytes, int]]:
-    good = {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: (folder / WEIGHTS).read_bytes()}
+    good = {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
+    config = {CONFIG_FILE: good[CONFIG_FILE]}
     return {
         "dotdot_member": ("a.tar.gz", tar_gz({**good, "../escape.txt": b"x"}), 400),
         "absolute_member": ("a.tar.gz", tar_gz({**good, "/etc/banyan.txt": b"x"}), 400),
         "symlink_member": ("a.tar.gz", tar_gz(good, symlink=("link", "/etc/passwd")), 400),
         "extra_unknown_file": ("a.zip", zip_bytes({**good, "notes.exe": b"MZ"}), 400),
-        "pickle_weights": ("a.zip", zip_bytes({CONFIG: good[CONFIG], "adapter_model.bin": b"\x80\x04K\x01."}), 400),
-        "zip_bomb": ("a.zip", zip_bytes({CONFIG: good[CONFIG], WEIGHTS: b"\0" * (70 * 1024 * 1024)}), 413),
+        "pickle_weights": ("a.zip", zip_bytes({**config, "adapter_model.bin": b"\x80\x04K\x01."}), 400),
+        "zip_bomb": ("a.zip", zip_bytes({**config, WEIGHTS_FILE: b"\0" * (70 * 1024 * 1024)}), 413),
         "not_an_archive": ("a.tar.gz", b"plain bytes, no archive", 400),
     }
 
@@ -147,7 +147,7 @@ async def test_files_of_an_abandoned_upload_are_swept(stack: RunningStack, lifec
     ref = AdapterRef(lifecycle_tenant.id, "crashed", 7, "deadbeef0001")
     s3 = boto3.client("s3", endpoint_url=info["s3_endpoint_url"], region_name="us-east-1",
                       aws_access_key_id="banyan-dev", aws_secret_access_key="banyan-dev-secret")
-    s3.put_object(Bucket=info["s3_bucket"], Key=ref.s3_prefix + WEIGHTS, Body=b"half written")
+    s3.put_object(Bucket=info["s3_bucket"], Key=version_prefix(ref) + WEIGHTS_FILE, Body=b"half written")
     stack.redis().zadd("banyan:uploads:pending", {f"{ref.tenant}/{ref.name}/7/{ref.uid}": time.time() - 3600})
     settings = Settings(mode="dev", admin_key=SecretStr(stack.admin_key), redis_url=info["redis_url"],
                         s3_endpoint_url=info["s3_endpoint_url"], s3_bucket=info["s3_bucket"],
@@ -159,7 +159,7 @@ async def test_files_of_an_abandoned_upload_are_swept(stack: RunningStack, lifec
     finally:
         await state.engines.aclose()
         await state.redis.aclose()
-    assert stack.s3_keys(ref.s3_prefix) == []
+    assert stack.s3_keys(version_prefix(ref)) == []
     assert stack.redis().zrange("banyan:uploads:pending", 0, -1) == []
 
 

@@ -13,8 +13,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gateway.dev.demo_model import synthetic_variant
 from gateway.settings import Settings
-from tests.integration.adapter_files import synthetic_variant
 from tests.integration.conftest import RunningStack, TenantHandle, upload
 
 PROMPTS = ["Hello there", "The quick brown fox", "abc", "Tell me a story about", "1 2 3 4", "Banyan trees",

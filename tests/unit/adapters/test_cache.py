@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 
 from adapters.cache import AdapterDiskCache, AdapterFetchError, AdapterState
+from adapters.layout import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, object_key
 from adapters.naming import AdapterRef
 from adapters.store import ObjectMissing
 
 SIZE = 1000  # bytes of config + weights per fake adapter
-MANIFEST_SIZE = len(json.dumps({"uid": "uid000000001", "size_bytes": SIZE}))
+MANIFEST_SIZE = len(Manifest(uid="uid000000001", sha256="0" * 64, version=1, size_bytes=SIZE).to_json())
 ENTRY = SIZE + MANIFEST_SIZE  # what one version occupies in the cache
 
 
@@ -24,9 +24,10 @@ class FakeStore:
         self.gate: asyncio.Event | None = None
 
     def add(self, ref: AdapterRef, *, uid: str | None = None) -> None:
-        self.objects[ref.s3_prefix + "manifest.json"] = json.dumps({"uid": uid or ref.uid, "size_bytes": SIZE}).encode()
-        self.objects[ref.s3_prefix + "adapter_config.json"] = b"{" + b" " * 98 + b"}"
-        self.objects[ref.s3_prefix + "adapter_model.safetensors"] = b"w" * (SIZE - 100)
+        manifest = Manifest(uid=uid or ref.uid, sha256="0" * 64, version=ref.version, size_bytes=SIZE)
+        self.objects[object_key(ref, MANIFEST_FILE)] = manifest.to_json().encode()
+        self.objects[object_key(ref, CONFIG_FILE)] = b"{" + b" " * 98 + b"}"
+        self.objects[object_key(ref, WEIGHTS_FILE)] = b"w" * (SIZE - 100)
 
     async def get_file(self, key: str, dest: Path) -> None:
         self.gets += 1
@@ -99,7 +100,7 @@ async def test_fetches_once_for_concurrent_callers(tmp_path: Path, parts: tuple[
     assert cache.state(_ref(1).engine_name) is AdapterState.DOWNLOADING
     store.gate.set()
     paths = await asyncio.gather(*waiters)
-    assert len(set(paths)) == 1 and (paths[0] / "adapter_model.safetensors").stat().st_size == SIZE - 100
+    assert len(set(paths)) == 1 and (paths[0] / WEIGHTS_FILE).stat().st_size == SIZE - 100
     assert store.gets == 3  # manifest + two files, once
     assert cache.state(_ref(1).engine_name) is AdapterState.READY
 
@@ -124,6 +125,17 @@ async def test_files_of_another_upload_are_refused(tmp_path: Path, parts: tuple[
     store.add(_ref(1), uid="otheruid00001")
     with pytest.raises(AdapterFetchError, match="another upload"):
         await _cache(tmp_path, parts).ensure(_ref(1))
+
+
+async def test_an_unreadable_manifest_fails_the_fetch(tmp_path: Path,
+                                                      parts: tuple[FakeStore, FakeEngine, Clock]) -> None:
+    store, _, _ = parts
+    store.add(_ref(1))
+    store.objects[object_key(_ref(1), MANIFEST_FILE)] = b'{"uid": "uid000000001"}'
+    cache = _cache(tmp_path, parts)
+    with pytest.raises(AdapterFetchError, match="manifest is unreadable"):
+        await cache.ensure(_ref(1))
+    assert cache.state(_ref(1).engine_name) is AdapterState.FAILED and cache.used_bytes == 0
 
 
 async def test_bound_is_kept_by_evicting_unregistered_first(tmp_path: Path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.naming import AdapterRef, adapter_prefix, is_valid_id
+from adapters.naming import AdapterRef, is_valid_id
 
 
 @pytest.mark.parametrize("value", ["a", "acme", "a-b-c", "0day", "x" * 63])
@@ -17,13 +17,10 @@ def test_invalid_ids(value: str) -> None:
     assert not is_valid_id(value)
 
 
-def test_engine_name_round_trip_and_s3_prefix() -> None:
+def test_engine_name_round_trip() -> None:
     ref = AdapterRef("acme-co", "support-bot", 12, "0123456789ab")
     assert ref.engine_name == "banyan.acme-co.support-bot.v12.0123456789ab"
     assert AdapterRef.from_engine_name(ref.engine_name) == ref
-    assert ref.s3_prefix == "adapters/acme-co/support-bot/v12/"
-    assert adapter_prefix("acme-co") == "adapters/acme-co/"
-    assert adapter_prefix("acme-co", "support-bot") == "adapters/acme-co/support-bot/"
 
 
 @pytest.mark.parametrize("name", ["banyan-demo", "banyan.acme.bot.v1", "banyan.acme.bot.v0.0123456789ab",

@@ -13,7 +13,8 @@ import pytest
 
 from adapters.basemodel import BaseModelSpec
 from adapters.errors import AdapterError, AdapterTooLargeError, InvalidAdapterError
-from adapters.validation import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo, check_file_set, validate_adapter_dir
+from adapters.layout import CONFIG_FILE, WEIGHTS_FILE
+from adapters.validation import AdapterInfo, check_file_set, validate_adapter_dir
 from gateway.dev.demo_model import LORA_TARGETS
 
 PREFIX = "base_model.model.model.layers"
