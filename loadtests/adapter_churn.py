@@ -50,8 +50,9 @@ import numpy as np
 from adapters.layout import ADAPTER_FILES, MANIFEST_FILE
 from adapters.naming import ENGINE_NAME_PREFIX, AdapterRef
 from gateway.dev.demo_model import synthetic_variant
+from gateway.dev.launcher import DevProcess, launch_dev
 from gateway.dev.seed import upload_adapter
-from loadtests._stack import Sample, Stack, metric_by_label, metric_sum, model_dir, scrape, start_stack
+from loadtests._stack import Sample, metric_by_label, metric_sum, model_dir, scrape
 
 PROMPTS = ("Hello there", "The quick brown fox", "abc", "1 2 3 4")
 CLASSES = ("cold", "warm", "hot")
@@ -619,7 +620,7 @@ class Traffic:
     residency: Residency
 
 
-async def _snapshot(stack: Stack) -> list[Sample]:
+async def _snapshot(stack: DevProcess) -> list[Sample]:
     """The engine's and the gateway's metrics together (their names do not collide)."""
     engine, gateway = await asyncio.gather(asyncio.to_thread(scrape, stack.engine_url),
                                            asyncio.to_thread(scrape, stack.url))
@@ -632,7 +633,7 @@ class Targets:
     engine: Target
 
 
-async def _traffic(stack: Stack, targets: Targets, residency: Residency, *, cfg: RunConfig,
+async def _traffic(stack: DevProcess, targets: Targets, residency: Residency, *, cfg: RunConfig,
                    adapters: list[Adapter]) -> Traffic:
     """The churn phase, the all-hot baseline, and the same hot set sent to the engine directly."""
     rng = np.random.default_rng(cfg.seed)
@@ -674,7 +675,7 @@ async def _setup(admin: httpx.AsyncClient, cfg: RunConfig, adapters: list[Adapte
     return keys, stored
 
 
-async def drive(stack: Stack, cfg: RunConfig, adapters: list[Adapter], *, cache_bytes: int) -> dict[str, Any]:
+async def drive(stack: DevProcess, cfg: RunConfig, adapters: list[Adapter], *, cache_bytes: int) -> dict[str, Any]:
     """Everything that talks to the running stack; returns the RESULT figures."""
     admin_headers = {"Authorization": f"Bearer {stack.admin_key}"}
     limits = httpx.Limits(max_connections=max(cfg.concurrency, cfg.upload_concurrency) + 8)
@@ -705,7 +706,7 @@ async def drive(stack: Stack, cfg: RunConfig, adapters: list[Adapter], *, cache_
                            "setup_seconds": round(setup_s, 1)})
 
 
-def assemble(cfg: RunConfig, traffic: Traffic, *, final: list[Sample], peft: dict[str, Any], stack: Stack,
+def assemble(cfg: RunConfig, traffic: Traffic, *, final: list[Sample], peft: dict[str, Any], stack: DevProcess,
              extra: dict[str, Any]) -> dict[str, Any]:
     """The RESULT figures."""
     churn_s, hot_s = summarize(traffic.churn), summarize(traffic.hot)
@@ -755,7 +756,7 @@ def run(cfg: RunConfig, work: Path) -> dict[str, Any]:
     # The variants are a little smaller than the PEFT original (no safetensors metadata); bound on the larger.
     # The bound also counts each version's manifest.json, so a little fewer than `cache_adapters` fit in it.
     cache_bytes = cfg.cache_adapters * first_bytes
-    stack = start_stack(work / "data", settings=_settings(cfg, cache_bytes=cache_bytes))
+    stack = launch_dev(work / "data", extra_env=_settings(cfg, cache_bytes=cache_bytes))
     _say(f"[1] banyan dev --empty starting (pid {stack.process.pid}, data dir {stack.data_dir}); disk bound "
          f"{cache_bytes} B = {cfg.cache_adapters} adapters of {first_bytes} B of adapter files (the bound also "
          "counts each version's manifest.json)")

@@ -35,8 +35,8 @@ from typing import Any
 import httpx
 import psutil
 
+from gateway.dev.launcher import DevProcess, clean_env, launch_dev
 from gateway.dev.processes import Child, Children, free_port, http_ok
-from loadtests._stack import Stack, stack_env, start_stack
 
 REPO = Path(__file__).resolve().parents[1]
 UNLOADED_PAIRS = 3
@@ -209,28 +209,28 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _start_dev(options: Options) -> Stack:
-    """``banyan dev --empty`` on a free loopback port, data in ``options.data_dir`` (the demo model is
-    built there once and reused); returns at once: call ``Stack.wait_ready`` (then ``Stack.info`` holds its
-    stack.json)."""
+def _start_dev(options: Options) -> DevProcess:
+    """``banyan dev --empty`` (the tiny demo model) on a free loopback port, data in ``options.data_dir`` (the
+    model is built there once and reused); returns at once: call ``DevProcess.wait_ready`` (then its ``info``
+    holds its stack.json)."""
     (options.data_dir / "stack.json").unlink(missing_ok=True)
-    stack = start_stack(options.data_dir, settings={}, admin_key="adm_bench_" + secrets.token_hex(16))
+    stack = launch_dev(options.data_dir, admin_key="adm_bench_" + secrets.token_hex(16))
     _say(f"[bench] starting banyan dev --empty on 127.0.0.1:{stack.port} (data in {options.data_dir}) ...")
     return stack
 
 
-def _start_stub_gateway(children: Children, info: dict[str, Any], admin_key: str,
-                        options: Options) -> tuple[Child, str, Child, str]:
+def _start_stub_gateway(children: Children, stack: DevProcess, options: Options) -> tuple[Child, str, Child, str]:
+    """A second gateway (``banyan serve``) on the dev stack's Redis and S3, in front of a local OpenAI stub."""
+    info = stack.info
     stub_port, gateway_port = free_port(), free_port()
     stub = children.spawn("bench-stub", [sys.executable, "-m", "loadtests.stub_openai", "--port", str(stub_port),
                                          "--model", info["base_model"]], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
-    env = stack_env(options.data_dir, port=gateway_port, admin_key=admin_key, settings={
+    env = clean_env({
+        "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(gateway_port), "BANYAN_ADMIN_KEY": stack.admin_key,
         "BANYAN_MODE": "prod", "BANYAN_HOST": "127.0.0.1", "BANYAN_REDIS_URL": info["redis_url"],
-        "BANYAN_S3_ENDPOINT_URL": info["s3_endpoint_url"], "BANYAN_S3_BUCKET": info["s3_bucket"],
-        "BANYAN_S3_ACCESS_KEY_ID": "banyan-dev", "BANYAN_S3_SECRET_ACCESS_KEY": "banyan-dev-secret",
-        "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
+        **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
         "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
         "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     banyan = str(Path(sys.executable).parent / "banyan")
@@ -460,7 +460,7 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
     return result
 
 
-async def _bench(options: Options, stack: Stack, children: Children) -> dict[str, Any]:
+async def _bench(options: Options, stack: DevProcess, children: Children) -> dict[str, Any]:
     admin_key, info, gateway_url = stack.admin_key, stack.info, stack.url
     key = _tenant_key(gateway_url, admin_key)
     # The dev gateway runs inside the `banyan dev` process (its other services are children of it).
@@ -468,7 +468,7 @@ async def _bench(options: Options, stack: Stack, children: Children) -> dict[str
     alone: dict[str, Any] = {}
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
-        _, stub_url, gateway, alone_url = _start_stub_gateway(children, info, admin_key, options)
+        _, stub_url, gateway, alone_url = _start_stub_gateway(children, stack, options)
         alone = await _gateway_alone(options, stub_url, alone_url, key, info["base_model"],
                                      psutil.Process(gateway.process.pid))
     return _report(series, unloaded, alone, options)
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if load_at_start > (os.cpu_count() or 1) / 2:
         _say(f"[bench] note: the 1-minute load average is {load_at_start:.1f} before starting; other work on "
              "this machine will show up in the figures")
-    stack: Stack | None = None
+    stack: DevProcess | None = None
     try:
         stack = _start_dev(options)
         stack.wait_ready(timeout=420)
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(options: Options, stack: Stack, children: Children) -> dict[str, Any]:
+def _run(options: Options, stack: DevProcess, children: Children) -> dict[str, Any]:
     try:
         import uvloop
     except ImportError:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from loadtests._stack import BASE_MODEL, start_stack
+from gateway.dev.launcher import launch_dev
 
 _PROBE = """
 import json, sys, time
@@ -56,7 +56,7 @@ def summarize(name: str, probe: subprocess.Popen[str], extra: dict[str, Any]) ->
     return row
 
 
-def engine_phase(engine_url: str, seconds: float, max_tokens: int) -> dict[str, Any]:
+def engine_phase(engine_url: str, *, model: str, seconds: float, max_tokens: int) -> dict[str, Any]:
     done: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -64,7 +64,7 @@ def engine_phase(engine_url: str, seconds: float, max_tokens: int) -> dict[str, 
         with httpx.Client(base_url=engine_url, timeout=300) as client:
             while time.monotonic() < stop:
                 started = time.monotonic()
-                response = client.post("/v1/completions", json={"model": BASE_MODEL, "prompt": "long",
+                response = client.post("/v1/completions", json={"model": model, "prompt": "long",
                                                                 "max_tokens": max_tokens, "ignore_eos": True,
                                                                 "temperature": 0})
                 response.raise_for_status()
@@ -89,7 +89,7 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="banyan-stall-") as work:
         print("[1] starting banyan dev --empty ...", flush=True)
-        stack = start_stack(Path(work) / "data", settings={})
+        stack = launch_dev(Path(work) / "data")
         try:
             stack.wait_ready()
             print("[2] phases of", args.seconds, "s each", flush=True)
@@ -99,7 +99,8 @@ def main() -> None:
             rows.append(summarize("burners", run_probe(args.seconds), {"burners": len(burners)}))
             for burner in burners:
                 burner.wait()
-            rows.append(engine_phase(stack.engine_url, args.seconds, args.max_tokens))
+            rows.append(engine_phase(stack.engine_url, model=stack.info["base_model"], seconds=args.seconds,
+                                     max_tokens=args.max_tokens))
         finally:
             print("[3] stopping the stack ...", flush=True)
             stack.stop()

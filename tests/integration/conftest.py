@@ -1,44 +1,50 @@
 """One real stack for the whole test session, started the way a user starts it: ``banyan dev --empty``
-(Valkey with the search module, moto S3, vLLM on the CPU, the gateway), stopped with SIGINT at the end."""
+(Valkey with the search module, moto S3, vLLM on the CPU with the tiny demo model, the gateway), through the
+launcher the load scripts use too (:mod:`gateway.dev.launcher`), stopped with SIGINT at the end."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import openai
 import pytest
 import redis
 
+from adapters.store import make_s3_client, s3_config
 from gateway.dev.demo_model import build_adapter
-from gateway.dev.processes import free_port
+from gateway.dev.launcher import DevProcess, launch_dev
 
-READY_LINE = "banyan dev is ready"
 CACHE_MAX_BYTES = 12 * 1024 * 1024
-STACK_TIMEOUT_S = 420
 
 
 @dataclass
 class RunningStack:
-    url: str
-    admin_key: str
-    info: dict[str, Any]
-    data_dir: Path
+    dev: DevProcess
+
+    @property
+    def url(self) -> str:
+        return self.dev.url
+
+    @property
+    def admin_key(self) -> str:
+        return self.dev.admin_key
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.dev.info
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dev.data_dir
 
     @property
     def model_path(self) -> Path:
-        return Path(self.info["model_path"])
+        return self.dev.model_path
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=120)
@@ -55,8 +61,7 @@ class RunningStack:
         return _metric_sum(self.url, name, labels)
 
     def s3_keys(self, prefix: str = "") -> list[str]:
-        s3 = boto3.client("s3", endpoint_url=self.info["s3_endpoint_url"], region_name="us-east-1",
-                          aws_access_key_id="banyan-dev", aws_secret_access_key="banyan-dev-secret")
+        s3 = make_s3_client(s3_config(self.dev.s3_settings()))
         keys: list[str] = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.info["s3_bucket"], Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
@@ -71,49 +76,16 @@ def _metric_sum(url: str, name: str, labels: dict[str, str]) -> float:
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
-def start_dev(data_dir: Path, *, empty: bool, admin_key: str | None = None, extra_env: dict[str, str] | None = None,
-              timeout: float = STACK_TIMEOUT_S) -> tuple[subprocess.Popen[bytes], Path, int]:
-    """Start ``banyan dev`` as a user would; return the process, its output file and the gateway port."""
-    port = free_port()
-    env = {**os.environ, "BANYAN_DATA_DIR": str(data_dir), "BANYAN_PORT": str(port), **(extra_env or {})}
-    env.pop("BANYAN_ADMIN_KEY", None)
-    if admin_key:
-        env["BANYAN_ADMIN_KEY"] = admin_key
-    data_dir.mkdir(parents=True, exist_ok=True)
-    out = data_dir / "banyan-dev.out"
-    cmd = [str(Path(sys.executable).parent / "banyan"), "dev", *(["--empty"] if empty else [])]
-    with out.open("wb") as sink:
-        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = out.read_text(errors="replace")
-        if READY_LINE in text:
-            return process, out, port
-        if process.poll() is not None:
-            raise RuntimeError(f"banyan dev exited with {process.returncode}:\n{text[-4000:]}")
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    raise RuntimeError(f"banyan dev was not ready after {timeout} s:\n{out.read_text()[-4000:]}")
-
-
-def stop_dev(process: subprocess.Popen[bytes], *, timeout: float = 90) -> int:
-    process.send_signal(signal.SIGINT)
-    return process.wait(timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    data_dir = tmp_path_factory.mktemp("stack")
-    admin_key = "adm_test_" + secrets.token_hex(12)
     # Small bounds, so that the adapter tests also exercise eviction (gateway unloads, disk cache bound).
-    process, _, port = start_dev(data_dir, empty=True, admin_key=admin_key, extra_env={
+    dev = launch_dev(tmp_path_factory.mktemp("stack"), admin_key="adm_test_" + secrets.token_hex(12), extra_env={
         "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24",
         "BANYAN_LOG_LEVEL": "info"})  # the access log lines, checked by test_logs.py
     try:
-        info = json.loads((data_dir / "stack.json").read_text())
-        yield RunningStack(url=f"http://127.0.0.1:{port}", admin_key=admin_key, info=info, data_dir=data_dir)
+        yield RunningStack(dev.wait_ready())
     finally:
-        stop_dev(process)
+        dev.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import start_dev, stop_dev
+from gateway.dev.launcher import launch_dev
 
 
 def _descendants(pid: int) -> set[int]:
@@ -42,13 +42,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_banyan_dev_starts_seeds_and_stops_cleanly(tmp_path: Path) -> None:
-    process, out, port = start_dev(tmp_path / "dev", empty=False)
+    dev = launch_dev(tmp_path / "dev", empty=False, admin_key="").wait_ready()  # "": banyan dev makes one
     try:
-        text = out.read_text()
+        text = dev.output_text()
         assert re.search(r"admin key \(generated", text)
         for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
             assert step in text
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        ready = httpx.get(f"{dev.url}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
 
         curl = next(line.strip() for line in text.splitlines() if line.strip().startswith("curl "))
@@ -59,15 +59,15 @@ def test_banyan_dev_starts_seeds_and_stops_cleanly(tmp_path: Path) -> None:
 
         key = re.search(r"API key: (bk_\S+)", text)
         assert key is not None
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+        models = httpx.get(f"{dev.url}/v1/models",
                            headers={"Authorization": f"Bearer {key.group(1)}"}).json()
         assert {"demo-support", "demo-pirate"} <= {m["id"] for m in models["data"]}
 
-        children = _descendants(process.pid)
+        children = _descendants(dev.process.pid)
         assert len(children) >= 3  # valkey, s3, engine (and the engine's own workers)
     finally:
-        code = stop_dev(process)
+        code = dev.stop()
     assert code == 0
-    assert "stopped" in out.read_text()
+    assert "stopped" in dev.output_text()
     assert not [pid for pid in children if _alive(pid)], "child processes left behind"
     assert os.path.exists(tmp_path / "dev" / "models" / "banyan-demo" / "config.json")
