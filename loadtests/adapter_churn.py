@@ -53,6 +53,7 @@ from gateway.dev.demo_model import synthetic_variant
 from gateway.dev.launcher import DevProcess, launch_dev
 from gateway.dev.seed import upload_adapter
 from loadtests._stack import Sample, metric_by_label, metric_sum, model_dir, scrape
+from loadtests._stats import percentile
 
 PROMPTS = ("Hello there", "The quick brown fox", "abc", "1 2 3 4")
 CLASSES = ("cold", "warm", "hot")
@@ -399,8 +400,8 @@ async def warm_hot_set(target: Target, hot: list[Adapter], *, residency: Residen
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+def _pct(values: list[float], p: float) -> float | None:
+    return round(percentile(values, p) * 1000, 1) if values else None
 
 
 def summarize(phase: Phase) -> dict[str, Any]:

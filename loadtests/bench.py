@@ -37,6 +37,7 @@ import psutil
 
 from gateway.dev.launcher import DevProcess, clean_env, launch_dev
 from gateway.dev.processes import Child, Children, free_port, http_ok
+from loadtests._stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 UNLOADED_PAIRS = 3
@@ -87,11 +88,9 @@ class Series:
     def tps(self) -> float:
         return sum(s.tokens for s in self.ok) / self.wall if self.wall else 0.0
 
-    def pct(self, q: float, attr: str = "latency") -> float:
-        values = sorted(v for s in self.ok if (v := getattr(s, attr)) is not None)
-        if not values:
-            return float("nan")
-        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+    def pct(self, p: float, attr: str = "latency") -> float:
+        """The ``p``-th percentile (0-100, :func:`loadtests._stats.percentile`) of one timing of the good samples."""
+        return percentile((v for s in self.ok if (v := getattr(s, attr)) is not None), p)
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -296,8 +295,8 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
                     s.wall += wall
                     s.rounds.append(sum(1 for x in samples if x.ok) / wall)
                     one = Series(samples=samples, wall=wall)
-                    s.round_ttft_p50.append(one.pct(0.5, "ttft"))
-                    s.round_latency_p50.append(one.pct(0.5))
+                    s.round_ttft_p50.append(one.pct(50, "ttft"))
+                    s.round_latency_p50.append(one.pct(50))
                     _say(f"[bench] round {r + 1}/{options.rounds} {mode:9s} {target:7s} "
                          f"{s.rounds[-1]:7.1f} req/s  errors {sum(1 for x in samples if not x.ok)}")
     finally:
@@ -326,7 +325,7 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
                 entry: dict[str, Any] = {
                     "mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok),
                     "errors": len(samples) - len(ok), "rps": len(ok) / wall,
-                    "p50_ms": _pct_ms(ok, 0.5), "p99_ms": _pct_ms(ok, 0.99),
+                    "p50_ms": _pct_ms(ok, 50), "p99_ms": _pct_ms(ok, 99),
                     "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
                 if len(ok) < len(samples):
                     entry["error_reasons"] = _reasons(samples)
@@ -346,17 +345,8 @@ def _reasons(samples: list[Sample]) -> dict[str, int]:
     return counts
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def _pct_ms(samples: list[Sample], q: float) -> float:
-    values = sorted(s.latency for s in samples)
-    return 1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+def _pct_ms(samples: list[Sample], p: float) -> float:
+    return 1000 * percentile((s.latency for s in samples), p)
 
 
 def _machine() -> dict[str, Any]:
@@ -385,42 +375,42 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
     print(header)
     print("-" * len(header))
     for (target, mode), s in series.items():
-        ttft50 = f"{s.pct(0.5, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
-        ttft99 = f"{s.pct(0.99, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
+        ttft50 = f"{s.pct(50, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
+        ttft99 = f"{s.pct(99, 'ttft') * ms:9.1f}" if mode == "stream" else f"{'-':>9s}"
         cpu = f"{1000 * s.cpu / max(1, len(s.ok)):13.2f}" if target == "gateway" else f"{'-':>13s}"
         print(f"{target:8s} {mode:9s} {len(s.ok):6d} {len(s.samples) - len(s.ok):4d} {s.rps:8.1f} {s.tps:8.0f} "
-              f"{ttft50} {ttft99} {s.pct(0.5) * ms:8.1f} {s.pct(0.9) * ms:8.1f} {s.pct(0.99) * ms:8.1f} {cpu}")
+              f"{ttft50} {ttft99} {s.pct(50) * ms:8.1f} {s.pct(90) * ms:8.1f} {s.pct(99) * ms:8.1f} {cpu}")
     d_ns, g_ns = series[("direct", "nonstream")], series[("gateway", "nonstream")]
     d_s, g_s = series[("direct", "stream")], series[("gateway", "stream")]
     result: dict[str, Any] = {
         "stream_throughput_ratio": round(g_s.rps / d_s.rps, 4) if d_s.rps else None,
         "nonstream_throughput_ratio": round(g_ns.rps / d_ns.rps, 4) if d_ns.rps else None,
-        "ttft_p50_overhead_ms": round((g_s.pct(0.5, "ttft") - d_s.pct(0.5, "ttft")) * ms, 2),
-        "ttft_p99_overhead_ms": round((g_s.pct(0.99, "ttft") - d_s.pct(0.99, "ttft")) * ms, 2),
-        "latency_p50_overhead_ms": round((g_ns.pct(0.5) - d_ns.pct(0.5)) * ms, 2),
-        "latency_p99_overhead_ms": round((g_ns.pct(0.99) - d_ns.pct(0.99)) * ms, 2),
-        "stream_latency_p50_overhead_ms": round((g_s.pct(0.5) - d_s.pct(0.5)) * ms, 2),
+        "ttft_p50_overhead_ms": round((g_s.pct(50, "ttft") - d_s.pct(50, "ttft")) * ms, 2),
+        "ttft_p99_overhead_ms": round((g_s.pct(99, "ttft") - d_s.pct(99, "ttft")) * ms, 2),
+        "latency_p50_overhead_ms": round((g_ns.pct(50) - d_ns.pct(50)) * ms, 2),
+        "latency_p99_overhead_ms": round((g_ns.pct(99) - d_ns.pct(99)) * ms, 2),
+        "stream_latency_p50_overhead_ms": round((g_s.pct(50) - d_s.pct(50)) * ms, 2),
         # Rounds are paired (the two targets back to back, order alternating), so per-pair figures cancel
         # slow drift of the machine; their medians are less sensitive to a noisy round than pooled ones.
         "stream_round_ratios": [round(g / d, 3) for g, d in zip(g_s.rounds, d_s.rounds, strict=True)],
         "nonstream_round_ratios": [round(g / d, 3) for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)],
-        "stream_throughput_ratio_median_of_rounds": round(_median(
-            [g / d for g, d in zip(g_s.rounds, d_s.rounds, strict=True)]), 4),
-        "nonstream_throughput_ratio_median_of_rounds": round(_median(
-            [g / d for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)]), 4),
-        "ttft_p50_overhead_ms_median_of_rounds": round(ms * _median(
-            [g - d for g, d in zip(g_s.round_ttft_p50, d_s.round_ttft_p50, strict=True)]), 2),
-        "latency_p50_overhead_ms_median_of_rounds": round(ms * _median(
-            [g - d for g, d in zip(g_ns.round_latency_p50, d_ns.round_latency_p50, strict=True)]), 2),
+        "stream_throughput_ratio_median_of_rounds": round(percentile(
+            [g / d for g, d in zip(g_s.rounds, d_s.rounds, strict=True)], 50), 4),
+        "nonstream_throughput_ratio_median_of_rounds": round(percentile(
+            [g / d for g, d in zip(g_ns.rounds, d_ns.rounds, strict=True)], 50), 4),
+        "ttft_p50_overhead_ms_median_of_rounds": round(ms * percentile(
+            [g - d for g, d in zip(g_s.round_ttft_p50, d_s.round_ttft_p50, strict=True)], 50), 2),
+        "latency_p50_overhead_ms_median_of_rounds": round(ms * percentile(
+            [g - d for g, d in zip(g_ns.round_latency_p50, d_ns.round_latency_p50, strict=True)], 50), 2),
         "direct_rps": {"stream": round(d_s.rps, 1), "nonstream": round(d_ns.rps, 1)},
         "gateway_rps": {"stream": round(g_s.rps, 1), "nonstream": round(g_ns.rps, 1)},
         "gateway_cpu_ms_per_request": {
             "stream": round(1000 * g_s.cpu / max(1, len(g_s.ok)), 2),
             "nonstream": round(1000 * g_ns.cpu / max(1, len(g_ns.ok)), 2)},
         "unloaded_ttft_p50_overhead_ms": round(ms * (
-            unloaded[("gateway", "stream")].pct(0.5, "ttft") - unloaded[("direct", "stream")].pct(0.5, "ttft")), 2),
+            unloaded[("gateway", "stream")].pct(50, "ttft") - unloaded[("direct", "stream")].pct(50, "ttft")), 2),
         "unloaded_latency_p50_overhead_ms": round(
-            (unloaded[("gateway", "nonstream")].pct(0.5) - unloaded[("direct", "nonstream")].pct(0.5)) * ms, 2),
+            (unloaded[("gateway", "nonstream")].pct(50) - unloaded[("direct", "nonstream")].pct(50)) * ms, 2),
         "errors": sum(len(s.samples) - len(s.ok) for s in series.values()),
         "error_reasons": _reasons([x for s in series.values() for x in s.samples]),
         "concurrency": options.concurrency, "max_tokens": options.max_tokens, "rounds": options.rounds,
@@ -432,8 +422,8 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
     for mode in ("nonstream", "stream"):
         d, g = unloaded[("direct", mode)], unloaded[("gateway", mode)]
         what = "ttft" if mode == "stream" else "latency"
-        print(f"  {mode:9s} {what:7s} direct {d.pct(0.5, what) * ms:7.1f}  gateway {g.pct(0.5, what) * ms:7.1f}  "
-              f"overhead {(g.pct(0.5, what) - d.pct(0.5, what)) * ms:6.1f}")
+        print(f"  {mode:9s} {what:7s} direct {d.pct(50, what) * ms:7.1f}  gateway {g.pct(50, what) * ms:7.1f}  "
+              f"overhead {(g.pct(50, what) - d.pct(50, what)) * ms:6.1f}")
     if alone:
         print()
         print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")

@@ -26,9 +26,9 @@ documents per tenant for the ``rag`` requests; at test stop it deletes those ten
 
 A streamed request's time in Locust's stats is its whole duration (to ``[DONE]``); the time to first
 token of streams is printed as its own table when the test stops.
-This file imports only Locust, the standard library and :mod:`adapters.layout` (the stored file names; it
-imports nothing but the standard library), never the rest of the product: Locust patches the process with
-gevent.
+This file imports only Locust, the standard library, :mod:`adapters.layout` (the stored file names) and
+:mod:`loadtests._stats` (the percentile), both of which import nothing but the standard library; never the
+rest of the product: Locust patches the process with gevent.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner
 
 from adapters.layout import ADAPTER_FILES, WEIGHTS_FILE
+from loadtests._stats import percentile  # found from the repository root, where Locust runs (above)
 
 DOCUMENTS = [
     ("Office hours", "The office opens at 9 am and closes at 6 pm on weekdays; on Saturdays it opens at 10 am."),
@@ -171,13 +172,8 @@ def _print_ttft() -> None:
     print("\nTime to first token of streams (ms, measured by the clients)", flush=True)
     print(f"{'name':28s} {'count':>6s} {'p50':>7s} {'p90':>7s} {'p99':>7s} {'max':>7s}")
     for name, values in sorted(TTFT_MS.items()):
-        values = sorted(values)
-
-        def pct(q: float, v: list[float] = values) -> float:
-            return v[min(len(v) - 1, round(q * (len(v) - 1)))]
-
-        print(f"{name:28s} {len(values):6d} {pct(0.5):7.0f} {pct(0.9):7.0f} {pct(0.99):7.0f} {values[-1]:7.0f}",
-              flush=True)
+        p50, p90, p99 = (percentile(values, p) for p in (50, 90, 99))
+        print(f"{name:28s} {len(values):6d} {p50:7.0f} {p90:7.0f} {p99:7.0f} {max(values):7.0f}", flush=True)
 
 
 @events.test_stop.add_listener

@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 
 from gateway.dev.processes import Children, free_port, redis_ok
 from gateway.dev.stack import search_module, valkey_binary
+from loadtests._stats import percentile
 from retrieval.chunking import chunk_document
 from retrieval.documents import NewDocument
 from retrieval.embedding import SentenceTransformerEmbedder
@@ -82,8 +83,8 @@ def _decode(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values) * 1000.0, q))
+def _pct(values: list[float], p: float) -> float:
+    return percentile(values, p) * 1000.0
 
 
 def _line(name: str, values: list[float]) -> str:
