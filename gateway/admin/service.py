@@ -1,4 +1,8 @@
-"""Admin operations: tenants, keys and the adapter upload pipeline.
+"""Admin operations, one function per admin route: tenants, their keys, usage and adapters.
+
+Each takes the app state and what its route parsed, raises the gateway's errors, and returns the wire
+model the route sends. Records become wire models in one way only: the ``_*_out`` functions at the end,
+field by field.
 
 An upload goes: stage the files on local disk (archives extracted safely) -> validate hard against
 the base model -> allocate a version -> publish it (:func:`adapters.layout.publish_version`: the files,
@@ -9,6 +13,7 @@ removes what was written, so a rejected or failed upload leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -18,14 +23,28 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.archive import extract_archive
-from adapters.layout import delete_stored, publish_version, sweep_abandoned
+from adapters.layout import ADAPTER_FILES, delete_stored, publish_version, sweep_abandoned
 from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, VersionMeta
 from adapters.validation import check_file_set, validate_adapter_dir
-from gateway.admin.protocol import AdapterOut, AdapterVersionOut, TenantOut
-from gateway.errors import InvalidAdapter, InvalidRequest, NotFound
+from gateway.admin.protocol import (
+    AdapterOut,
+    AdapterVersionOut,
+    Deleted,
+    KeyCreate,
+    KeyCreated,
+    KeyOut,
+    ListOut,
+    TenantCreate,
+    TenantOut,
+    TenantPatch,
+    UsageCounts,
+    UsageOut,
+)
+from gateway.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound
 from gateway.state import AppState
-from gateway.tenants import Tenant
+from gateway.tenants import KeyInfo, Tenant
+from gateway.usage import Counts
 
 log = logging.getLogger("banyan.admin")
 
@@ -38,114 +57,131 @@ class UploadedFile:
     file: BinaryIO
 
 
-def tenant_out(tenant: Tenant) -> TenantOut:
-    return TenantOut(**tenant.to_dict())
+# -- tenants -----------------------------------------------------------------------------------------
 
 
-def version_out(name: str, meta: VersionMeta, *, active: int | None) -> AdapterVersionOut:
-    return AdapterVersionOut(name=name, version=meta.version, active=meta.version == active, sha256=meta.sha256,
-                             rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules,
-                             size_bytes=meta.size_bytes, created=meta.created)
-
-
-def adapter_out(record: AdapterRecord) -> AdapterOut:
-    versions = [version_out(record.name, record.versions[v], active=record.active) for v in sorted(record.versions)]
-    return AdapterOut(name=record.name, active_version=record.active, versions=versions)
-
-
-async def require_tenant(state: AppState, tenant_id: str) -> Tenant:
-    tenant = await state.tenants.get(tenant_id) if is_valid_id(tenant_id) else None
+async def create_tenant(state: AppState, body: TenantCreate) -> TenantOut:
+    tenant = await state.tenants.create(body.id, name=body.name or body.id,
+                                        limits=body.model_dump(include={"rpm", "tpm", "max_concurrency"}))
     if tenant is None:
-        raise NotFound(f"Tenant `{tenant_id}` does not exist.", param="tenant_id")
-    return tenant
+        raise Conflict(f"Tenant `{body.id}` already exists.", param="id")
+    return _tenant_out(tenant)
 
 
-async def require_adapter(state: AppState, tenant_id: str, name: str) -> AdapterRecord:
-    await require_tenant(state, tenant_id)
-    record = await state.adapters.get(tenant_id, name) if is_valid_id(name) else None
-    if record is None:
-        raise NotFound(f"Adapter `{name}` does not exist.", param="name")
-    return record
+async def list_tenants(state: AppState) -> ListOut[TenantOut]:
+    return ListOut(data=[_tenant_out(t) for t in await state.tenants.list_tenants()])
 
 
-async def delete_adapter_everywhere(state: AppState, tenant_id: str, record: AdapterRecord) -> None:
-    """Registry first (no new request can pick it), then the engines, then the files."""
-    await state.adapters.delete(tenant_id, record.name)
-    for meta in record.versions.values():
-        await state.engines.unload(AdapterRef(tenant_id, record.name, meta.version, meta.uid).engine_name)
-    await delete_stored(state.store, tenant_id, record.name)
+async def get_tenant(state: AppState, tenant_id: str) -> TenantOut:
+    return _tenant_out(await _require_tenant(state, tenant_id))
 
 
-async def delete_tenant(state: AppState, tenant_id: str) -> None:
-    await require_tenant(state, tenant_id)
+async def update_tenant(state: AppState, tenant_id: str, *, body: TenantPatch) -> TenantOut:
+    if not is_valid_id(tenant_id):
+        raise _no_tenant(tenant_id)
+    tenant = await state.tenants.update(tenant_id, body.model_dump(exclude_unset=True))  # None: no such tenant
+    if tenant is None:
+        raise _no_tenant(tenant_id)
+    return _tenant_out(tenant)
+
+
+async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
+    await _require_tenant(state, tenant_id)
     await state.tenants.delete(tenant_id)  # keys are revoked first: nothing new can start
     await state.usage.delete(tenant_id)
     for record in await state.adapters.list_records(tenant_id):
-        await delete_adapter_everywhere(state, tenant_id, record)
+        await _delete_adapter_everywhere(state, record)
     await state.adapters.delete_tenant(tenant_id)
     await delete_stored(state.store, tenant_id)
     await state.documents.delete_tenant(tenant_id)
+    return Deleted(id=tenant_id, object="tenant")
 
 
-class AdapterUpload:
-    """Stages, validates and stores one uploaded adapter version."""
+async def tenant_usage(state: AppState, tenant_id: str) -> UsageOut:
+    await _require_tenant(state, tenant_id)
+    usage = await state.usage.get(tenant_id)
+    return UsageOut(tenant=tenant_id, total=_counts_out(usage.total),
+                    models={model: _counts_out(counts) for model, counts in usage.models.items()})
 
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.settings = state.settings
 
-    async def run(self, tenant_id: str, *, name: str, files: list[UploadedFile], archive: UploadedFile | None,
-                  activate: bool) -> AdapterVersionOut:
-        await require_tenant(self.state, tenant_id)
-        if not is_valid_id(name):
-            raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
-        if bool(files) == bool(archive):
-            raise InvalidAdapter("Send the adapter either as `files` (adapter_config.json and "
-                                 "adapter_model.safetensors) or as one `archive`, not both or neither.",
-                                 param="files")
-        if self.state.base_spec is None:
-            raise InvalidRequest("This gateway has no base model configuration to check adapters against "
-                                 "(set BANYAN_BASE_MODEL_CONFIG).")
-        with tempfile.TemporaryDirectory(prefix="banyan-upload-") as tmp:
-            folder = await asyncio.to_thread(self._stage, Path(tmp), files, archive)
-            info = await asyncio.to_thread(validate_adapter_dir, folder, base=self.state.base_spec,
-                                           max_rank=self.settings.max_lora_rank,
-                                           max_bytes=self.settings.max_adapter_bytes)
-            version = await self.state.adapters.allocate_version(tenant_id, name)
-            meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank,
-                               alpha=info.alpha, target_modules=info.target_modules, size_bytes=info.size_bytes,
-                               created=int(time.time()))
-            ref = AdapterRef(tenant_id, name, version, meta.uid)
-            await self._store(ref, folder, meta, activate=activate)
-        self.state.metrics.adapter_uploads.labels("stored").inc()
-        return version_out(name, meta, active=version if activate else None)
+# -- keys --------------------------------------------------------------------------------------------
 
-    def _stage(self, tmp: Path, files: list[UploadedFile], archive: UploadedFile | None) -> Path:
-        if archive is not None:
-            packed = tmp / "upload.archive"
-            _copy(archive.file, packed)
-            return extract_archive(packed, tmp / "extracted", filename=archive.filename,
-                                   max_member_bytes=self.settings.max_adapter_bytes,
-                                   max_total_bytes=self.settings.max_adapter_bytes)
-        names = [Path(f.filename).name for f in files]
-        if len(set(names)) != len(names):
-            raise InvalidAdapter("The same file was sent twice.", param="files")
-        check_file_set(names)
-        folder = tmp / "files"
-        folder.mkdir()
-        for upload, filename in zip(files, names, strict=True):
-            _copy(upload.file, folder / filename)
-        return folder
 
-    async def _store(self, ref: AdapterRef, folder: Path, meta: VersionMeta, *, activate: bool) -> None:
+async def create_key(state: AppState, tenant_id: str, *, body: KeyCreate) -> KeyCreated:
+    await _require_tenant(state, tenant_id)
+    info, secret = await state.tenants.create_key(tenant_id, name=body.name)
+    return _key_created(info, secret)
+
+
+async def list_keys(state: AppState, tenant_id: str) -> ListOut[KeyOut]:
+    await _require_tenant(state, tenant_id)
+    return ListOut(data=[_key_out(k) for k in await state.tenants.list_keys(tenant_id)])
+
+
+async def revoke_key(state: AppState, tenant_id: str, *, key_id: str) -> Deleted:
+    await _require_tenant(state, tenant_id)
+    if not await state.tenants.revoke_key(tenant_id, key_id):
+        raise NotFound(f"Key `{key_id}` does not exist.", param="key_id")
+    return Deleted(id=key_id, object="api_key")
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+
+
+async def list_adapters(state: AppState, tenant_id: str) -> ListOut[AdapterOut]:
+    await _require_tenant(state, tenant_id)
+    return ListOut(data=[_adapter_out(r) for r in await state.adapters.list_records(tenant_id)])
+
+
+async def get_adapter(state: AppState, tenant_id: str, *, name: str) -> AdapterOut:
+    return _adapter_out(await _require_adapter(state, tenant_id, name))
+
+
+async def activate_version(state: AppState, tenant_id: str, *, name: str, version: int) -> AdapterOut:
+    record = await _require_adapter(state, tenant_id, name)
+    meta = record.versions.get(version)
+    if meta is None or not await state.adapters.activate(tenant_id, name, version):
+        raise NotFound(f"Adapter `{name}` has no version {version}.", param="version")
+    if state.settings.prefetch_on_activate:
+        state.engines.warm(AdapterRef(tenant_id, name, version, meta.uid).engine_name)
+    return _adapter_out(dataclasses.replace(record, active=version))
+
+
+async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Deleted:
+    await _delete_adapter_everywhere(state, await _require_adapter(state, tenant_id, name))
+    return Deleted(id=name, object="adapter")
+
+
+async def upload_adapter(state: AppState, tenant_id: str, *, name: str, files: list[UploadedFile],
+                         archive: UploadedFile | None, activate: bool) -> AdapterVersionOut:
+    """Stage, validate and publish one uploaded adapter version."""
+    await _require_tenant(state, tenant_id)
+    if not is_valid_id(name):
+        raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
+    if bool(files) == bool(archive):
+        raise InvalidAdapter(f"Send the adapter either as `files` ({' and '.join(ADAPTER_FILES)}) or as one "
+                             "`archive`, not both or neither.", param="files")
+    if state.base_spec is None:
+        raise InvalidRequest("This gateway has no base model configuration to check adapters against "
+                             "(set BANYAN_BASE_MODEL_CONFIG).")
+    settings = state.settings
+    with tempfile.TemporaryDirectory(prefix="banyan-upload-") as tmp:
+        folder = await asyncio.to_thread(_stage, Path(tmp), files, archive, max_bytes=settings.max_adapter_bytes)
+        info = await asyncio.to_thread(validate_adapter_dir, folder, base=state.base_spec,
+                                       max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes)
+        version = await state.adapters.allocate_version(tenant_id, name)
+        meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank, alpha=info.alpha,
+                           target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
+        ref = AdapterRef(tenant_id, name, version, meta.uid)
         try:
-            await publish_version(self.state.store, self.state.adapters, ref=ref, folder=folder, meta=meta,
-                                  activate=activate)
+            await publish_version(state.store, state.adapters, ref=ref, folder=folder, meta=meta, activate=activate)
         except BaseException:
-            self.state.metrics.adapter_uploads.labels("failed").inc()
+            state.metrics.adapter_uploads.labels("failed").inc()
             raise
-        if activate and self.settings.prefetch_on_activate:
-            self.state.engines.warm(ref.engine_name)
+    state.metrics.adapter_uploads.labels("stored").inc()
+    if activate and settings.prefetch_on_activate:
+        state.engines.warm(ref.engine_name)
+    return _version_out(name, meta, active=version if activate else None)
 
 
 async def sweep_abandoned_uploads(state: AppState, *, older_than_s: float) -> int:
@@ -157,17 +193,87 @@ async def sweep_abandoned_uploads(state: AppState, *, older_than_s: float) -> in
     return len(removed)
 
 
-async def activate_version(state: AppState, tenant_id: str, name: str, version: int) -> AdapterRecord:
-    record = await require_adapter(state, tenant_id, name)
-    if not await state.adapters.activate(tenant_id, name, version):
-        raise NotFound(f"Adapter `{name}` has no version {version}.", param="version")
-    meta = record.versions[version]
-    if state.settings.prefetch_on_activate:
-        state.engines.warm(AdapterRef(tenant_id, name, version, meta.uid).engine_name)
-    return await require_adapter(state, tenant_id, name)
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _no_tenant(tenant_id: str) -> NotFound:
+    return NotFound(f"Tenant `{tenant_id}` does not exist.", param="tenant_id")
+
+
+async def _require_tenant(state: AppState, tenant_id: str) -> Tenant:
+    tenant = await state.tenants.get(tenant_id) if is_valid_id(tenant_id) else None
+    if tenant is None:
+        raise _no_tenant(tenant_id)
+    return tenant
+
+
+async def _require_adapter(state: AppState, tenant_id: str, name: str) -> AdapterRecord:
+    await _require_tenant(state, tenant_id)
+    record = await state.adapters.get(tenant_id, name) if is_valid_id(name) else None
+    if record is None:
+        raise NotFound(f"Adapter `{name}` does not exist.", param="name")
+    return record
+
+
+async def _delete_adapter_everywhere(state: AppState, record: AdapterRecord) -> None:
+    """Registry first (no new request can pick it), then the engines, then the files."""
+    await state.adapters.delete(record.tenant, record.name)
+    for meta in record.versions.values():
+        await state.engines.unload(AdapterRef(record.tenant, record.name, meta.version, meta.uid).engine_name)
+    await delete_stored(state.store, record.tenant, record.name)
+
+
+def _stage(tmp: Path, files: list[UploadedFile], archive: UploadedFile | None, *, max_bytes: int) -> Path:
+    """The uploaded files in one local folder (an archive extracted safely). Blocking."""
+    if archive is not None:
+        packed = tmp / "upload.archive"
+        _copy(archive.file, packed)
+        return extract_archive(packed, tmp / "extracted", filename=archive.filename, max_member_bytes=max_bytes,
+                               max_total_bytes=max_bytes)
+    names = [Path(f.filename).name for f in files]
+    if len(set(names)) != len(names):
+        raise InvalidAdapter("The same file was sent twice.", param="files")
+    check_file_set(names)
+    folder = tmp / "files"
+    folder.mkdir()
+    for upload, filename in zip(files, names, strict=True):
+        _copy(upload.file, folder / filename)
+    return folder
 
 
 def _copy(source: BinaryIO, dest: Path) -> None:
     source.seek(0)
     with dest.open("wb") as out:
         shutil.copyfileobj(source, out, _COPY_CHUNK)
+
+
+# -- records -> wire models --------------------------------------------------------------------------
+
+
+def _tenant_out(tenant: Tenant) -> TenantOut:
+    return TenantOut(id=tenant.id, name=tenant.name, created=tenant.created, rpm=tenant.rpm, tpm=tenant.tpm,
+                     max_concurrency=tenant.max_concurrency)
+
+
+def _key_out(info: KeyInfo) -> KeyOut:
+    return KeyOut(key_id=info.key_id, name=info.name, created=info.created, prefix=info.prefix)
+
+
+def _key_created(info: KeyInfo, secret: str) -> KeyCreated:
+    return KeyCreated(key_id=info.key_id, name=info.name, created=info.created, prefix=info.prefix, key=secret)
+
+
+def _counts_out(counts: Counts) -> UsageCounts:
+    return UsageCounts(requests=counts.requests, prompt_tokens=counts.prompt_tokens,
+                       completion_tokens=counts.completion_tokens, total_tokens=counts.total_tokens)
+
+
+def _version_out(name: str, meta: VersionMeta, *, active: int | None) -> AdapterVersionOut:
+    return AdapterVersionOut(name=name, version=meta.version, active=meta.version == active, sha256=meta.sha256,
+                             rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules,
+                             size_bytes=meta.size_bytes, created=meta.created)
+
+
+def _adapter_out(record: AdapterRecord) -> AdapterOut:
+    versions = [_version_out(record.name, record.versions[v], active=record.active) for v in sorted(record.versions)]
+    return AdapterOut(name=record.name, active_version=record.active, versions=versions)

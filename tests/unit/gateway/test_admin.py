@@ -1,0 +1,191 @@
+"""The admin service with hand-written fakes behind the state it uses (stores, registry, engines): what each
+operation changes, what it answers, and that it reads a record once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+
+from adapters.registry import AdapterRecord, VersionMeta
+from gateway.admin import service
+from gateway.admin.protocol import KeyCreate, TenantCreate, TenantPatch
+from gateway.errors import Conflict, NotFound
+from gateway.settings import Settings
+from gateway.state import AppState
+from gateway.tenants import KeyInfo, Tenant
+from gateway.usage import Counts, TenantUsage
+
+
+def _meta(version: int) -> VersionMeta:
+    return VersionMeta(version=version, uid=f"uid{version:09d}", sha256="0" * 64, rank=8, alpha=16.0,
+                       target_modules=["q_proj"], size_bytes=10, created=1)
+
+
+@dataclass
+class FakeTenants:
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    keys: dict[str, KeyInfo] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None:
+        self.calls.append("create")
+        if tenant_id in self.tenants:
+            return None
+        self.tenants[tenant_id] = Tenant(id=tenant_id, name=name, created=1, **limits)
+        return self.tenants[tenant_id]
+
+    async def get(self, tenant_id: str) -> Tenant | None:
+        self.calls.append("get")
+        return self.tenants.get(tenant_id)
+
+    async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
+        self.calls.append("update")
+        if tenant_id not in self.tenants:
+            return None
+        self.tenants[tenant_id] = dataclasses.replace(self.tenants[tenant_id], **changes)
+        return self.tenants[tenant_id]
+
+    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str]:
+        info = KeyInfo(key_id=f"key_{len(self.keys)}", name=name, created=2, prefix="bk_abcd")
+        self.keys[info.key_id] = info
+        return info, "bk_abcd-the-secret"
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> bool:
+        return self.keys.pop(key_id, None) is not None
+
+
+@dataclass
+class FakeRegistry:
+    records: dict[tuple[str, str], AdapterRecord] = field(default_factory=dict)
+    gets: int = 0
+
+    def add(self, tenant: str, name: str, versions: list[int], *, active: int | None) -> None:
+        self.records[(tenant, name)] = AdapterRecord(tenant, name, active, {v: _meta(v) for v in versions})
+
+    async def get(self, tenant: str, name: str) -> AdapterRecord | None:
+        self.gets += 1
+        return self.records.get((tenant, name))
+
+    async def activate(self, tenant: str, name: str, version: int) -> bool:
+        record = self.records[(tenant, name)]
+        if version not in record.versions:
+            return False
+        self.records[(tenant, name)] = dataclasses.replace(record, active=version)
+        return True
+
+    async def delete(self, tenant: str, name: str) -> None:
+        self.records.pop((tenant, name), None)
+
+
+@dataclass
+class FakeEngines:
+    warmed: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+
+    def warm(self, engine_model: str) -> None:
+        self.warmed.append(engine_model)
+
+    async def unload(self, engine_model: str) -> None:
+        self.unloaded.append(engine_model)
+
+
+@dataclass
+class FakeStore:
+    deleted: list[str] = field(default_factory=list)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        self.deleted.append(prefix)
+        return 1
+
+
+class FakeUsage:
+    async def get(self, tenant: str) -> TenantUsage:
+        return TenantUsage(total=Counts(requests=3, prompt_tokens=10, completion_tokens=5),
+                           models={"bot": Counts(requests=3, prompt_tokens=10, completion_tokens=5)})
+
+
+@dataclass
+class Parts:
+    tenants: FakeTenants = field(default_factory=FakeTenants)
+    adapters: FakeRegistry = field(default_factory=FakeRegistry)
+    engines: FakeEngines = field(default_factory=FakeEngines)
+    store: FakeStore = field(default_factory=FakeStore)
+    usage: FakeUsage = field(default_factory=FakeUsage)
+    settings: Settings = field(default_factory=lambda: Settings(mode="dev"))
+
+    @property
+    def state(self) -> AppState:
+        return cast(AppState, self)  # the service reads only these attributes
+
+
+@pytest.fixture
+def parts() -> Parts:
+    parts = Parts()
+    parts.tenants.tenants["acme"] = Tenant(id="acme", name="Acme", created=1, rpm=60)
+    return parts
+
+
+async def test_create_tenant_answers_the_tenant_and_refuses_a_taken_id(parts: Parts) -> None:
+    created = await service.create_tenant(parts.state, TenantCreate(id="globex", tpm=1000))
+    assert (created.id, created.name, created.tpm, created.rpm) == ("globex", "globex", 1000, None)
+    with pytest.raises(Conflict):
+        await service.create_tenant(parts.state, TenantCreate(id="acme"))
+
+
+async def test_update_tenant_reads_once_and_changes_only_what_was_sent(parts: Parts) -> None:
+    updated = await service.update_tenant(parts.state, "acme", body=TenantPatch(tpm=500))
+    assert (updated.name, updated.rpm, updated.tpm) == ("Acme", 60, 500)
+    assert parts.tenants.calls == ["update"]
+
+
+@pytest.mark.parametrize("tenant_id", ["nobody", "Not-An-Id"])
+async def test_update_of_a_missing_tenant_is_not_found(parts: Parts, tenant_id: str) -> None:
+    with pytest.raises(NotFound) as caught:
+        await service.update_tenant(parts.state, tenant_id, body=TenantPatch(rpm=1))
+    assert caught.value.param == "tenant_id"
+
+
+async def test_keys_are_created_with_their_secret_once_and_revoked(parts: Parts) -> None:
+    created = await service.create_key(parts.state, "acme", body=KeyCreate(name="ci"))
+    assert (created.key_id, created.name, created.key) == ("key_0", "ci", "bk_abcd-the-secret")
+    assert (await service.revoke_key(parts.state, "acme", key_id="key_0")).deleted
+    with pytest.raises(NotFound):
+        await service.revoke_key(parts.state, "acme", key_id="key_0")
+    with pytest.raises(NotFound):
+        await service.create_key(parts.state, "nobody", body=KeyCreate())
+
+
+async def test_usage_counts_total_tokens(parts: Parts) -> None:
+    usage = await service.tenant_usage(parts.state, "acme")
+    assert usage.total.total_tokens == 15 and usage.models["bot"].requests == 3
+
+
+async def test_activate_answers_the_new_active_version_from_one_read(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1, 2], active=2)
+    out = await service.activate_version(parts.state, "acme", name="bot", version=1)
+    assert out.active_version == 1 and [v.active for v in out.versions] == [True, False]
+    assert parts.adapters.records[("acme", "bot")].active == 1
+    assert parts.adapters.gets == 1
+    assert parts.engines.warmed == ["banyan.acme.bot.v1.uid000000001"]
+
+
+async def test_activating_a_missing_version_changes_nothing(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1, 2], active=2)
+    with pytest.raises(NotFound) as caught:
+        await service.activate_version(parts.state, "acme", name="bot", version=9)
+    assert caught.value.param == "version"
+    assert parts.adapters.records[("acme", "bot")].active == 2 and parts.engines.warmed == []
+
+
+async def test_delete_adapter_removes_it_from_registry_engines_and_storage(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1, 2], active=2)
+    parts.adapters.add("acme", "bot-2", [1], active=1)
+    assert (await service.delete_adapter(parts.state, "acme", name="bot")).deleted
+    assert list(parts.adapters.records) == [("acme", "bot-2")]
+    assert parts.engines.unloaded == ["banyan.acme.bot.v1.uid000000001", "banyan.acme.bot.v2.uid000000002"]
+    assert parts.store.deleted == ["adapters/acme/bot/"]
+    with pytest.raises(NotFound):
+        await service.get_adapter(parts.state, "acme", name="bot")
