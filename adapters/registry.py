@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -50,14 +50,14 @@ class VersionMeta:
     target_modules: list[str]
     size_bytes: int
     created: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> VersionMeta:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)  # keys it does not know are ignored (earlier versions wrote an empty "extra")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

