@@ -7,63 +7,50 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from gateway.admin import protocol as wire
 from gateway.admin import service
-from gateway.admin.protocol import (
-    ActivateIn,
-    AdapterOut,
-    AdapterVersionOut,
-    Deleted,
-    KeyCreate,
-    KeyCreated,
-    KeyOut,
-    ListOut,
-    TenantCreate,
-    TenantOut,
-    TenantPatch,
-    UsageOut,
-)
 from gateway.deps import AdminDep, StateDep
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 
 @router.post("/tenants", status_code=201)
-async def create_tenant(body: TenantCreate, state: StateDep) -> TenantOut:
+async def create_tenant(body: wire.TenantCreate, state: StateDep) -> wire.TenantOut:
     return await service.create_tenant(state, body)
 
 
 @router.get("/tenants")
-async def list_tenants(state: StateDep) -> ListOut[TenantOut]:
+async def list_tenants(state: StateDep) -> wire.ListOut[wire.TenantOut]:
     return await service.list_tenants(state)
 
 
 @router.get("/tenants/{tenant_id}")
-async def get_tenant(tenant_id: str, state: StateDep) -> TenantOut:
+async def get_tenant(tenant_id: str, state: StateDep) -> wire.TenantOut:
     return await service.get_tenant(state, tenant_id)
 
 
 @router.patch("/tenants/{tenant_id}")
-async def patch_tenant(tenant_id: str, body: TenantPatch, state: StateDep) -> TenantOut:
+async def patch_tenant(tenant_id: str, body: wire.TenantPatch, state: StateDep) -> wire.TenantOut:
     return await service.update_tenant(state, tenant_id, body=body)
 
 
 @router.delete("/tenants/{tenant_id}")
-async def delete_tenant(tenant_id: str, state: StateDep) -> Deleted:
+async def delete_tenant(tenant_id: str, state: StateDep) -> wire.Deleted:
     return await service.delete_tenant(state, tenant_id)
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
-async def create_key(tenant_id: str, body: KeyCreate, state: StateDep) -> KeyCreated:
+async def create_key(tenant_id: str, body: wire.KeyCreate, state: StateDep) -> wire.KeyCreated:
     return await service.create_key(state, tenant_id, body=body)
 
 
 @router.get("/tenants/{tenant_id}/keys")
-async def list_keys(tenant_id: str, state: StateDep) -> ListOut[KeyOut]:
+async def list_keys(tenant_id: str, state: StateDep) -> wire.ListOut[wire.KeyOut]:
     return await service.list_keys(state, tenant_id)
 
 
 @router.delete("/tenants/{tenant_id}/keys/{key_id}")
-async def revoke_key(tenant_id: str, key_id: str, state: StateDep) -> Deleted:
+async def revoke_key(tenant_id: str, key_id: str, state: StateDep) -> wire.Deleted:
     return await service.revoke_key(state, tenant_id, key_id=key_id)
 
 
@@ -75,7 +62,7 @@ async def upload_adapter(
     files: Annotated[list[UploadFile] | None, File()] = None,
     archive: Annotated[UploadFile | None, File()] = None,
     activate: Annotated[bool, Form()] = True,
-) -> AdapterVersionOut:
+) -> wire.AdapterVersionOut:
     uploaded = [service.UploadedFile(f.filename or "", f.file) for f in files or []]
     packed = service.UploadedFile(archive.filename or "", archive.file) if archive else None
     return await service.upload_adapter(state, tenant_id, name=name, files=uploaded, archive=packed,
@@ -83,25 +70,25 @@ async def upload_adapter(
 
 
 @router.get("/tenants/{tenant_id}/adapters")
-async def list_adapters(tenant_id: str, state: StateDep) -> ListOut[AdapterOut]:
+async def list_adapters(tenant_id: str, state: StateDep) -> wire.ListOut[wire.AdapterOut]:
     return await service.list_adapters(state, tenant_id)
 
 
 @router.get("/tenants/{tenant_id}/adapters/{name}")
-async def get_adapter(tenant_id: str, name: str, state: StateDep) -> AdapterOut:
+async def get_adapter(tenant_id: str, name: str, state: StateDep) -> wire.AdapterOut:
     return await service.get_adapter(state, tenant_id, name=name)
 
 
 @router.post("/tenants/{tenant_id}/adapters/{name}/activate")
-async def activate_adapter(tenant_id: str, name: str, body: ActivateIn, state: StateDep) -> AdapterOut:
+async def activate_adapter(tenant_id: str, name: str, body: wire.ActivateIn, state: StateDep) -> wire.AdapterOut:
     return await service.activate_version(state, tenant_id, name=name, version=body.version)
 
 
 @router.delete("/tenants/{tenant_id}/adapters/{name}")
-async def delete_adapter(tenant_id: str, name: str, state: StateDep) -> Deleted:
+async def delete_adapter(tenant_id: str, name: str, state: StateDep) -> wire.Deleted:
     return await service.delete_adapter(state, tenant_id, name=name)
 
 
 @router.get("/tenants/{tenant_id}/usage")
-async def tenant_usage(tenant_id: str, state: StateDep) -> UsageOut:
+async def tenant_usage(tenant_id: str, state: StateDep) -> wire.UsageOut:
     return await service.tenant_usage(state, tenant_id)
