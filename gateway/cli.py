@@ -66,6 +66,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def run_dev(args: argparse.Namespace) -> int:
+    from gateway.dev.launcher import READY_LINE
     from gateway.dev.seed import DEMO_QUESTION, seed_demo
     from gateway.dev.stack import DevStack
 
@@ -107,7 +108,7 @@ def run_dev(args: argparse.Namespace) -> int:
                 if seeded.documents:
                     _say(f"grounded in the {seeded.documents} demo documents (the reply lists its `sources`):")
                     _say("  " + _curl(settings, seeded.key, seeded.adapters[0], question=DEMO_QUESTION, rag=True))
-            _say("banyan dev is ready (Ctrl-C stops everything)")
+            _say(f"{READY_LINE} (Ctrl-C stops everything)")  # what the launcher waits for
 
         # uvicorn handles SIGINT/SIGTERM itself while serving, then returns here.
         _serve_forever(settings, after_start=after_start)
