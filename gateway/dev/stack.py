@@ -131,7 +131,7 @@ class DevStack:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_path), "--served-model-name", s.base_model,
             "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(s.max_model_len),
             "--gpu-memory-utilization", "0.3",
             "--enable-lora", "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_cpu_loras),
             "--max-lora-rank", str(s.max_lora_rank),
