@@ -8,7 +8,6 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -23,28 +22,8 @@ CACHE_MAX_BYTES = 12 * 1024 * 1024
 
 
 @dataclass
-class RunningStack:
-    dev: DevProcess
-
-    @property
-    def url(self) -> str:
-        return self.dev.url
-
-    @property
-    def admin_key(self) -> str:
-        return self.dev.admin_key
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return self.dev.info
-
-    @property
-    def data_dir(self) -> Path:
-        return self.dev.data_dir
-
-    @property
-    def model_path(self) -> Path:
-        return self.dev.model_path
+class RunningStack(DevProcess):
+    """The session's ``banyan dev`` process, with what the tests read from it."""
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=120)
@@ -54,14 +33,14 @@ class RunningStack:
 
     def engine_metric(self, name: str, **labels: str) -> float:
         """The sum of one metric's samples (matching ``labels``) on the engine's own /metrics."""
-        return _metric_sum(self.info["engine_url"], name, labels)
+        return _metric_sum(self.engine_url, name, labels)
 
     def gateway_metric(self, name: str, **labels: str) -> float:
         """The sum of one metric's samples (matching ``labels``) on the gateway's /metrics."""
         return _metric_sum(self.url, name, labels)
 
     def s3_keys(self, prefix: str = "") -> list[str]:
-        s3 = make_s3_client(s3_config(self.dev.s3_settings()))
+        s3 = make_s3_client(s3_config(self.s3_settings()))
         keys: list[str] = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.info["s3_bucket"], Prefix=prefix):
             keys.extend(o["Key"] for o in page.get("Contents", []))
@@ -83,7 +62,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24",
         "BANYAN_LOG_LEVEL": "info"})  # the access log lines, checked by test_logs.py
     try:
-        yield RunningStack(dev.wait_ready())
+        yield RunningStack(**vars(dev.wait_ready()))
     finally:
         dev.stop()
 

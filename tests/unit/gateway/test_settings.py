@@ -4,7 +4,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from adapters.resolver import ResolverSettings
-from adapters.store import s3_config
+from adapters.store import S3Settings, s3_config
 from gateway.settings import Settings
 
 
@@ -33,15 +33,13 @@ def test_engine_urls_must_not_be_empty() -> None:
 
 
 def test_gateway_and_resolver_read_the_same_s3_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"BANYAN_S3_ENDPOINT_URL": "http://127.0.0.1:9000", "BANYAN_S3_BUCKET": "tenant-adapters",
-           "BANYAN_S3_REGION": "ap-south-1", "BANYAN_S3_ACCESS_KEY_ID": "AKIA-test",
-           "BANYAN_S3_SECRET_ACCESS_KEY": "s3cr3t"}
-    for name, value in env.items():
+    given = S3Settings(s3_endpoint_url="http://127.0.0.1:9000", s3_bucket="tenant-adapters", s3_region="ap-south-1",
+                       s3_access_key_id=SecretStr("AKIA-test"), s3_secret_access_key=SecretStr("s3cr3t"))
+    for name, value in given.s3_env().items():  # the names themselves are checked in tests/unit/adapters
         monkeypatch.setenv(name, value)
     gateway, resolver = Settings(mode="dev"), ResolverSettings()
-    assert s3_config(gateway) == s3_config(resolver)
-    assert s3_config(gateway).secret_access_key == "s3cr3t" and s3_config(gateway).bucket == "tenant-adapters"
-    assert gateway.s3_env() == env  # what `banyan dev` hands the engine is what the gateway read
+    assert s3_config(gateway) == s3_config(resolver) == s3_config(given)
+    assert gateway.s3_env() == given.s3_env()  # what `banyan dev` hands the engine is what the gateway read
     assert "s3cr3t" not in repr(gateway)
 
 
