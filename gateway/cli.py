@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -18,7 +19,13 @@ from pydantic import SecretStr, ValidationError
 
 from gateway import logs
 from gateway.app import create_app
+from gateway.dev.models import DEV_MODELS, DevModel
+from gateway.dev.processes import Child
 from gateway.settings import Settings
+
+DEMO_ADAPTERS_LINE = "demo adapters active:"
+"""Printed by ``banyan dev`` once the demo tenant's adapters serve (before the ready line if they were
+cached, later if they are trained in the background)."""
 
 
 def _say(line: str) -> None:
@@ -49,10 +56,9 @@ def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
     asyncio.run(main())
 
 
-def _curl(settings: Settings, key: str, model: str, *, question: str = "Hello! Who are you?",
-          rag: bool = False) -> str:
+def _curl(settings: Settings, key: str, model: str, *, question: str, rag: bool = False) -> str:
     request: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": question}],
-                                  "max_tokens": 32}
+                                  "max_tokens": 64, "temperature": 0}
     if rag:
         request["rag"] = {"top_k": 3}
     body = json.dumps(request)
@@ -67,47 +73,70 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def run_dev(args: argparse.Namespace) -> int:
     from gateway.dev.launcher import READY_LINE
-    from gateway.dev.seed import DEMO_QUESTION, seed_demo
-    from gateway.dev.stack import DevStack
+    from gateway.dev.models import dev_model
+    from gateway.dev.seed import DEMO_QUESTION, PLAIN_QUESTION, seed_demo
+    from gateway.dev.stack import DevStack, dev_settings
 
     overrides: dict[str, object] = {"mode": "dev"}
     if args.port is not None:
         overrides["port"] = args.port
+    if args.model is not None:
+        overrides["dev_model"] = args.model
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        model = dev_model(settings.dev_model)
+    except ValueError as e:
+        print(f"banyan dev: {e}", file=sys.stderr)
+        return 2
+    settings = dev_settings(settings, model)
     generated = not settings.admin_key.get_secret_value()
     if generated:
         settings = settings.model_copy(update={"admin_key": SecretStr("adm_" + secrets.token_urlsafe(24))})
     # The console belongs to the progress lines: access logs only when BANYAN_LOG_LEVEL asks for them.
     logs.configure(settings.log_level if "log_level" in settings.model_fields_set else "warning")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    stack = DevStack(settings, progress=_say)
+    stack = DevStack(settings, model=model, progress=_say)
+    background: list[asyncio.Task[None]] = []
     try:
         settings = stack.start()
         model_path = settings.models_dir.resolve() / settings.base_model
+        data_dir = settings.data_dir.resolve()
+        url = f"http://{settings.host}:{settings.port}"
+        admin_key = settings.admin_key.get_secret_value()
 
         async def after_start(server: uvicorn.Server) -> None:
-            _say(f"[5/5] gateway listening on http://{settings.host}:{settings.port}")
+            _say(f"[5/5] gateway listening on {url}")
             if generated:
-                _say(f"admin key (generated; set BANYAN_ADMIN_KEY to choose one): "
-                     f"{settings.admin_key.get_secret_value()}")
+                _say(f"admin key (generated; set BANYAN_ADMIN_KEY to choose one): {admin_key}")
             if args.empty:
                 _say("started empty (--empty): no demo tenant")
             else:
                 try:
-                    seeded = await seed_demo(f"http://{settings.host}:{settings.port}",
-                                             admin_key=settings.admin_key.get_secret_value(),
-                                             model_path=model_path, work_dir=settings.data_dir / "demo-adapters")
+                    ready = await asyncio.to_thread(model.demo_adapters.ready, model_path=model_path,
+                                                    base_model=settings.base_model, data_dir=data_dir)
+                    seeded = await seed_demo(url, admin_key=admin_key, adapters=ready)
                 except Exception as e:
                     _say(f"seeding the demo tenant failed: {e}")
                     server.should_exit = True
                     return
-                _say(f"demo tenant `{seeded.tenant}` with adapters {', '.join(seeded.adapters)}; "
-                     f"its API key: {seeded.key}")
-                _say("try it:")
-                _say("  " + _curl(settings, seeded.key, seeded.adapters[0]))
+                _say(f"demo tenant `{seeded.tenant}`; its API key: {seeded.key}")
+                _say(f"try the base model `{settings.base_model}`:")
+                _say("  " + _curl(settings, seeded.key, settings.base_model, question=PLAIN_QUESTION))
                 if seeded.documents:
                     _say(f"grounded in the {seeded.documents} demo documents (the reply lists its `sources`):")
-                    _say("  " + _curl(settings, seeded.key, seeded.adapters[0], question=DEMO_QUESTION, rag=True))
+                    _say("  " + _curl(settings, seeded.key, settings.base_model, question=DEMO_QUESTION, rag=True))
+                if ready:
+                    _say_adapters(settings, seeded.key, list(ready))
+                pending = [name for name in model.demo_adapters.names if name not in ready]
+                if pending:
+                    command = model.demo_adapters.build_command(dev_model=model.name, model_path=model_path,
+                                                                base_model=settings.base_model, data_dir=data_dir,
+                                                                names=pending)
+                    child = stack.children.spawn("demo-adapters", command, cwd=data_dir)
+                    _say(f"training the demo adapters {', '.join(pending)} in the background (first start only: "
+                         f"a few minutes on 2 cores; log {child.log_path}); a line says when they are active")
+                    background.append(asyncio.create_task(_finish_demo_adapters(
+                        child, model=model, model_path=model_path, settings=settings, key=seeded.key)))
             _say(f"{READY_LINE} (Ctrl-C stops everything)")  # what the launcher waits for
 
         # uvicorn handles SIGINT/SIGTERM itself while serving, then returns here.
@@ -124,6 +153,45 @@ def run_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_adapters(settings: Settings, key: str, names: list[str]) -> None:
+    from gateway.dev.seed import PLAIN_QUESTION
+
+    _say(f"{DEMO_ADAPTERS_LINE} {', '.join(names)}; the same question through `{names[0]}`:")
+    _say("  " + _curl(settings, key, names[0], question=PLAIN_QUESTION))
+
+
+async def _finish_demo_adapters(child: Child, *, model: DevModel, model_path: Path, settings: Settings,
+                                key: str) -> None:
+    """Wait for the training process, echoing its progress lines; then upload (and so activate) its adapters."""
+    from gateway.dev.demo_adapters import PROGRESS_PREFIX
+    from gateway.dev.seed import add_demo_adapters
+
+    shown = 0
+    while True:
+        done = child.process.poll() is not None
+        lines = child.log_path.read_text(errors="replace").splitlines()
+        for line in lines[shown:]:
+            if line.startswith(PROGRESS_PREFIX):
+                _say(line)
+        shown = len(lines)
+        if done:
+            break
+        await asyncio.sleep(1.0)
+    if child.process.returncode != 0:
+        _say(f"training the demo adapters failed (exit code {child.process.returncode}); "
+             f"its log ({child.log_path}) ends with:\n{child.tail()}")
+        return
+    try:
+        ready = await asyncio.to_thread(model.demo_adapters.ready, model_path=model_path,
+                                        base_model=settings.base_model, data_dir=settings.data_dir.resolve())
+        await add_demo_adapters(f"http://{settings.host}:{settings.port}",
+                                admin_key=settings.admin_key.get_secret_value(), adapters=ready)
+    except Exception as e:
+        _say(f"adding the trained demo adapters failed: {e}")
+        return
+    _say_adapters(settings, key, list(ready))
+
+
 def run_serve(_: argparse.Namespace) -> int:
     try:
         settings = Settings()
@@ -138,9 +206,12 @@ def run_serve(_: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="banyan", description="Banyan multi-tenant LoRA gateway")
     sub = parser.add_subparsers(dest="command", required=True)
-    dev = sub.add_parser("dev", help="run the whole stack on this machine (demo model on the CPU)")
+    dev = sub.add_parser("dev", help="run the whole stack on this machine (a small model on the CPU)")
     dev.add_argument("--empty", action="store_true", help="do not seed the demo tenant")
     dev.add_argument("--port", type=int, default=None, help="gateway port (default BANYAN_PORT or 8000)")
+    dev.add_argument("--model", default=None, choices=sorted(DEV_MODELS),
+                     help="the base model: smollm2 (SmolLM2-135M-Instruct, the default) or tiny (the small "
+                          "deterministic test model); default BANYAN_DEV_MODEL or smollm2")
     dev.set_defaults(func=run_dev)
     serve = sub.add_parser("serve", help="run the gateway against external Redis, S3 and engines")
     serve.set_defaults(func=run_serve)

@@ -25,6 +25,8 @@ class Settings(S3Settings):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".banyan")
+    dev_model: str = "smollm2"
+    """The model ``banyan dev`` serves (its ``--model``): ``smollm2`` or ``tiny`` (``gateway/dev/models.py``)."""
 
     admin_key: SecretStr = SecretStr("")
 

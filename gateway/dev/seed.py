@@ -1,20 +1,24 @@
 """Seed data for ``banyan dev``: the ``demo`` tenant, a key, demo adapters (through the real admin API)
-and demo documents (through the tenant API, as a user would add them)."""
+and demo documents (through the tenant API, as a user would add them).
+
+The adapters themselves come from the dev model's entry (:mod:`gateway.dev.models`); those that take minutes
+to make are added later with :func:`add_demo_adapters`."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from adapters.layout import ADAPTER_FILES
-from gateway.dev.demo_model import build_adapter
 
 DEMO_TENANT = "demo"
-DEMO_ADAPTERS = {"demo-support": 1, "demo-pirate": 2}  # adapter name -> weight seed
+PLAIN_QUESTION = "What is the capital of France?"
+"""Asked through the base model and a demo adapter in the curl commands ``banyan dev`` prints."""
 DEMO_QUESTION = "When is the support desk open?"
+"""Asked with ``rag``: the demo documents answer it (the newer of two that disagree)."""
 DEMO_DOCUMENTS = [  # the last two disagree: retrieval ranks the newer one first
     {"title": "Returns policy", "timestamp": "2024-02-01T09:00:00Z", "collection": "policies",
      "text": "Customers can return any product within 30 days of delivery for a full refund. Items must be "
@@ -40,7 +44,8 @@ class Seeded:
     documents: int = 0
 
 
-async def seed_demo(gateway_url: str, *, admin_key: str, model_path: Path, work_dir: Path) -> Seeded:
+async def seed_demo(gateway_url: str, *, admin_key: str, adapters: Mapping[str, Path]) -> Seeded:
+    """Create the demo tenant and a key for it; upload ``adapters`` (name -> PEFT folder); add the documents."""
     headers = {"Authorization": f"Bearer {admin_key}"}
     async with httpx.AsyncClient(base_url=gateway_url, headers=headers, timeout=120) as client:
         response = await client.post("/admin/tenants", json={"id": DEMO_TENANT, "name": "Demo tenant"})
@@ -49,13 +54,20 @@ async def seed_demo(gateway_url: str, *, admin_key: str, model_path: Path, work_
         response = await client.post(f"/admin/tenants/{DEMO_TENANT}/keys", json={"name": "banyan-dev"})
         response.raise_for_status()
         key = response.json()["key"]
-        for name, seed in DEMO_ADAPTERS.items():
-            folder = await asyncio.to_thread(build_adapter, model_path, work_dir / name, seed=seed)
+        for name, folder in adapters.items():
             await upload_adapter(client, DEMO_TENANT, name, folder)
         for document in DEMO_DOCUMENTS:
             response = await client.post("/v1/documents", json=document, headers={"Authorization": f"Bearer {key}"})
             response.raise_for_status()
-    return Seeded(tenant=DEMO_TENANT, key=key, adapters=list(DEMO_ADAPTERS), documents=len(DEMO_DOCUMENTS))
+    return Seeded(tenant=DEMO_TENANT, key=key, adapters=list(adapters), documents=len(DEMO_DOCUMENTS))
+
+
+async def add_demo_adapters(gateway_url: str, *, admin_key: str, adapters: Mapping[str, Path]) -> None:
+    """Upload (and so activate) more adapters for the demo tenant."""
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    async with httpx.AsyncClient(base_url=gateway_url, headers=headers, timeout=120) as client:
+        for name, folder in adapters.items():
+            await upload_adapter(client, DEMO_TENANT, name, folder)
 
 
 async def upload_adapter(client: httpx.AsyncClient, tenant: str, name: str, folder: Path) -> dict[str, object]:

@@ -1,9 +1,9 @@
 """The local stack behind ``banyan dev``: everything on loopback, nothing from outside.
 
-Steps (a progress line each): Valkey with the search module, the S3 server (moto), the demo base
-model (written once under ``<data dir>/models/<id>/`` and reused), the vLLM engine on the CPU with
-LoRA and Banyan's S3 resolver. The gateway itself runs in the calling process (see ``gateway.cli``).
-The URLs of the running stack are written to ``<data dir>/stack.json``.
+Steps (a progress line each): Valkey with the search module, the S3 server (moto), the base model of
+the chosen dev model (:mod:`gateway.dev.models`; written once under ``<data dir>/models/<id>/`` and reused),
+the vLLM engine on the CPU with LoRA and Banyan's S3 resolver. The gateway itself runs in the calling process
+(see ``gateway.cli``). The URLs of the running stack are written to ``<data dir>/stack.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from adapters.store import S3ObjectStore, S3Settings, s3_config
-from gateway.dev.demo_model import build_base_model
+from gateway.dev.models import DevModel
 from gateway.dev.processes import Children, free_port, http_ok, redis_ok
 from gateway.settings import Settings
 
@@ -56,10 +56,12 @@ def valkey_binary() -> str:
 class DevStack:
     """Starts (and stops) the services the gateway needs on this machine."""
 
-    def __init__(self, settings: Settings, *, progress: Progress = print, engine_timeout: float = 300.0) -> None:
+    def __init__(self, settings: Settings, *, model: DevModel, progress: Progress = print) -> None:
+        """``settings.base_model`` and ``settings.max_model_len`` are what the engine serves (see
+        :func:`dev_settings`)."""
         self.settings = settings
+        self.model = model
         self.progress = progress
-        self.engine_timeout = engine_timeout
         self.data_dir = settings.data_dir.resolve()
         self.children = Children(self.data_dir / "logs")
 
@@ -107,17 +109,18 @@ class DevStack:
 
     def _build_model(self) -> Path:
         path = self.settings.models_dir.resolve() / self.settings.base_model
-        self.progress(f"[3/5] demo base model `{self.settings.base_model}` at {path}")
-        return build_base_model(path)
+        self.progress(f"[3/5] base model `{self.settings.base_model}` ({self.model.summary}) at {path}")
+        return self.model.build(path, self.progress)
 
     def _start_engine(self, model_path: Path, s3: S3Settings) -> str:
         port = free_port()
         s = self.settings
-        self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} (about 30 s)")
+        self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
+                      f"(about {self.model.engine_start_s} s)")
         env = {
             **os.environ,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.model.kv_cache_gib)),
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
@@ -138,7 +141,7 @@ class DevStack:
         ]
         child = self.children.spawn("engine", cmd, env=env, cwd=self.data_dir)
         url = f"http://127.0.0.1:{port}"
-        self.children.wait_ready(child, http_ok(url + "/health"), timeout=self.engine_timeout,
+        self.children.wait_ready(child, http_ok(url + "/health"), timeout=self.model.engine_timeout_s,
                                  progress=self.progress)
         return url
 
@@ -148,3 +151,14 @@ def dev_s3_settings(endpoint_url: str, *, bucket: str, region: str = "us-east-1"
     return S3Settings(s3_endpoint_url=endpoint_url, s3_bucket=bucket, s3_region=region,
                       s3_access_key_id=SecretStr(DEV_S3_ACCESS_KEY_ID),
                       s3_secret_access_key=SecretStr(DEV_S3_SECRET_ACCESS_KEY))
+
+
+def dev_settings(settings: Settings, model: DevModel) -> Settings:
+    """``settings`` for a stack serving ``model``: its base model id and context window, unless the user set
+    ``BANYAN_BASE_MODEL`` or ``BANYAN_MAX_MODEL_LEN``."""
+    update: dict[str, object] = {}
+    if "base_model" not in settings.model_fields_set:
+        update["base_model"] = model.base_model
+    if "max_model_len" not in settings.model_fields_set:
+        update["max_model_len"] = model.max_model_len
+    return settings.model_copy(update=update)
