@@ -177,4 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so that the registry's adapter classes are the ones checked against.
+    from gateway.dev.demo_adapters import main as _main
+
+    sys.exit(_main())

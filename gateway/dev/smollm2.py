@@ -8,8 +8,10 @@ renamed into it with a marker file last, so a half-written folder is never used;
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -53,14 +55,17 @@ def build_smollm2(path: Path, *, progress: Progress = print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the console belongs to banyan dev's progress lines
+    hf_logging.disable_progress_bar()
     source = gguf_path()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
     progress(f"      converting {source.name} to float32 safetensors (first start only, about a minute)")
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own progress bar: the console belongs to banyan dev's lines.
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                          dtype=torch.float32)
     progress(f"      read and dequantized in {time.monotonic() - started:.0f} s; writing {tmp.name}")
     # A model loaded from GGUF counts as quantized and refuses save_pretrained; its weights are plain
     # float32 tensors by now, so drop the quantizer and write them as they are.
