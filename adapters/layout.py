@@ -1,18 +1,23 @@
 """The stored layout of adapter versions, and the only module that writes or names it.
 
-In object storage every version of a tenant's adapter is one immutable folder::
+In object storage every upload of a tenant's adapter is one immutable folder::
 
-    adapters/<tenant>/<adapter>/v<version>/
+    adapters/<tenant>/<adapter>/v<version>-<uid>/
         adapter_config.json          the PEFT config       } ADAPTER_FILES
         adapter_model.safetensors    the LoRA weights      }
         manifest.json                a :class:`Manifest`, written last
 
 The manifest ties the files to one upload (its ``uid``, which is also in the engine name) and gives their
 size, so the engine's disk cache (:mod:`adapters.cache`) reads it first and can reserve room before the
-files arrive. :func:`publish_version` is the upload's storage protocol (mark pending -> files ->
-manifest -> record the version in the registry, the commit point); :func:`sweep_abandoned` removes what an
-upload whose process died left behind; :func:`delete_stored` removes all versions of an adapter or of a
-tenant.
+files arrive. The uid is in the folder's name too (the engine name carries it, so the cache finds the folder
+from the name alone): a version number is never reused for an adapter (the registry's counter survives a
+delete), but it is for a tenant deleted and created again, and two uploads never share a folder, so deleting
+or sweeping one upload's files can never remove another's.
+
+:func:`publish_version` is the upload's storage protocol (mark pending -> files -> manifest -> record the
+version in the registry, the commit point, optionally fenced); :func:`sweep_abandoned` removes what an upload
+whose process died left behind; :func:`delete_version` removes one upload's files and :func:`delete_stored`
+all of an adapter's or of a tenant's.
 
 This module imports only the standard library and :mod:`adapters.naming` (the load scripts that run under
 gevent use its file names).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 from adapters.naming import AdapterRef
 
 if TYPE_CHECKING:
-    from adapters.registry import VersionMeta
+    from adapters.registry import Fence, VersionMeta
     from adapters.store import ObjectStore
 
 CONFIG_FILE = "adapter_config.json"
@@ -39,6 +45,8 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 MANIFEST_FILE = "manifest.json"
 ROOT = "adapters"
 
+log = logging.getLogger("banyan.adapters")
+
 
 def adapter_prefix(tenant: str, name: str | None = None) -> str:
     """The prefix of all versions of one adapter, or of all adapters of a tenant."""
@@ -46,8 +54,8 @@ def adapter_prefix(tenant: str, name: str | None = None) -> str:
 
 
 def version_prefix(ref: AdapterRef) -> str:
-    """The folder of one version."""
-    return f"{adapter_prefix(ref.tenant, ref.name)}v{ref.version}/"
+    """The folder of one version: its number and its upload's uid."""
+    return f"{adapter_prefix(ref.tenant, ref.name)}v{ref.version}-{ref.uid}/"
 
 
 def object_key(ref: AdapterRef, filename: str) -> str:
@@ -86,24 +94,35 @@ def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class CommitRefused(Exception):
+    """The version was not recorded because its fence no longer held (e.g. the tenant is being deleted);
+    its files were removed."""
+
+
 class UploadRecords(Protocol):
     """What publishing and sweeping need of the adapter registry (:class:`adapters.registry.AdapterRegistry`)."""
 
     async def mark_pending(self, ref: AdapterRef) -> None: ...
     async def clear_pending(self, ref: AdapterRef) -> None: ...
-    async def record_version(self, tenant: str, name: str, meta: VersionMeta, *, activate: bool) -> None: ...
+    async def record_version(self, tenant: str, name: str, meta: VersionMeta, *, activate: bool,
+                             fence: Fence | None = None) -> bool: ...
     async def abandoned(self, *, older_than_s: float) -> list[AdapterRef]: ...
     async def is_recorded(self, ref: AdapterRef) -> bool: ...
 
 
 async def publish_version(store: ObjectStore, records: UploadRecords, *, ref: AdapterRef, folder: Path,
-                          meta: VersionMeta, activate: bool) -> None:
+                          meta: VersionMeta, activate: bool, fence: Fence | None = None) -> None:
     """Store the validated adapter files in ``folder`` as version ``ref`` and record it (the commit point).
 
     The upload is marked pending first, so that if this process dies before the end, :func:`sweep_abandoned`
     finds its files. The manifest is written (into ``folder``, then to the store) after the adapter files.
-    On any failure the version's files are removed again and the error re-raised; if even that removal
-    fails, the pending mark stays for the sweep.
+    The version is recorded only while ``fence`` holds (:class:`CommitRefused` otherwise).
+
+    Before the commit, any failure removes the version's files again and re-raises. When the commit itself
+    fails, whether it landed is asked: landed is a success (the answer was lost, the work is done); not
+    landed removes the files; unknown leaves files and pending mark to the sweep, which removes them only
+    if the version is not recorded. Once committed, a failure to forget the pending mark is not the
+    upload's failure (the sweep forgets it). If even a removal fails, the pending mark stays for the sweep.
     """
     manifest = folder / MANIFEST_FILE
     manifest.write_text(Manifest.of(ref, meta).to_json())
@@ -112,12 +131,38 @@ async def publish_version(store: ObjectStore, records: UploadRecords, *, ref: Ad
         for filename in ADAPTER_FILES:
             await store.put_file(object_key(ref, filename), folder / filename)
         await store.put_file(object_key(ref, MANIFEST_FILE), manifest)
-        await records.record_version(ref.tenant, ref.name, meta, activate=activate)
     except BaseException:
-        await asyncio.shield(store.delete_prefix(version_prefix(ref)))
-        await asyncio.shield(records.clear_pending(ref))
+        await _remove_upload(store, records, ref)
         raise
-    await records.clear_pending(ref)
+    try:
+        committed = await records.record_version(ref.tenant, ref.name, meta, activate=activate, fence=fence)
+    except BaseException:
+        landed = await asyncio.shield(_recorded_or_none(records, ref))
+        if landed is None:
+            raise  # unknown: the sweep decides once the registry answers again
+        if not landed:
+            await _remove_upload(store, records, ref)
+            raise
+        committed = True
+    if not committed:
+        await _remove_upload(store, records, ref)
+        raise CommitRefused(f"version {ref.version} of {ref.name!r} was not recorded: its fence no longer holds")
+    try:
+        await records.clear_pending(ref)
+    except Exception as e:  # committed: the sweep finds the version recorded and only forgets the mark
+        log.warning("could not clear the pending mark of a stored upload: %s", type(e).__name__)
+
+
+async def _remove_upload(store: ObjectStore, records: UploadRecords, ref: AdapterRef) -> None:
+    await asyncio.shield(store.delete_prefix(version_prefix(ref)))
+    await asyncio.shield(records.clear_pending(ref))
+
+
+async def _recorded_or_none(records: UploadRecords, ref: AdapterRef) -> bool | None:
+    try:
+        return await records.is_recorded(ref)
+    except Exception:
+        return None
 
 
 async def sweep_abandoned(store: ObjectStore, records: UploadRecords, *, older_than_s: float) -> list[AdapterRef]:
@@ -132,6 +177,12 @@ async def sweep_abandoned(store: ObjectStore, records: UploadRecords, *, older_t
     return removed
 
 
+async def delete_version(store: ObjectStore, ref: AdapterRef) -> int:
+    """Remove the stored files of one upload (another upload of the same adapter is never touched)."""
+    return await store.delete_prefix(version_prefix(ref))
+
+
 async def delete_stored(store: ObjectStore, tenant: str, name: str | None = None) -> int:
-    """Remove the stored files of every version of adapter ``name``, or of all of ``tenant``'s adapters."""
+    """Remove the stored files of every version of adapter ``name``, or of all of ``tenant``'s adapters
+    (only for what no upload can add to meanwhile: a tenant being deleted)."""
     return await store.delete_prefix(adapter_prefix(tenant, name))

@@ -4,21 +4,29 @@ Layout (all keys scoped by tenant, which always comes from the authenticated cal
 
 - ``banyan:tenant:<tenant>:adapters`` SET of adapter names;
 - ``banyan:adapter:<tenant>:<name>`` HASH: ``next`` (version counter), ``active`` (0 = none),
-  ``v<N>`` (JSON metadata of version N, written once, never changed).
+  ``v<N>`` (JSON metadata of version N, written once, never changed);
+- ``banyan:uploads:pending`` ZSET of uploads whose files may be in object storage without a recorded
+  version (being written, or of a version just deleted), for the sweep (:func:`adapters.layout.sweep_abandoned`).
 
-Versions are numbered by ``HINCRBY`` so concurrent uploads of one name never collide. A version is
-recorded only after its files are in object storage: the registry entry is the commit point.
+Versions are numbered by ``HINCRBY`` so concurrent uploads of one name never collide, and the counter
+survives deleting the adapter (only deleting the tenant resets it): a version number names one upload for
+the adapter's whole life. A version is recorded only after its files are in object storage: the registry
+entry is the commit point, and it can be fenced (:class:`Fence`) on a record outside the registry (the
+gateway fences uploads on the tenant being live). Deleting an adapter removes its versions and marks their
+uploads pending in one step, so files a failed delete left behind are swept.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, cast
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 
+from adapters.layout import UploadRecords
 from adapters.naming import AdapterRef
 
 _PENDING = "banyan:uploads:pending"
@@ -72,11 +80,64 @@ class AdapterRecord:
         return self.versions.get(self.active) if self.active else None
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A condition a commit is made under: the Redis hash ``key`` holds exactly these field values (``""``:
+    the field is absent). Checked in the same atomic step as the write."""
+
+    key: str
+    equals: Mapping[str, str] = field(default_factory=dict)
+
+    def args(self) -> list[str]:
+        return [str(len(self.equals)), *(x for item in self.equals.items() for x in item)]
+
+
 # The active version's metadata in one round trip (it is read on every request for an adapter).
 _ACTIVE_META = """
 local active = redis.call('HGET', KEYS[1], 'active')
 if not active or active == '0' then return false end
 return redis.call('HGET', KEYS[1], 'v' .. active)
+"""
+
+# Record a version if the fence holds (KEYS[3]; ARGV[5] = number of fields, then field/value pairs).
+_RECORD = """
+local n = tonumber(ARGV[5])
+for i = 0, n - 1 do
+  if (redis.call('HGET', KEYS[3], ARGV[6 + 2 * i]) or '') ~= ARGV[7 + 2 * i] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'v' .. ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'active', ARGV[1])
+else redis.call('HSETNX', KEYS[1], 'active', 0) end
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+# Make a version active if it exists; its metadata (false when it does not).
+_ACTIVATE = """
+local meta = redis.call('HGET', KEYS[1], 'v' .. ARGV[1])
+if not meta then return false end
+redis.call('HSET', KEYS[1], 'active', ARGV[1])
+return meta
+"""
+
+# Remove every version of an adapter but keep its counter; mark each removed upload pending (score 0: the
+# next sweep removes its files unless the deleter does first). The metadata of the removed versions.
+_DELETE = """
+local all = redis.call('HGETALL', KEYS[1])
+local removed = {}
+for i = 1, #all, 2 do
+  local f = all[i]
+  if f ~= 'next' then
+    redis.call('HDEL', KEYS[1], f)
+    if string.sub(f, 1, 1) == 'v' then
+      local meta = cjson.decode(all[i + 1])
+      redis.call('ZADD', KEYS[3], 0, ARGV[2] .. '/' .. ARGV[1] .. '/' .. meta['version'] .. '/' .. meta['uid'])
+      table.insert(removed, all[i + 1])
+    end
+  end
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return removed
 """
 
 
@@ -89,24 +150,39 @@ def _record(tenant: str, name: str, hash_: dict[Any, Any]) -> AdapterRecord | No
     return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
 
 
+class Registry(UploadRecords, Protocol):
+    """The registry as the gateway uses it: the request path reads the active version and the list, the admin
+    service allocates, activates and deletes, and publishing and sweeping an upload use :class:`UploadRecords`
+    (:class:`AdapterRegistry`; the unit tests' in-memory fake)."""
+
+    async def active_meta(self, tenant: str, name: str) -> VersionMeta | None: ...
+    async def get(self, tenant: str, name: str) -> AdapterRecord | None: ...
+    async def list_records(self, tenant: str) -> list[AdapterRecord]: ...
+    async def allocate_version(self, tenant: str, name: str) -> int: ...
+    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None: ...
+    async def delete(self, tenant: str, name: str) -> list[VersionMeta]: ...
+    async def delete_tenant(self, tenant: str) -> list[str]: ...
+
+
 class AdapterRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._active_meta: Any = redis.register_script(_ACTIVE_META)
+        self._record: Any = redis.register_script(_RECORD)
+        self._activate: Any = redis.register_script(_ACTIVATE)
+        self._delete: Any = redis.register_script(_DELETE)
 
     async def allocate_version(self, tenant: str, name: str) -> int:
         return int(await self._redis.hincrby(_adapter_key(tenant, name), "next", 1))
 
-    async def record_version(self, tenant: str, name: str, meta: VersionMeta, *, activate: bool) -> None:
-        key = _adapter_key(tenant, name)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, f"v{meta.version}", meta.to_json())
-            if activate:
-                pipe.hset(key, "active", meta.version)
-            else:
-                pipe.hsetnx(key, "active", 0)
-            pipe.sadd(_names_key(tenant), name)
-            await pipe.execute()
+    async def record_version(self, tenant: str, name: str, meta: VersionMeta, *, activate: bool,
+                             fence: Fence | None = None) -> bool:
+        """Record version ``meta`` (making it active if asked), atomically and only while ``fence`` holds;
+        False when it did not."""
+        fence = fence or Fence(key=_adapter_key(tenant, name))  # no fields: always holds
+        done = await self._record(keys=[_adapter_key(tenant, name), _names_key(tenant), fence.key],
+                                  args=[meta.version, meta.to_json(), int(activate), name, *fence.args()])
+        return bool(done)
 
     async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
         """The active version of an adapter; None when it does not exist or no version is active."""
@@ -129,19 +205,19 @@ class AdapterRegistry:
         records = [_record(tenant, name, raw) for name, raw in zip(names, hashes, strict=True)]
         return [r for r in records if r is not None]
 
-    async def activate(self, tenant: str, name: str, version: int) -> bool:
-        """Make ``version`` active; False when that version does not exist."""
-        key = _adapter_key(tenant, name)
-        if not await self._redis.hexists(key, f"v{version}"):
-            return False
-        await self._redis.hset(key, "active", version)
-        return True
+    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None:
+        """Make ``version`` active (atomically: never on a deleted adapter); its metadata, or None when that
+        version does not exist."""
+        raw = await self._activate(keys=[_adapter_key(tenant, name)], args=[version])
+        return VersionMeta.from_json(raw) if raw else None
 
-    async def delete(self, tenant: str, name: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(_adapter_key(tenant, name))
-            pipe.srem(_names_key(tenant), name)
-            await pipe.execute()
+    async def delete(self, tenant: str, name: str) -> list[VersionMeta]:
+        """Remove every version of an adapter (its version counter stays, so numbers are never reused) and
+        mark their uploads pending, so the sweep removes their files if the caller cannot; the versions
+        removed (none when there were none). The caller removes their files and then :meth:`clear_pending`."""
+        removed = await self._delete(keys=[_adapter_key(tenant, name), _names_key(tenant), _PENDING],
+                                     args=[name, tenant])
+        return sorted((VersionMeta.from_json(raw) for raw in removed), key=lambda m: m.version)
 
     async def mark_pending(self, ref: AdapterRef) -> None:
         """Note an upload whose files are being written: if the process dies before the version is
@@ -164,10 +240,15 @@ class AdapterRegistry:
         return raw is not None and VersionMeta.from_json(raw).uid == ref.uid
 
     async def delete_tenant(self, tenant: str) -> list[str]:
+        """Forget every adapter of a tenant, version counters included (the tenant is being deleted, no
+        upload of it can commit); the names that had versions."""
         names = await self.names(tenant)
+        keys = {_adapter_key(tenant, name) for name in names}
+        # Adapters deleted earlier keep only their counter and are no longer listed in the names.
+        keys.update([_text(k) async for k in self._redis.scan_iter(match=_adapter_key(tenant, "*"), count=1000)])
         async with self._redis.pipeline(transaction=True) as pipe:
-            for name in names:
-                pipe.delete(_adapter_key(tenant, name))
+            for key in sorted(keys):
+                pipe.delete(key)
             pipe.delete(_names_key(tenant))
             await pipe.execute()
         return names

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.archive import extract_archive
-from adapters.layout import ADAPTER_FILES, delete_stored, publish_version, sweep_abandoned
+from adapters.layout import ADAPTER_FILES, delete_stored, delete_version, publish_version, sweep_abandoned
 from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, VersionMeta
 from adapters.validation import check_file_set, validate_adapter_dir
@@ -90,7 +90,7 @@ async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
     await state.tenants.delete(tenant_id)  # keys are revoked first: nothing new can start
     await state.usage.delete(tenant_id)
     for record in await state.adapters.list_records(tenant_id):
-        await _delete_adapter_everywhere(state, record)
+        await _delete_adapter_everywhere(state, tenant_id, record.name)
     await state.adapters.delete_tenant(tenant_id)
     await delete_stored(state.store, tenant_id)
     await state.documents.delete_tenant(tenant_id)
@@ -139,16 +139,19 @@ async def get_adapter(state: AppState, tenant_id: str, *, name: str) -> AdapterO
 
 async def activate_version(state: AppState, tenant_id: str, *, name: str, version: int) -> AdapterOut:
     record = await _require_adapter(state, tenant_id, name)
-    meta = record.versions.get(version)
-    if meta is None or not await state.adapters.activate(tenant_id, name, version):
+    # The registry activates atomically and answers the version's metadata: a version recorded after the read
+    # above is activated (and answered) too, one deleted meanwhile is not.
+    meta = await state.adapters.activate(tenant_id, name, version)
+    if meta is None:
         raise NotFound(f"Adapter `{name}` has no version {version}.", param="version")
     if state.settings.prefetch_on_activate:
         state.engines.warm(AdapterRef(tenant_id, name, version, meta.uid).engine_name)
-    return _adapter_out(dataclasses.replace(record, active=version))
+    return _adapter_out(dataclasses.replace(record, active=version, versions={**record.versions, version: meta}))
 
 
 async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Deleted:
-    await _delete_adapter_everywhere(state, await _require_adapter(state, tenant_id, name))
+    await _require_adapter(state, tenant_id, name)
+    await _delete_adapter_everywhere(state, tenant_id, name)
     return Deleted(id=name, object="adapter")
 
 
@@ -215,12 +218,15 @@ async def _require_adapter(state: AppState, tenant_id: str, name: str) -> Adapte
     return record
 
 
-async def _delete_adapter_everywhere(state: AppState, record: AdapterRecord) -> None:
-    """Registry first (no new request can pick it), then the engines, then the files."""
-    await state.adapters.delete(record.tenant, record.name)
-    for meta in record.versions.values():
-        await state.engines.unload(AdapterRef(record.tenant, record.name, meta.version, meta.uid).engine_name)
-    await delete_stored(state.store, record.tenant, record.name)
+async def _delete_adapter_everywhere(state: AppState, tenant_id: str, name: str) -> None:
+    """Registry first (no new request can pick it; the versions it removed are marked for the sweep in the same
+    step), then the engines, then the files of exactly those versions: an upload of the same name that commits
+    meanwhile is a new version in a folder of its own, and stays."""
+    for meta in await state.adapters.delete(tenant_id, name):
+        ref = AdapterRef(tenant_id, name, meta.version, meta.uid)
+        await state.engines.unload(ref.engine_name)
+        await delete_version(state.store, ref)
+        await state.adapters.clear_pending(ref)
 
 
 def _stage(tmp: Path, files: list[UploadedFile], archive: UploadedFile | None, *, max_bytes: int) -> Path:

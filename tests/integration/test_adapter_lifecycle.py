@@ -239,3 +239,30 @@ def test_an_adapter_that_cannot_load_fails_fast(stack: RunningStack, admin: http
     # The failure was remembered: later attempts did not go back to object storage.
     after = stack.engine_metric("banyan_resolver_adapter_loads_total", stage="fetch", result="failed_recently")
     assert after >= remembered + 2
+
+
+def test_versions_continue_after_a_delete_and_the_new_upload_serves(
+        stack: RunningStack, admin: httpx.Client, lifecycle_tenant: TenantHandle,
+        peft_adapters: dict[str, Path]) -> None:
+    tenant = lifecycle_tenant
+    first = upload(admin, tenant.id, "phoenix", peft_adapters["alpha"])
+    assert first.status_code == 201 and first.json()["version"] == 1
+    assert admin.delete(f"/admin/tenants/{tenant.id}/adapters/phoenix").status_code == 200
+    again = upload(admin, tenant.id, "phoenix", peft_adapters["gamma"])
+    assert again.status_code == 201, again.text
+    assert again.json()["version"] == 2  # never v1 again: v1 named other weights
+    with tenant.http() as http:
+        served = http.post("/v1/completions", json={"model": "phoenix", "prompt": "rise", "max_tokens": 6,
+                                                    "temperature": 0})
+    assert served.status_code == 200, served.text
+    assert served.headers["x-banyan-adapter-version"] == "2"
+    want = peft_greedy(stack.model_path, peft_adapters["gamma"], ["rise"], max_new_tokens=6)[0]
+    assert served.json()["choices"][0]["text"] == want
+    # The files are in the upload's own folder, named by the uid the engine name carries.
+    loaded = [m["id"] for m in httpx.get(stack.info["engine_url"] + "/v1/models").json()["data"]]
+    ref = next(r for r in map(AdapterRef.from_engine_name, loaded) if r and r.tenant == tenant.id
+               and r.name == "phoenix")
+    assert ref.version == 2
+    assert sorted(stack.s3_keys(f"adapters/{tenant.id}/phoenix/")) == sorted(
+        version_prefix(ref) + f for f in (*ADAPTER_FILES, "manifest.json"))
+    assert stack.redis().zrange("banyan:uploads:pending", 0, -1) == []

@@ -55,7 +55,8 @@ def test_upload_versions_and_metadata(admin: httpx.Client, tenant: TenantHandle,
     second = upload(admin, tenant.id, "writer", peft_adapters["alpha"], activate="false")
     assert second.status_code == 201 and second.json()["version"] == 2 and second.json()["active"] is False
     keys = stack.s3_keys(f"adapters/{tenant.id}/writer/")
-    assert {k.rsplit("/", 2)[-2] for k in keys} == {"v1", "v2"}
+    folders = {k.rsplit("/", 2)[-2] for k in keys}  # v<N>-<upload uid>
+    assert len(folders) == 2 and {f.split("-")[0] for f in folders} == {"v1", "v2"}
     detail = admin.get(f"/admin/tenants/{tenant.id}/adapters/writer").json()
     assert detail["active_version"] == 1 and [v["version"] for v in detail["versions"]] == [1, 2]
     listed = admin.get(f"/admin/tenants/{tenant.id}/adapters").json()["data"]

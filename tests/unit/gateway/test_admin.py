@@ -4,11 +4,13 @@ operation changes, what it answers, and that it reads a record once."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
 
+from adapters.naming import AdapterRef
 from adapters.registry import AdapterRecord, VersionMeta
 from gateway.admin import service
 from gateway.admin.protocol import KeyCreate, TenantCreate, TenantPatch
@@ -61,23 +63,32 @@ class FakeTenants:
 class FakeRegistry:
     records: dict[tuple[str, str], AdapterRecord] = field(default_factory=dict)
     gets: int = 0
+    after_get: list[Callable[[], None]] = field(default_factory=list)  # what happens right after the next read
+    pending_cleared: list[str] = field(default_factory=list)
 
     def add(self, tenant: str, name: str, versions: list[int], *, active: int | None) -> None:
         self.records[(tenant, name)] = AdapterRecord(tenant, name, active, {v: _meta(v) for v in versions})
 
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
         self.gets += 1
-        return self.records.get((tenant, name))
+        record = self.records.get((tenant, name))
+        while self.after_get:
+            self.after_get.pop(0)()
+        return record
 
-    async def activate(self, tenant: str, name: str, version: int) -> bool:
-        record = self.records[(tenant, name)]
-        if version not in record.versions:
-            return False
+    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None:
+        record = self.records.get((tenant, name))
+        if record is None or version not in record.versions:
+            return None
         self.records[(tenant, name)] = dataclasses.replace(record, active=version)
-        return True
+        return record.versions[version]
 
-    async def delete(self, tenant: str, name: str) -> None:
-        self.records.pop((tenant, name), None)
+    async def delete(self, tenant: str, name: str) -> list[VersionMeta]:
+        record = self.records.pop((tenant, name), None)
+        return [record.versions[v] for v in sorted(record.versions)] if record else []
+
+    async def clear_pending(self, ref: AdapterRef) -> None:
+        self.pending_cleared.append(ref.engine_name)
 
 
 @dataclass
@@ -185,7 +196,26 @@ async def test_delete_adapter_removes_it_from_registry_engines_and_storage(parts
     parts.adapters.add("acme", "bot-2", [1], active=1)
     assert (await service.delete_adapter(parts.state, "acme", name="bot")).deleted
     assert list(parts.adapters.records) == [("acme", "bot-2")]
-    assert parts.engines.unloaded == ["banyan.acme.bot.v1.uid000000001", "banyan.acme.bot.v2.uid000000002"]
-    assert parts.store.deleted == ["adapters/acme/bot/"]
+    names = ["banyan.acme.bot.v1.uid000000001", "banyan.acme.bot.v2.uid000000002"]
+    assert parts.engines.unloaded == names
+    # Only the files of the versions it removed: an upload of the same name committed meanwhile keeps its own.
+    assert parts.store.deleted == ["adapters/acme/bot/v1-uid000000001/", "adapters/acme/bot/v2-uid000000002/"]
+    assert parts.adapters.pending_cleared == names  # the sweep's marks, once the files are gone
     with pytest.raises(NotFound):
         await service.get_adapter(parts.state, "acme", name="bot")
+
+
+async def test_activating_a_version_recorded_after_the_read_succeeds(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1], active=1)
+    parts.adapters.after_get.append(lambda: parts.adapters.add("acme", "bot", [1, 2], active=1))
+    out = await service.activate_version(parts.state, "acme", name="bot", version=2)
+    assert out.active_version == 2 and [v.version for v in out.versions] == [1, 2]
+    assert parts.adapters.records[("acme", "bot")].active == 2
+
+
+async def test_activating_an_adapter_deleted_after_the_read_is_not_found(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1, 2], active=2)
+    parts.adapters.after_get.append(lambda: parts.adapters.records.clear())
+    with pytest.raises(NotFound):
+        await service.activate_version(parts.state, "acme", name="bot", version=1)
+    assert parts.adapters.records == {} and parts.engines.warmed == []
