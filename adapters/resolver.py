@@ -26,7 +26,7 @@ import httpx
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from adapters.cache import AdapterDiskCache, AdapterFetchError
+from adapters.cache import AdapterDiskCache, AdapterFetchError, EngineControlError
 from adapters.naming import AdapterRef
 from adapters.store import S3ObjectStore, S3Settings, s3_config
 from adapters.vllm_patches import patch_cpu_lora_ops
@@ -52,28 +52,38 @@ class ResolverSettings(S3Settings):
 
 
 class HttpEngineControl:
-    """The cache's view of the vLLM server it runs in, over loopback HTTP."""
+    """The cache's view of the vLLM server it runs in, over loopback HTTP (its errors are
+    :class:`EngineControlError`)."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=30.0)
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=30.0,
+                                         transport=transport)
 
     async def registered(self) -> set[str]:
-        response = await self._client.get("/v1/models")
-        response.raise_for_status()
-        return {m["id"] for m in response.json().get("data", [])}
+        response = await self._call("GET", "/v1/models")
+        try:
+            return {m["id"] for m in response.json().get("data", [])}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise EngineControlError("the engine's /v1/models answer is unreadable") from e
 
     async def busy(self) -> set[str]:
         """Adapters of running or waiting requests, from vLLM's ``vllm:lora_requests_info`` gauge (its
         newest sample: the gauge's value is the time it was set)."""
-        response = await self._client.get("/metrics")
-        response.raise_for_status()
-        return parse_busy_adapters(response.text)
+        return parse_busy_adapters((await self._call("GET", "/metrics")).text)
 
     async def unload(self, name: str) -> None:
-        response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        if response.status_code not in (200, 404):
-            response.raise_for_status()
+        await self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, ok=(200, 404))
+
+    async def _call(self, method: str, path: str, *, json: Any = None, ok: tuple[int, ...] = (200,)) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, json=json)
+        except httpx.HTTPError as e:
+            raise EngineControlError(f"{method} {path} on the engine failed: {type(e).__name__}") from e
+        if response.status_code not in ok:
+            raise EngineControlError(f"{method} {path} on the engine answered HTTP {response.status_code}")
+        return response
 
 
 def parse_busy_adapters(metrics_text: str) -> set[str]:
@@ -148,8 +158,8 @@ def _make_resolver(cache: AdapterDiskCache) -> Any:
             started = time.monotonic()
             try:
                 path = await cache.ensure(ref)
-            except AdapterFetchError as e:
-                log.warning("banyan resolver: %s", e)
+            except AdapterFetchError as e:  # the only error ensure() raises; vLLM answers 404 for None
+                log.warning("banyan resolver: %s%s", e, "" if e.remembered else " (transient, not remembered)")
                 return None
             log.info("banyan resolver: %s ready in %.3f s", lora_name, time.monotonic() - started)
             # vLLM assigns the integer id itself after resolution.

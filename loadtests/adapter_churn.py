@@ -13,7 +13,7 @@ residency bounds); create the tenants and keys; make the adapters (one real PEFT
 stack's base model, the rest synthetic variants of it) and upload them all; send streaming completions
 at a fixed concurrency, the adapter drawn by Zipf popularity, classifying each request when it is sent:
 
-- ``cold``: no folder of the adapter's version under ``<data dir>/lora-cache/<tenant>/<name>/`` (never
+- ``cold``: no folder of the adapter's version under ``<data dir>/lora-cache/banyan-lora-cache/<tenant>/<name>/`` (never
   fetched, or evicted from disk);
 - ``warm``: on disk, but not registered in the engine (not in the engine's ``GET /v1/models``, polled
   every 0.5 s in the background);
@@ -47,6 +47,7 @@ from typing import Any, cast
 import httpx
 import numpy as np
 
+from adapters.cache import cache_files_dir
 from adapters.layout import ADAPTER_FILES, MANIFEST_FILE
 from adapters.naming import ENGINE_NAME_PREFIX, AdapterRef
 from gateway.dev.demo_model import synthetic_variant
@@ -689,7 +690,7 @@ async def drive(stack: DevProcess, cfg: RunConfig, adapters: list[Adapter], *, c
         keys, stored = await _setup(admin, cfg, adapters)
         setup_s = time.perf_counter() - t0
         targets = Targets(gateway=Target(client, keys), engine=Target(direct, keys))
-        residency = Residency(engine=poll, cache_dir=stack.lora_cache_dir)
+        residency = Residency(engine=poll, cache_dir=cache_files_dir(stack.lora_cache_dir))
         await residency.refresh()
         poller = asyncio.create_task(residency.run())
         try:
@@ -728,7 +729,7 @@ def assemble(cfg: RunConfig, traffic: Traffic, *, final: list[Sample], peft: dic
         "engine": engine_final, "engine_after_churn": engine_figures(snaps["churn"]),
         "gateway": gateway_figures(final), "gateway_after_churn": gateway_figures(snaps["churn"]),
         "peak_fraction": engine_final["disk_cache_peak_bytes"] / max(1, engine_final["disk_cache_max_bytes"]),
-        "disk_at_end": disk_footprint(stack.lora_cache_dir),
+        "disk_at_end": disk_footprint(cache_files_dir(stack.lora_cache_dir)),
         "registry_polls": traffic.residency.polls, "registry_poll_errors": traffic.residency.poll_errors,
         "machine": _machine(traffic.residency.load),
         "engine_log": engine_log_figures(stack.engine_log), "peft": peft,
