@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,8 +21,10 @@ class TenantCreate(BaseModel):
 
 
 class TenantPatch(BaseModel):
+    """Only the fields sent change; a limit sent as null means no limit, a name is never null."""
+
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: str = Field(default="", max_length=200)
     rpm: Limit = Field(default=None, ge=1)
     tpm: Limit = Field(default=None, ge=1)
     max_concurrency: Limit = Field(default=None, ge=1)
@@ -36,6 +38,8 @@ class TenantOut(BaseModel):
     rpm: Limit = None
     tpm: Limit = None
     max_concurrency: Limit = None
+    status: Literal["active", "deleting"] = "active"
+    """``deleting`` while a delete has not finished (repeat the DELETE to finish it)."""
 
 
 T = TypeVar("T")

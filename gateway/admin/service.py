@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.archive import extract_archive
-from adapters.layout import ADAPTER_FILES, delete_stored, delete_version, publish_version, sweep_abandoned
+from adapters.layout import (
+    ADAPTER_FILES,
+    CommitRefused,
+    delete_stored,
+    delete_version,
+    publish_version,
+    sweep_abandoned,
+)
 from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, VersionMeta
 from adapters.validation import check_file_set, validate_adapter_dir
@@ -64,6 +71,10 @@ async def create_tenant(state: AppState, body: TenantCreate) -> TenantOut:
     tenant = await state.tenants.create(body.id, name=body.name or body.id,
                                         limits=body.model_dump(include={"rpm", "tpm", "max_concurrency"}))
     if tenant is None:
+        existing = await state.tenants.get(body.id)
+        if existing is not None and existing.deleting:
+            raise Conflict(f"Tenant `{body.id}` is still being deleted: repeat DELETE /admin/tenants/{body.id} "
+                           "to finish it, then create it again.", param="id")
         raise Conflict(f"Tenant `{body.id}` already exists.", param="id")
     return _tenant_out(tenant)
 
@@ -73,27 +84,32 @@ async def list_tenants(state: AppState) -> ListOut[TenantOut]:
 
 
 async def get_tenant(state: AppState, tenant_id: str) -> TenantOut:
-    return _tenant_out(await _require_tenant(state, tenant_id))
+    return _tenant_out(await _require_tenant(state, tenant_id, live=False))
 
 
 async def update_tenant(state: AppState, tenant_id: str, *, body: TenantPatch) -> TenantOut:
     if not is_valid_id(tenant_id):
         raise _no_tenant(tenant_id)
-    tenant = await state.tenants.update(tenant_id, body.model_dump(exclude_unset=True))  # None: no such tenant
+    tenant = await state.tenants.update(tenant_id, body.model_dump(exclude_unset=True))  # None: not live
     if tenant is None:
-        raise _no_tenant(tenant_id)
+        await _require_tenant(state, tenant_id)  # which of the two
+        raise _being_deleted(tenant_id)
     return _tenant_out(tenant)
 
 
 async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
-    await _require_tenant(state, tenant_id)
-    await state.tenants.delete(tenant_id)  # keys are revoked first: nothing new can start
+    """Tombstone first (keys revoked; no re-creation, key, upload or document for the tenant from then on), then
+    every cleanup step, each of which can run again, then the record. Any failure leaves the tombstone: repeating
+    the DELETE continues where it stopped."""
+    if not is_valid_id(tenant_id) or await state.tenants.begin_delete(tenant_id) is None:
+        raise _no_tenant(tenant_id)
     await state.usage.delete(tenant_id)
     for record in await state.adapters.list_records(tenant_id):
         await _delete_adapter_everywhere(state, tenant_id, record.name)
     await state.adapters.delete_tenant(tenant_id)
     await delete_stored(state.store, tenant_id)
     await state.documents.delete_tenant(tenant_id)
+    await state.tenants.finish_delete(tenant_id)
     return Deleted(id=tenant_id, object="tenant")
 
 
@@ -109,12 +125,14 @@ async def tenant_usage(state: AppState, tenant_id: str) -> UsageOut:
 
 async def create_key(state: AppState, tenant_id: str, *, body: KeyCreate) -> KeyCreated:
     await _require_tenant(state, tenant_id)
-    info, secret = await state.tenants.create_key(tenant_id, name=body.name)
-    return _key_created(info, secret)
+    created = await state.tenants.create_key(tenant_id, name=body.name)  # None: a delete started meanwhile
+    if created is None:
+        raise _being_deleted(tenant_id)
+    return _key_created(*created)
 
 
 async def list_keys(state: AppState, tenant_id: str) -> ListOut[KeyOut]:
-    await _require_tenant(state, tenant_id)
+    await _require_tenant(state, tenant_id, live=False)
     return ListOut(data=[_key_out(k) for k in await state.tenants.list_keys(tenant_id)])
 
 
@@ -157,8 +175,8 @@ async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Delet
 
 async def upload_adapter(state: AppState, tenant_id: str, *, name: str, files: list[UploadedFile],
                          archive: UploadedFile | None, activate: bool) -> AdapterVersionOut:
-    """Stage, validate and publish one uploaded adapter version."""
-    await _require_tenant(state, tenant_id)
+    """Stage, validate and publish one uploaded adapter version (committed only while this tenant is live)."""
+    tenant = await _require_tenant(state, tenant_id)
     if not is_valid_id(name):
         raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
     if bool(files) == bool(archive):
@@ -177,7 +195,12 @@ async def upload_adapter(state: AppState, tenant_id: str, *, name: str, files: l
                            target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
         ref = AdapterRef(tenant_id, name, version, meta.uid)
         try:
-            await publish_version(state.store, state.adapters, ref=ref, folder=folder, meta=meta, activate=activate)
+            await publish_version(state.store, state.adapters, ref=ref, folder=folder, meta=meta, activate=activate,
+                                  fence=state.tenants.fence(tenant))
+        except CommitRefused as e:
+            state.metrics.adapter_uploads.labels("failed").inc()
+            raise Conflict(f"Tenant `{tenant_id}` was deleted while the adapter was uploading; nothing was stored.",
+                           param="tenant_id") from e
         except BaseException:
             state.metrics.adapter_uploads.labels("failed").inc()
             raise
@@ -203,10 +226,18 @@ def _no_tenant(tenant_id: str) -> NotFound:
     return NotFound(f"Tenant `{tenant_id}` does not exist.", param="tenant_id")
 
 
-async def _require_tenant(state: AppState, tenant_id: str) -> Tenant:
+def _being_deleted(tenant_id: str) -> Conflict:
+    return Conflict(f"Tenant `{tenant_id}` is being deleted; repeat DELETE /admin/tenants/{tenant_id} if it did "
+                    "not finish.", param="tenant_id")
+
+
+async def _require_tenant(state: AppState, tenant_id: str, *, live: bool = True) -> Tenant:
+    """The tenant; 404 when there is none, 409 when it is being deleted (unless ``live`` is False: reads)."""
     tenant = await state.tenants.get(tenant_id) if is_valid_id(tenant_id) else None
     if tenant is None:
         raise _no_tenant(tenant_id)
+    if live and tenant.deleting:
+        raise _being_deleted(tenant_id)
     return tenant
 
 
@@ -258,7 +289,7 @@ def _copy(source: BinaryIO, dest: Path) -> None:
 
 def _tenant_out(tenant: Tenant) -> TenantOut:
     return TenantOut(id=tenant.id, name=tenant.name, created=tenant.created, rpm=tenant.rpm, tpm=tenant.tpm,
-                     max_concurrency=tenant.max_concurrency)
+                     max_concurrency=tenant.max_concurrency, status="deleting" if tenant.deleting else "active")
 
 
 def _key_out(info: KeyInfo) -> KeyOut:

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
+from pydantic import ValidationError
 
 from adapters.naming import AdapterRef
-from adapters.registry import AdapterRecord, VersionMeta
+from adapters.registry import AdapterRecord, Fence, VersionMeta
+from adapters.store import StoreUnavailable
 from gateway.admin import service
 from gateway.admin.protocol import KeyCreate, TenantCreate, TenantPatch
 from gateway.errors import Conflict, NotFound
@@ -36,21 +38,44 @@ class FakeTenants:
         self.calls.append("create")
         if tenant_id in self.tenants:
             return None
-        self.tenants[tenant_id] = Tenant(id=tenant_id, name=name, created=1, **limits)
+        self.tenants[tenant_id] = Tenant(id=tenant_id, name=name, created=1, uid=f"uid-{len(self.calls)}",
+                                         rpm=limits.get("rpm"), tpm=limits.get("tpm"),
+                                         max_concurrency=limits.get("max_concurrency"))
         return self.tenants[tenant_id]
+
+    def _live(self, tenant_id: str) -> bool:
+        return tenant_id in self.tenants and not self.tenants[tenant_id].deleting
+
+    async def begin_delete(self, tenant_id: str) -> Tenant | None:
+        if tenant_id not in self.tenants:
+            return None
+        self.tenants[tenant_id] = dataclasses.replace(self.tenants[tenant_id], deleting=True)
+        self.keys.clear()
+        return self.tenants[tenant_id]
+
+    async def finish_delete(self, tenant_id: str) -> None:
+        self.tenants.pop(tenant_id, None)
+
+    def fence(self, tenant: Tenant) -> Fence:
+        return Fence(key=f"tenant:{tenant.id}", equals={"uid": tenant.uid})
 
     async def get(self, tenant_id: str) -> Tenant | None:
         self.calls.append("get")
         return self.tenants.get(tenant_id)
 
+    async def list_tenants(self) -> list[Tenant]:
+        return [self.tenants[t] for t in sorted(self.tenants)]
+
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
         self.calls.append("update")
-        if tenant_id not in self.tenants:
+        if not self._live(tenant_id):
             return None
         self.tenants[tenant_id] = dataclasses.replace(self.tenants[tenant_id], **changes)
         return self.tenants[tenant_id]
 
-    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str]:
+    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str] | None:
+        if not self._live(tenant_id):
+            return None
         info = KeyInfo(key_id=f"key_{len(self.keys)}", name=name, created=2, prefix="bk_abcd")
         self.keys[info.key_id] = info
         return info, "bk_abcd-the-secret"
@@ -90,6 +115,15 @@ class FakeRegistry:
     async def clear_pending(self, ref: AdapterRef) -> None:
         self.pending_cleared.append(ref.engine_name)
 
+    async def list_records(self, tenant: str) -> list[AdapterRecord]:
+        return [r for (t, _), r in sorted(self.records.items()) if t == tenant]
+
+    async def delete_tenant(self, tenant: str) -> list[str]:
+        names = [n for (t, n) in self.records if t == tenant]
+        for name in names:
+            del self.records[(tenant, name)]
+        return names
+
 
 @dataclass
 class FakeEngines:
@@ -106,16 +140,35 @@ class FakeEngines:
 @dataclass
 class FakeStore:
     deleted: list[str] = field(default_factory=list)
+    failures: int = 0  # how many deletes fail (object storage down) before they work again
 
     async def delete_prefix(self, prefix: str) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("down")
         self.deleted.append(prefix)
         return 1
 
 
+@dataclass
 class FakeUsage:
+    deleted: list[str] = field(default_factory=list)
+
     async def get(self, tenant: str) -> TenantUsage:
         return TenantUsage(total=Counts(requests=3, prompt_tokens=10, completion_tokens=5),
                            models={"bot": Counts(requests=3, prompt_tokens=10, completion_tokens=5)})
+
+    async def delete(self, tenant: str) -> None:
+        self.deleted.append(tenant)
+
+
+@dataclass
+class FakeDocuments:
+    deleted: list[str] = field(default_factory=list)
+
+    async def delete_tenant(self, tenant: str) -> int:
+        self.deleted.append(tenant)
+        return 0
 
 
 @dataclass
@@ -125,6 +178,7 @@ class Parts:
     engines: FakeEngines = field(default_factory=FakeEngines)
     store: FakeStore = field(default_factory=FakeStore)
     usage: FakeUsage = field(default_factory=FakeUsage)
+    documents: FakeDocuments = field(default_factory=FakeDocuments)
     settings: Settings = field(default_factory=lambda: Settings(mode="dev"))
 
     @property
@@ -135,7 +189,7 @@ class Parts:
 @pytest.fixture
 def parts() -> Parts:
     parts = Parts()
-    parts.tenants.tenants["acme"] = Tenant(id="acme", name="Acme", created=1, rpm=60)
+    parts.tenants.tenants["acme"] = Tenant(id="acme", name="Acme", created=1, rpm=60, uid="uid-0")
     return parts
 
 
@@ -219,3 +273,44 @@ async def test_activating_an_adapter_deleted_after_the_read_is_not_found(parts: 
     with pytest.raises(NotFound):
         await service.activate_version(parts.state, "acme", name="bot", version=1)
     assert parts.adapters.records == {} and parts.engines.warmed == []
+
+
+async def test_a_delete_that_failed_midway_is_finished_by_a_retry(parts: Parts) -> None:
+    parts.adapters.add("acme", "bot", [1, 2], active=2)
+    parts.tenants.keys["key_0"] = KeyInfo(key_id="key_0", name="ci", created=1, prefix="bk_abcd")
+    parts.store.failures = 1  # object storage fails once, after the registry let go of the versions
+    with pytest.raises(StoreUnavailable):
+        await service.delete_tenant(parts.state, "acme")
+    # The tombstone stands: keys are revoked, and nothing new can be added for the tenant meanwhile.
+    assert (await service.get_tenant(parts.state, "acme")).status == "deleting"
+    assert parts.tenants.keys == {}
+    with pytest.raises(Conflict) as caught:
+        await service.create_tenant(parts.state, TenantCreate(id="acme"))
+    assert "being deleted" in caught.value.message and caught.value.param == "id"
+    with pytest.raises(Conflict):
+        await service.create_key(parts.state, "acme", body=KeyCreate(name="late"))
+    with pytest.raises(Conflict):
+        await service.upload_adapter(parts.state, "acme", name="late", files=[], archive=None, activate=True)
+    with pytest.raises(Conflict):
+        await service.update_tenant(parts.state, "acme", body=TenantPatch(rpm=5))
+    # Repeating the delete continues the cleanup (instead of 404) and removes the record last.
+    assert (await service.delete_tenant(parts.state, "acme")).deleted
+    assert parts.tenants.tenants == {} and parts.adapters.records == {}
+    assert "adapters/acme/" in parts.store.deleted and parts.documents.deleted == ["acme"]
+    assert parts.usage.deleted == ["acme", "acme"]
+    with pytest.raises(NotFound):
+        await service.delete_tenant(parts.state, "acme")
+    again = await service.create_tenant(parts.state, TenantCreate(id="acme"))
+    assert again.status == "active" and (await service.list_adapters(parts.state, "acme")).data == []
+
+
+async def test_a_tenant_being_deleted_is_listed_as_such(parts: Parts) -> None:
+    await parts.tenants.begin_delete("acme")
+    assert [(t.id, t.status) for t in (await service.list_tenants(parts.state)).data] == [("acme", "deleting")]
+
+
+def test_a_null_name_is_refused_and_a_null_limit_means_none() -> None:
+    with pytest.raises(ValidationError) as caught:
+        TenantPatch.model_validate({"name": None})
+    assert caught.value.errors()[0]["loc"] == ("name",)
+    assert TenantPatch.model_validate({"rpm": None}).model_dump(exclude_unset=True) == {"rpm": None}
