@@ -61,7 +61,7 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         tenants=TenantStore(redis),
         adapters=AdapterRegistry(redis),
         metrics=metrics,
-        quotas=Quotas(redis, metrics=metrics),
+        quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),
         usage=UsageStore(redis),
         base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
         documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),

@@ -44,8 +44,13 @@ class Metrics:
                                        registry=r)
         self.resident_adapters = Gauge("banyan_resident_adapters",
                                        "Adapters the gateway believes resident, summed over replicas.", registry=r)
+        self.client_disconnects = Counter("banyan_client_disconnects_total",
+                                          "Completion requests whose client left before the answer ended (the "
+                                          "engine call is then closed), by kind (json, stream).", ["kind"],
+                                          registry=r)
         self.rate_limited = Counter("banyan_rate_limited_total",
-                                    "Requests refused by a tenant limit, by reason (rpm, tpm, concurrency).",
+                                    "Requests refused by a tenant limit, by reason (rpm, tpm, tpm_request, "
+                                    "concurrency).",
                                     ["reason"], registry=r)
         self.model_resolutions = Counter("banyan_model_resolutions_total",
                                          "Completion requests by how their model resolved (base, adapter, "

@@ -53,6 +53,19 @@ class Settings(S3Settings):
     """Files of an upload not recorded this long after it began are removed (the writer died)."""
     max_adapter_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_prompts_per_request: int = Field(default=16, ge=1)
+    """Most prompts one `/v1/completions` request may carry (400 `param: prompt` above it)."""
+    max_n: int = Field(default=16, ge=1)
+    """Largest `n` (and `best_of`) of a completion request (400 above it)."""
+    max_tokens_per_request: int | None = Field(default=None, ge=1)
+    """Largest `max_tokens` (`max_completion_tokens`) per choice; none: the model's window. Below the window, it
+    is also the limit of a chat request that sets none."""
+    concurrency_lease_s: float = Field(default=60.0, ge=1.0)
+    """How long a request's concurrency lease lives unless its replica renews it (every third of it): the slots
+    of a replica that died mid-request come back after this long."""
+
+    max_document_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest document text (UTF-8 bytes) `POST /v1/documents` accepts (413 above it)."""
 
     max_document_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest document text (UTF-8 bytes) `POST /v1/documents` accepts (413 above it)."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.deps import StateDep, TenantDep
 from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest, ModelList
-from gateway.openai_api.serving import CompletionService, list_models
+from gateway.openai_api.serving import CompletionService, client_disconnected, list_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -18,10 +18,12 @@ async def models(state: StateDep, tenant: TenantDep) -> ModelList:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
-    return await CompletionService(state).handle(tenant=tenant, request=body)
+async def chat_completions(body: ChatCompletionRequest, http: Request, state: StateDep, tenant: TenantDep) -> Response:
+    return await CompletionService(state).handle(tenant=tenant, request=body,
+                                                 disconnected=client_disconnected(http.receive))
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, state: StateDep, tenant: TenantDep) -> Response:
-    return await CompletionService(state).handle(tenant=tenant, request=body)
+async def completions(body: CompletionRequest, http: Request, state: StateDep, tenant: TenantDep) -> Response:
+    return await CompletionService(state).handle(tenant=tenant, request=body,
+                                                 disconnected=client_disconnected(http.receive))

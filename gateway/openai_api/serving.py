@@ -5,8 +5,17 @@ Everything that can fail for a reason the client should see (auth, the model, re
 of the request) fails before the first byte; after that, a failure becomes an SSE error event and
 ``[DONE]``. JSON and streams take one path to the engine (:meth:`CompletionService._send`). A stream is
 relayed as bytes, event by event: the internal model name is replaced in the bytes, an engine error event
-is re-rendered in the gateway's shape, and the final usage event is read for accounting; other events are
-never parsed or re-encoded.
+is re-rendered in the gateway's shape, and the usage the engine puts on every event (``stream_options``
+``continuous_usage_stats``, always asked of it) is read and, unless the client asked for it, cut out of the
+event's bytes; events are never re-encoded.
+
+Before admission, the request's fields are checked against the surface's allowlist and the per-request caps,
+and its worst case in tokens is reserved against the tenant's ``tpm`` (:mod:`gateway.openai_api.limits`).
+Whatever way a request ends (answered, refused by the engine, the engine gone, the client gone, the task
+cancelled), what the engine reported is recorded as usage and the admission is released (its lease given
+back, the reserved tokens it did not use refunded), in a task of its own that a cancellation cannot cut
+short. A client that leaves a JSON request ends the engine's work on it (the engine call is closed) and
+keeps its reservation in the ``tpm`` window: what the engine did for it is unknown.
 
 With ``rag``, one call to retrieval returns the numbered context that fits the budget (what the model's
 window leaves after the prompt and the answer, at most ``rag_max_context_tokens``) and its passages; the
@@ -20,36 +29,67 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Send
 
 from adapters.naming import AdapterRef, is_valid_id
 from gateway.engine import json_or_none, translate_transport_error
 from gateway.errors import (
     BanyanError,
     EngineUnavailable,
-    InvalidRequest,
     ModelNotFound,
     UpstreamError,
     sse_error_event,
 )
 from gateway.logs import annotate
-from gateway.openai_api.protocol import ENGINE_ONLY_FIELDS, GenerationRequest, ModelCard, ModelList, RagOptions
+from gateway.openai_api.limits import apply_output_cap, check_caps, worst_case_tokens
+from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.openai_api.surfaces import Surface
 from gateway.quotas import Admission
+from gateway.settings import Settings
 from gateway.state import AppState
 
 log = logging.getLogger("banyan.serving")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _ATTEMPTS = 2
+CLIENT_CLOSED_REQUEST = 499
+"""The status logged for a request whose client left before its answer (nginx's convention; nobody reads it)."""
+
+Disconnected = Callable[[], Awaitable[None]]
+"""Returns once the client has gone away."""
+
+_detached: set[asyncio.Task[None]] = set()
+"""End-of-request work in flight: referenced here until done, so that it is never collected half-way."""
+
+
+async def _finish_whatever_happens(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` (accounting, releases) to its end even if the caller is being cancelled: in a task of its
+    own, awaited in a shielded scope (a cancelled caller stops waiting; the work goes on)."""
+    task = asyncio.ensure_future(work)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+    with anyio.CancelScope(shield=True):
+        await asyncio.shield(task)
+
+
+def client_disconnected(receive: Receive) -> Disconnected:
+    """For a request whose body has been read: waits for the ASGI ``http.disconnect``."""
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +135,12 @@ def cache_salt(tenant: str) -> str:
     return hashlib.sha256(f"banyan-tenant:{tenant}".encode()).hexdigest()[:32]
 
 
-def _engine_body(request: GenerationRequest, resolved: ResolvedModel, tenant: str) -> dict[str, Any]:
+def _engine_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
+    """The allowlisted fields of the request within the caps (:class:`InvalidRequest` otherwise); the model and
+    the cache salt are set once the model is resolved."""
     body = request.engine_body()
-    forbidden = sorted(ENGINE_ONLY_FIELDS.intersection(body))
-    if forbidden:
-        raise InvalidRequest(f"Unsupported parameter: `{forbidden[0]}` is set by the gateway.", param=forbidden[0])
-    body["model"] = resolved.engine
-    body["cache_salt"] = cache_salt(tenant)
+    check_caps(request, settings)
+    apply_output_cap(request, body, settings)
     return body
 
 
@@ -130,7 +169,10 @@ class _Call:
     admission: Admission
     started: float
     sources: list[dict[str, Any]] | None = None
-    strip_usage: bool = False
+    usage_shown: bool = False
+    """The client asked for the final usage event (``stream_options.include_usage``)."""
+    continuous_usage_shown: bool = False
+    """The client asked for usage on every event too (``continuous_usage_stats``)."""
 
 
 class CompletionService:
@@ -139,23 +181,33 @@ class CompletionService:
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    async def handle(self, *, tenant: str, request: GenerationRequest) -> Response:
+    async def handle(self, *, tenant: str, request: GenerationRequest,
+                     disconnected: Disconnected | None = None) -> Response:
         started = time.perf_counter()
-        admission = await self.state.quotas.admit(tenant)
+        settings = self.state.settings
+        body = _engine_body(request, settings)
+        reserve = await asyncio.to_thread(worst_case_tokens, request, body, tokens=self.state.tokens,
+                                          settings=settings)
+        admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
         streaming = False
         try:
             resolved = await resolve_model(self.state, tenant, request.model)
-            call = _Call(tenant=tenant, surface=request.surface, body=_engine_body(request, resolved, tenant),
-                         resolved=resolved, admission=admission, started=started)
+            body["model"] = resolved.engine
+            body["cache_salt"] = cache_salt(tenant)
+            options = request.stream_options
+            call = _Call(tenant=tenant, surface=request.surface, body=body, resolved=resolved, admission=admission,
+                         started=started, usage_shown=bool(options and options.include_usage),
+                         continuous_usage_shown=bool(options and options.include_usage
+                                                     and options.continuous_usage_stats))
             rag = request.rag_options()
             if rag is not None:
                 call.sources = await self._ground(call, rag, output_tokens=request.output_tokens())
-            response = await self._send(call, stream=bool(request.stream))
+            response = await self._send(call, stream=bool(request.stream), disconnected=disconnected)
             streaming = isinstance(response, StreamingResponse)  # the stream gives the slot back when it ends
             return response
         finally:
             if not streaming:
-                await admission.release()
+                await _finish_whatever_happens(admission.release())
 
     async def _ground(self, call: _Call, rag: RagOptions, *, output_tokens: int | None) -> list[dict[str, Any]]:
         """Put the context retrieved for the request in front of the model (in ``call.body``); its passages
@@ -171,13 +223,11 @@ class CompletionService:
             grounder.apply(call.body, context.text)
         return [p.source() for p in context.passages]
 
-    async def _send(self, call: _Call, *, stream: bool) -> Response:
+    async def _send(self, call: _Call, *, stream: bool, disconnected: Disconnected | None) -> Response:
         """Call a replica: the JSON response, or the relay of its stream (which then owns the replica lease,
-        the engine response and the admission slot until it ends)."""
-        if stream:  # usage is always asked of the engine (for accounting); the client sees it only if it asked
-            options = call.body.setdefault("stream_options", {})
-            call.strip_usage = not options.get("include_usage")
-            options["include_usage"] = True
+        the engine response and the admission until it ends)."""
+        if stream:  # usage is always asked of the engine, on every event (for accounting)
+            call.body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         metrics = self.state.metrics
         held = AsyncExitStack()
         metrics.inflight.inc()
@@ -186,19 +236,24 @@ class CompletionService:
             upstream = await self._open(call, held)
             if not stream:
                 try:
-                    content = await upstream.aread()
+                    content = await _read_unless_left(upstream, disconnected)
                 except httpx.HTTPError as e:
                     metrics.engine_errors.labels("unavailable").inc()
                     raise translate_transport_error(e) from e
         except BaseException:
-            await held.aclose()
+            await _finish_whatever_happens(held.aclose())
             raise
         if not stream:
-            await held.aclose()
+            await _finish_whatever_happens(held.aclose())  # closing an unread engine response ends its work
+            if content is None:
+                metrics.client_disconnects.labels("json").inc()
+                call.admission.keep_reservation()
+                annotate(client_left=True)
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             return await self._render_json(call, content)
         held.push_async_callback(call.admission.release)
-        return StreamingResponse(self._relay(call, upstream, held), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **call.resolved.headers()})
+        relay = _Relay(self, call, upstream, held)
+        return _RelayResponse(relay, headers={**_SSE_HEADERS, **call.resolved.headers()})
 
     async def _open(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
         """The engine's 200 response, its body not read yet; ``held`` then holds it and its replica's lease.
@@ -247,34 +302,8 @@ class CompletionService:
         payload["model"] = call.resolved.public
         if call.sources is not None:
             payload["sources"] = call.sources
-        await self._record(call, payload.get("usage") or {})
+        await _finish_whatever_happens(self._record(call, payload.get("usage") or {}))
         return JSONResponse(payload, headers=call.resolved.headers())
-
-    async def _relay(self, call: _Call, upstream: httpx.Response, held: AsyncExitStack) -> AsyncIterator[bytes]:
-        metrics = self.state.metrics
-        rewriter = _EventRewriter(call.resolved, sources=call.sources, strip_usage=call.strip_usage)
-        first = True
-        try:
-            async for chunk in upstream.aiter_raw():
-                out = rewriter.feed(chunk)
-                if out:
-                    if first:
-                        ttft = time.perf_counter() - call.started
-                        metrics.ttft_seconds.labels(call.surface.label).observe(ttft)
-                        annotate(ttft_ms=round(ttft * 1000, 2))
-                        first = False
-                    yield out
-            tail = rewriter.flush()
-            if tail:
-                yield tail
-        except httpx.HTTPError as e:
-            metrics.engine_errors.labels("stream_broken").inc()
-            log.warning("engine stream broke: %s", type(e).__name__)
-            yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
-        finally:
-            if rewriter.usage is not None:
-                await self._record(call, rewriter.usage)
-            await held.aclose()
 
     async def _record(self, call: _Call, usage: dict[str, Any]) -> None:
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -288,21 +317,148 @@ class CompletionService:
             log.warning("recording usage failed: %s", type(e).__name__)
 
 
+async def _read_unless_left(upstream: httpx.Response, disconnected: Disconnected | None) -> bytes | None:
+    """The engine's whole response body, or None if the client left first (the read is then abandoned)."""
+    if disconnected is None:
+        return await upstream.aread()
+    read = asyncio.ensure_future(upstream.aread())
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (read, gone):
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+    if read.done() and not read.cancelled():
+        return read.result()
+    return None
+
+
+class _Relay:
+    """The stream of one request, from the engine to the client: :meth:`events` relays, :meth:`finish` (once,
+    however the stream ended) closes the engine response, records the usage and releases what is held."""
+
+    def __init__(self, service: CompletionService, call: _Call, upstream: httpx.Response,
+                 held: AsyncExitStack) -> None:
+        self._service = service
+        self._call = call
+        self._upstream = upstream
+        self._held = held
+        self._rewriter = _EventRewriter(call.resolved, sources=call.sources, show_usage=call.usage_shown,
+                                        show_continuous_usage=call.continuous_usage_shown,
+                                        choices_per_prompt=int(call.body.get("n") or 1))
+        self._ended = False
+        self._finished = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        metrics, call = self._service.state.metrics, self._call
+        first = True
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                out = self._rewriter.feed(chunk)
+                if out:
+                    if first:
+                        ttft = time.perf_counter() - call.started
+                        metrics.ttft_seconds.labels(call.surface.label).observe(ttft)
+                        annotate(ttft_ms=round(ttft * 1000, 2))
+                        first = False
+                    yield out
+            tail = self._rewriter.flush()
+            if tail:
+                yield tail
+        except httpx.HTTPError as e:
+            metrics.engine_errors.labels("stream_broken").inc()
+            log.warning("engine stream broke: %s", type(e).__name__)
+            yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
+        self._ended = True
+
+    async def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            await self._upstream.aclose()  # first: a client that left stops the engine's work on its request
+            if not self._ended:
+                self._service.state.metrics.client_disconnects.labels("stream").inc()
+                annotate(client_left=True)
+            await self._service._record(self._call, self._rewriter.usage() or {})
+        finally:
+            await self._held.aclose()
+
+
+class _RelayResponse(StreamingResponse):
+    """A stream whose relay is finished however the response ends: relayed to the end, the client gone (the
+    response task cancelled, or its ``send`` failing), or never started."""
+
+    def __init__(self, relay: _Relay, *, headers: dict[str, str]) -> None:
+        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
+        self._relay = relay
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await _finish_whatever_happens(self._close())
+
+    async def _close(self) -> None:
+        iterator = self.body_iterator
+        if isinstance(iterator, AsyncIterator) and hasattr(iterator, "aclose"):
+            with suppress(RuntimeError):  # still running: it ends with the task that runs it
+                await iterator.aclose()
+        await self._relay.finish()
+
+
+_CHOICE_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
+_USAGE_KEY = '"usage":'
+_JSON = json.JSONDecoder()
+
+
+@dataclass
+class _UsageMeter:
+    """The usage of a stream so far, from the engine's continuous usage stats: per choice, its completion
+    tokens so far and its prompt's tokens (choice ``i`` is of prompt ``i // n``); the final usage event, once
+    seen, is the total."""
+
+    choices_per_prompt: int = 1
+    final: dict[str, Any] | None = None
+    prompts: dict[int, int] = field(default_factory=dict)
+    completions: dict[int, int] = field(default_factory=dict)
+
+    def note(self, index: int, usage: dict[str, Any]) -> None:
+        self.prompts[index // max(1, self.choices_per_prompt)] = int(usage.get("prompt_tokens") or 0)
+        self.completions[index] = int(usage.get("completion_tokens") or 0)
+
+    def total(self) -> dict[str, Any] | None:
+        if self.final is not None:
+            return self.final
+        if not self.prompts:
+            return None
+        return {"prompt_tokens": sum(self.prompts.values()), "completion_tokens": sum(self.completions.values())}
+
+
 class _EventRewriter:
     """Rewrites the engine's complete SSE events for the client: the internal model name becomes the public
     one, an engine error event is re-rendered in the gateway's error shape, ``sources`` (when given) become
-    the first key of the first data event, and the usage of the final usage event is noted (and the event
-    dropped when the client did not ask for usage)."""
+    the first key of the first data event, and the usage of every event is noted (and cut out of the event
+    unless the client asked for it: the final usage event with ``include_usage``, the usage on every other
+    event with ``continuous_usage_stats`` too)."""
 
     def __init__(self, resolved: ResolvedModel, *, sources: list[dict[str, Any]] | None = None,
-                 strip_usage: bool = False) -> None:
+                 show_usage: bool = True, show_continuous_usage: bool = True, choices_per_prompt: int = 1) -> None:
         self._resolved = resolved
-        self._strip_usage = strip_usage
-        self.usage: dict[str, Any] | None = None
+        self._show_usage = show_usage
+        self._show_continuous_usage = show_continuous_usage
+        self._meter = _UsageMeter(choices_per_prompt=choices_per_prompt)
         self._needle = json.dumps(resolved.engine).encode() if resolved.adapter else b""
         self._replacement = json.dumps(resolved.public).encode()
         self._buffer = b""
         self._sources = b'"sources": ' + json.dumps(sources).encode() if sources is not None else b""
+
+    def usage(self) -> dict[str, Any] | None:
+        """The usage of what the engine sent so far (None before any event that carried usage)."""
+        return self._meter.total()
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk
@@ -339,15 +495,30 @@ class _EventRewriter:
         return events[:cut] + sources + separator + events[cut:]
 
     def _take_usage(self, event: bytes) -> bytes:
-        """Note the usage of the final usage-only event; drop that event if the client did not ask for it."""
-        if b'"choices":[]' not in event or not event.startswith(b"data: {"):
+        """Note the usage an event carries; cut it out (or drop the final usage-only event) unless asked for.
+        Only the usage object is parsed (it is the one ``"usage":`` key whose value is an object: a key inside
+        a string would have its quotes escaped)."""
+        if not event.startswith(b"data: {"):
             return event + b"\n\n"
-        parsed = json_or_none(event[len(b"data: "):])
-        if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
-            self.usage = parsed["usage"]
-            if self._strip_usage:
-                return b""
-        return event + b"\n\n"
+        text = event[len(b"data: "):].decode("utf-8", "replace")
+        at = text.rfind(_USAGE_KEY + "{")
+        try:
+            usage, end = _JSON.raw_decode(text, at + len(_USAGE_KEY))
+        except ValueError:
+            return event + b"\n\n"
+        if not isinstance(usage, dict):
+            return event + b"\n\n"
+        if '"choices":[]' in text:  # the final usage event: the whole request's usage
+            self._meter.final = usage
+            return event + b"\n\n" if self._show_usage else b""
+        self._meter.note(_choice_index(text), usage)
+        if self._show_continuous_usage:
+            return event + b"\n\n"
+        if text[at - 1:at] == ",":
+            at -= 1
+        elif text[end:end + 1] == ",":
+            end += 1
+        return b"data: " + (text[:at] + text[end:]).encode() + b"\n\n"
 
     def _render_error(self, event: bytes) -> bytes:
         if not event.startswith(b'data: {"error"'):
@@ -358,3 +529,15 @@ class _EventRewriter:
         status = code if isinstance(code, int) else 500
         rendered = _upstream_error(status, json.dumps(parsed).encode(), self._resolved)
         return b"data: " + json.dumps(rendered.body()).encode() + b"\n\n"
+
+
+def _choice_index(event: str) -> int:
+    """The index of the one choice of a stream event (vLLM writes ``index`` first; else the event is parsed)."""
+    match = _CHOICE_INDEX.search(event)
+    if match:
+        return int(match.group(1))
+    parsed = json_or_none(event.encode())
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    index = first.get("index")
+    return index if isinstance(index, int) else 0

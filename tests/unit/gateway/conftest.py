@@ -15,6 +15,7 @@ from adapters.registry import AdapterRecord, VersionMeta
 from gateway.app import create_app
 from gateway.engine import EnginePool
 from gateway.metrics import Metrics
+from gateway.quotas import Admission
 from gateway.settings import Settings
 from gateway.state import AppState
 from retrieval.context import Context, build_context
@@ -66,16 +67,16 @@ class ChunkStream(httpx.AsyncByteStream):
             yield chunk
 
 
-class FakeAdmission:
-    async def release(self) -> None:
-        return None
-
-
 class FakeQuotas:
-    """Admits everything (limits are tested on the real stack, where they live in Redis)."""
+    """Admits everything (the limits themselves are tested against a real Valkey in test_quotas.py); notes the
+    tokens each admission reserved."""
 
-    async def admit(self, tenant: str) -> FakeAdmission:
-        return FakeAdmission()
+    def __init__(self) -> None:
+        self.reserved: list[int] = []
+
+    async def admit(self, tenant: str, *, reserve_tokens: int = 0) -> Admission:
+        self.reserved.append(reserve_tokens)
+        return Admission(tenant=tenant)
 
 
 class FakeUsage:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
 import httpx
+from starlette.responses import Response
 
 from adapters.naming import AdapterRef
-from gateway.openai_api.serving import ResolvedModel, _EventRewriter, cache_salt
+from gateway.openai_api.protocol import CompletionRequest
+from gateway.openai_api.serving import CompletionService, ResolvedModel, _EventRewriter, cache_salt
+from gateway.quotas import Admission
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
 ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
@@ -81,12 +85,67 @@ def test_inactive_adapter_is_not_served(make_harness: Callable[[Handler], Harnes
 
 def test_engine_only_fields_are_refused(make_harness: Callable[[Handler], Harness]) -> None:
     h = make_harness(_echo_engine)
-    for field in ("cache_salt", "chat_template"):
+    for field in ("cache_salt", "chat_template", "request_id", "priority", "vllm_xargs", "no_such_field"):
         response = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": "x", field: "y"},
                                  headers=h.tenant_headers())
         assert response.status_code == 400
-        assert response.json()["error"]["param"] == field
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == field
+        assert "Unrecognized request argument" in error["message"]
     assert h.engine_requests == []
+
+
+def test_only_allowlisted_fields_reach_the_engine(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    response = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
+        "model": "banyan-demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0,
+        "top_k": 5, "ignore_eos": True, "store": True, "metadata": {"a": "b"}, "user": "u1",
+        "stream_options": {"include_usage": True, "smuggled": 1}})
+    assert response.status_code == 200
+    sent = json.loads(h.engine_requests[-1].content)
+    assert set(sent) == {"model", "messages", "max_tokens", "temperature", "top_k", "ignore_eos", "user", "stream",
+                         "cache_salt"}
+
+
+def test_caps_are_400_with_param_before_admission(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    state = h.client.app.state.banyan  # type: ignore[attr-defined]
+    state.settings.max_tokens_per_request = 100
+    cases = [({"prompt": ["a"] * 17}, "prompt"), ({"prompt": "x", "n": 17}, "n"),
+             ({"prompt": "x", "best_of": 17}, "best_of"), ({"prompt": "x", "max_tokens": 101}, "max_tokens")]
+    for extra, param in cases:
+        response = h.client.post("/v1/completions", json={"model": "banyan-demo", **extra},
+                                 headers=h.tenant_headers())
+        assert response.status_code == 400, extra
+        assert response.json()["error"]["param"] == param
+    chat = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
+        "model": "banyan-demo", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 101})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "max_completion_tokens"
+    assert h.engine_requests == [] and state.quotas.reserved == []
+    within = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": ["a"] * 16, "n": 16,
+                                                    "max_tokens": 100}, headers=h.tenant_headers())
+    assert within.status_code == 200
+
+
+def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    state = h.client.app.state.banyan  # type: ignore[attr-defined]
+    window = state.settings.max_model_len
+    post = h.client.post
+    # One token a character (the harness's counter): 10 prompt tokens, 2 choices of at most 5.
+    assert post("/v1/completions", json={"model": "banyan-demo", "prompt": "x" * 10, "n": 2, "max_tokens": 5},
+                headers=h.tenant_headers()).status_code == 200
+    # Two prompts (text, token ids), OpenAI's default of 16 tokens each.
+    assert post("/v1/completions", json={"model": "banyan-demo", "prompt": [[1, 2, 3], [4]]},
+                headers=h.tenant_headers()).status_code == 200
+    # A chat request without a limit may fill the window; with the cap below the window, the cap is its limit.
+    chat = {"model": "banyan-demo", "messages": [{"role": "user", "content": "hello"}]}
+    assert post("/v1/chat/completions", json=chat, headers=h.tenant_headers()).status_code == 200
+    state.settings.max_tokens_per_request = 50
+    assert post("/v1/chat/completions", json=chat, headers=h.tenant_headers()).status_code == 200
+    assert json.loads(h.engine_requests[-1].content)["max_tokens"] == 50
+    prompt = 5 + 8 * 2  # the text plus what the chat template adds per message
+    assert state.quotas.reserved == [10 + 2 * 5, (3 + 16) + (1 + 16), window, prompt + 50]
 
 
 def test_engine_unreachable_is_503(make_harness: Callable[[Handler], Harness]) -> None:
@@ -158,7 +217,8 @@ def test_stream_usage_is_counted_and_shown_only_when_asked(make_harness: Callabl
     body = {"model": "helper", "prompt": "x", "stream": True}
     plain = h.client.post("/v1/completions", json=body, headers=h.tenant_headers())
     assert '"usage"' not in plain.text and plain.text.endswith("data: [DONE]\n\n")
-    assert json.loads(h.engine_requests[-1].content)["stream_options"] == {"include_usage": True}
+    assert json.loads(h.engine_requests[-1].content)["stream_options"] == {"include_usage": True,
+                                                                           "continuous_usage_stats": True}
     asked = h.client.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}},
                           headers=h.tenant_headers())
     assert asked.text.count('"usage":{"prompt_tokens":3') == 1
@@ -198,3 +258,133 @@ def test_adapter_dropped_by_the_engine_is_asked_again_once(make_harness: Callabl
         response = h.client.post("/v1/completions", json={"model": "helper", "prompt": "x", "stream": stream},
                                  headers=h.tenant_headers())
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+
+
+class _EndlessStream(httpx.AsyncByteStream):
+    """An engine stream with vLLM's continuous usage stats on every event, that only ends when closed."""
+
+    def __init__(self, model: str, prompt_tokens: int = 7) -> None:
+        self.model, self.prompt_tokens, self.closed = model, prompt_tokens, False
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for i in range(1, 100_000):
+            event = {"id": "c", "object": "text_completion", "model": self.model,
+                     "choices": [{"index": 0, "text": "t", "logprobs": None, "finish_reason": None}],
+                     "usage": {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + i,
+                               "completion_tokens": i}}
+            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class _SpyQuotas:
+    def __init__(self) -> None:
+        self.admissions: list[_SpyAdmission] = []
+
+    async def admit(self, tenant: str, *, reserve_tokens: int = 0) -> Admission:
+        self.admissions.append(_SpyAdmission(tenant=tenant, reserved=reserve_tokens))
+        return self.admissions[-1]
+
+
+class _SpyAdmission(Admission):
+    released = False
+    kept = False
+
+    def keep_reservation(self) -> None:
+        self.kept = True
+
+    async def release(self) -> None:
+        self.released = True
+
+
+async def _serve_until_the_client_leaves(response: Response, *, after_events: int) -> bytes:
+    """Run a streaming response the way an ASGI server does, with a client that hangs up after some events."""
+    received: list[bytes] = []
+    left = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            received.append(message.get("body", b""))
+            if b"".join(received).count(b"\n\n") >= after_events:
+                left.set()
+
+    async def receive() -> dict:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    return b"".join(received)
+
+
+async def test_a_stream_the_client_leaves_is_still_charged(make_harness: Callable[[Handler], Harness]) -> None:
+    streams: list[_EndlessStream] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        streams.append(_EndlessStream(json.loads(request.content)["model"]))
+        return httpx.Response(200, stream=streams[-1], headers={"content-type": "text/event-stream"})
+
+    h = make_harness(engine)
+    state = h.client.app.state.banyan  # type: ignore[attr-defined]
+    state.quotas = quotas = _SpyQuotas()
+    request = CompletionRequest(model="banyan-demo", prompt="x", max_tokens=4000, stream=True)
+    response = await CompletionService(state).handle(tenant="acme", request=request)
+    relayed = await _serve_until_the_client_leaves(response, after_events=5)
+    events = [e for e in relayed.split(b"\n\n") if e]
+    assert len(events) >= 5 and b"usage" not in relayed  # the client did not ask for usage
+    [(tenant, model, prompt, completion)] = h.usage.records
+    assert (tenant, model, prompt) == ("acme", "banyan-demo", 7) and completion >= len(events)
+    assert streams[0].closed and quotas.admissions[0].released
+    assert 'banyan_client_disconnects_total{kind="stream"} 1.0' in h.client.get("/metrics").text
+
+
+def test_continuous_usage_is_summed_over_choices_and_kept_when_asked() -> None:
+    resolved = ResolvedModel(public="m", engine="m", adapter=None)
+
+    def event(index: int, prompt: int, completion: int) -> bytes:
+        return (b'data: {"id":"c","choices":[{"index":%d,"text":"t"}],"usage":{"prompt_tokens":%d,'
+                b'"completion_tokens":%d,"prompt_tokens_details":null}}\n\n' % (index, prompt, completion))
+
+    # Two prompts of 3 and 5 tokens, two choices each: choice i belongs to prompt i // 2.
+    raw = event(0, 3, 1) + event(2, 5, 1) + event(1, 3, 2) + event(0, 3, 2) + event(3, 5, 4)
+    hidden = _EventRewriter(resolved, show_usage=False, show_continuous_usage=False, choices_per_prompt=2)
+    out = hidden.feed(raw)
+    assert b"usage" not in out and out.count(b"\n\n") == 5
+    assert all(json.loads(e[6:])["choices"][0]["text"] == "t" for e in out.split(b"\n\n") if e)
+    assert hidden.usage() == {"prompt_tokens": 8, "completion_tokens": 2 + 2 + 1 + 4}
+    shown = _EventRewriter(resolved, show_usage=True, show_continuous_usage=True, choices_per_prompt=2)
+    assert shown.feed(raw) == raw
+    final = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":10}}\n\n'
+    assert hidden.feed(final) == b"" and hidden.usage() == {"prompt_tokens": 8, "completion_tokens": 10}
+
+
+async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Callable[[Handler], Harness]) -> None:
+    reading = asyncio.Event()
+
+    class Hanging(httpx.AsyncByteStream):
+        closed = False
+
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            reading.set()
+            await asyncio.Event().wait()  # the engine is still generating
+            yield b""
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    stream = Hanging()
+    h = make_harness(lambda request: httpx.Response(200, stream=stream))
+    state = h.client.app.state.banyan  # type: ignore[attr-defined]
+    state.quotas = quotas = _SpyQuotas()
+    gone = asyncio.Event()
+    answer = asyncio.ensure_future(CompletionService(state).handle(
+        tenant="acme", request=CompletionRequest(model="banyan-demo", prompt="x"), disconnected=gone.wait))
+    await asyncio.wait_for(reading.wait(), timeout=10)  # the gateway waits for the engine's answer
+    assert not answer.done()
+    gone.set()  # the client hangs up
+    response = await asyncio.wait_for(answer, timeout=10)
+    assert response.status_code == 499
+    assert stream.closed and h.usage.records == []
+    assert quotas.admissions[0].released and quotas.admissions[0].kept
+    assert 'banyan_client_disconnects_total{kind="json"} 1.0' in h.client.get("/metrics").text
