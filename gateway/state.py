@@ -1,39 +1,52 @@
-"""The typed state the app factory builds once and routes receive through dependencies."""
+"""The typed state the app factory builds once and routes receive through dependencies.
+
+Each client is typed by the role the gateway uses it in: a small Protocol declared next to the class that
+implements it (``Tenants`` by :class:`gateway.tenants.TenantStore`, ``Registry`` by
+:class:`adapters.registry.AdapterRegistry`, ...), so the unit tests put their in-memory fakes in the same
+fields. The engine pool stays the concrete :class:`gateway.engine.EnginePool`: its seam is its httpx transport.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from redis.asyncio import Redis
-
-from adapters.registry import AdapterRegistry
+from adapters.registry import Registry
 from adapters.store import ObjectStore
 from gateway.engine import EnginePool
 from gateway.metrics import Metrics
-from gateway.quotas import Quotas
+from gateway.quotas import Limiter
 from gateway.settings import Settings
-from gateway.tenants import TenantStore
-from gateway.usage import UsageStore
+from gateway.tenants import Tenants
+from gateway.usage import Usage
 from retrieval.context import TokenCounter
-from retrieval.service import DocumentService
+from retrieval.service import Documents
 
 if TYPE_CHECKING:
     from adapters.basemodel import BaseModelSpec
 
 
+class Pinger(Protocol):
+    """The Redis connection as the app itself uses it (the stores hold their own reference to it): probed for
+    readiness and closed at shutdown."""
+
+    def ping(self) -> Awaitable[object]: ...
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class AppState:
     settings: Settings
-    redis: Redis
+    redis: Pinger
     store: ObjectStore
     engines: EnginePool
-    tenants: TenantStore
-    adapters: AdapterRegistry
+    tenants: Tenants
+    adapters: Registry
     metrics: Metrics
-    quotas: Quotas
-    usage: UsageStore
+    quotas: Limiter
+    usage: Usage
     base_spec: BaseModelSpec | None
-    documents: DocumentService
+    documents: Documents
     tokens: TokenCounter
     """Counts base-model tokens (the unit of the ``rag`` context budget)."""

@@ -11,6 +11,7 @@ same pipeline adds the tokens to the tenant's current ``tpm`` window (:mod:`gate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.asyncio import Redis
 
@@ -39,6 +40,15 @@ class Counts:
 class TenantUsage:
     total: Counts
     models: dict[str, Counts] = field(default_factory=dict)
+
+
+class Usage(Protocol):
+    """Per-tenant usage as the gateway uses it: the request path records, the admin service reads and deletes
+    (:class:`UsageStore`; the unit tests' in-memory fake)."""
+
+    async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+    async def get(self, tenant: str) -> TenantUsage: ...
+    async def delete(self, tenant: str) -> None: ...
 
 
 class UsageStore:
