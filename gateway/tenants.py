@@ -1,11 +1,18 @@
 """Tenants and their API keys, in Redis.
 
 Keys look like ``bk_<random>``; only their SHA-256 is stored (they carry 256 bits of randomness, so an
-unsalted hash is enough and lets a lookup be one GET). Layout:
+unsalted hash is enough and lets a lookup be one round trip). Layout:
 
-- ``banyan:tenants`` SET of tenant ids; ``banyan:tenant:<id>`` HASH of the tenant's fields;
+- ``banyan:tenants`` SET of tenant ids; ``banyan:tenant:<id>`` HASH of the tenant's fields (JSON values),
+  among them ``uid`` (this incarnation of the id) and, only while it is being deleted, ``deleting``;
 - ``banyan:tenant:<id>:keys`` HASH key_id -> JSON (name, created, hash); ``banyan:keyhash:<sha256>``
   STRING "<tenant>:<key_id>", the lookup used on every request.
+
+Deleting a tenant is a tombstone, then cleanup, then the record removed last (:meth:`TenantStore.begin_delete`,
+the admin service's cleanup, :meth:`TenantStore.finish_delete`). Each step can run again, so a failed delete is
+finished by repeating it. While the tombstone stands the id cannot be created again, its keys do not
+authenticate, no key can be added, and nothing can be committed under :meth:`TenantStore.fence` (the adapter
+registry's uploads): these checks run in Redis in the same atomic step as the write they guard.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from adapters.registry import Fence
+
 KEY_PREFIX = "bk_"
-_TENANT_FIELDS = ("rpm", "tpm", "max_concurrency")
 
 
 def hash_key(key: str) -> str:
@@ -40,6 +48,11 @@ class Tenant:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+    uid: str = ""
+    """This incarnation of the id (one deleted and created again has another); empty in records written
+    before uids existed."""
+    deleting: bool = False
+    """The tombstone: a delete has started and not finished."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +79,8 @@ def _lookup_key(key_hash: str) -> str:
 
 
 def _encode(tenant: Tenant) -> dict[str, str]:
-    return {k: json.dumps(v) for k, v in tenant.to_dict().items()}
+    """The stored fields (``deleting`` is written only by :meth:`TenantStore.begin_delete`)."""
+    return {k: json.dumps(v) for k, v in tenant.to_dict().items() if k != "deleting"}
 
 
 def as_text(value: bytes | str) -> str:
@@ -76,7 +90,59 @@ def as_text(value: bytes | str) -> str:
 
 def _decode(raw: dict[bytes | str, bytes | str]) -> Tenant:
     fields = {as_text(k): json.loads(v) for k, v in raw.items()}
+    fields["name"] = fields.get("name") or fields["id"]  # a null name was once stored by PATCH
     return Tenant(**fields)
+
+
+# A tenant record that is live: it exists and carries no tombstone (KEYS[1] its hash).
+_LIVE = "redis.call('HEXISTS', KEYS[1], 'id') == 1 and redis.call('HEXISTS', KEYS[1], 'deleting') == 0"
+
+# Create unless the record exists (a tombstoned one included). KEYS: the id set, the record; ARGV: id, pairs.
+_CREATE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# Change fields of a live tenant (never recreate a deleted record). ARGV: field/value pairs.
+_UPDATE = f"""
+if not ({_LIVE}) then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# Set the tombstone on an existing record (again, if it is set already).
+_TOMBSTONE = """
+if redis.call('HEXISTS', KEYS[1], 'id') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'deleting', 'true')
+return 1
+"""
+
+# Add a key to a live tenant. KEYS: the record, its keys hash, the lookup; ARGV: key_id, record, owner.
+_CREATE_KEY = f"""
+if not ({_LIVE}) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+"""
+
+# The tenant a key belongs to if that tenant is live. KEYS[1] the lookup; ARGV[1] the record key's prefix.
+_AUTHENTICATE = """
+local owner = redis.call('GET', KEYS[1])
+if not owner then return false end
+local tenant = string.match(owner, '^([^:]+):')
+if not tenant then return false end
+local record = ARGV[1] .. tenant
+if redis.call('HEXISTS', record, 'id') == 0 or redis.call('HEXISTS', record, 'deleting') == 1 then
+  return false
+end
+return tenant
+"""
+
+
+def _pairs(mapping: dict[str, str]) -> list[str]:
+    return [x for item in mapping.items() for x in item]
 
 
 class Tenants(Protocol):
@@ -88,8 +154,10 @@ class Tenants(Protocol):
     async def get(self, tenant_id: str) -> Tenant | None: ...
     async def list_tenants(self) -> list[Tenant]: ...
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None: ...
-    async def delete(self, tenant_id: str) -> bool: ...
-    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str]: ...
+    async def begin_delete(self, tenant_id: str) -> Tenant | None: ...
+    async def finish_delete(self, tenant_id: str) -> None: ...
+    def fence(self, tenant: Tenant) -> Fence: ...
+    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str] | None: ...
     async def list_keys(self, tenant_id: str) -> list[KeyInfo]: ...
     async def revoke_key(self, tenant_id: str, key_id: str) -> bool: ...
 
@@ -97,15 +165,19 @@ class Tenants(Protocol):
 class TenantStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
+        self._create: Any = redis.register_script(_CREATE)
+        self._update: Any = redis.register_script(_UPDATE)
+        self._tombstone: Any = redis.register_script(_TOMBSTONE)
+        self._create_key: Any = redis.register_script(_CREATE_KEY)
+        self._authenticate: Any = redis.register_script(_AUTHENTICATE)
 
     async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None:
-        """Create a tenant; None when the id is taken."""
-        if not await self._redis.sadd("banyan:tenants", tenant_id):
-            return None
-        tenant = Tenant(id=tenant_id, name=name, created=int(time.time()),
-                        **{k: limits.get(k) for k in _TENANT_FIELDS})
-        await self._redis.hset(_tenant_key(tenant_id), mapping=_encode(tenant))  # type: ignore[arg-type]
-        return tenant
+        """Create a tenant; None when the id is taken (also while a delete of it has not finished)."""
+        tenant = Tenant(id=tenant_id, name=name, created=int(time.time()), uid=secrets.token_hex(8),
+                        rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"))
+        done = await self._create(keys=["banyan:tenants", _tenant_key(tenant_id)],
+                                  args=[tenant_id, *_pairs(_encode(tenant))])
+        return tenant if done else None
 
     async def get(self, tenant_id: str) -> Tenant | None:
         raw = await self._redis.hgetall(_tenant_key(tenant_id))
@@ -117,35 +189,48 @@ class TenantStore:
         return [t for t in tenants if t is not None]
 
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
-        if not await self._redis.exists(_tenant_key(tenant_id)):
+        """Change a live tenant's fields; None when there is no such tenant or it is being deleted."""
+        if not await self._update(keys=[_tenant_key(tenant_id)],
+                                  args=_pairs({k: json.dumps(v) for k, v in changes.items()})):
             return None
-        if changes:
-            await self._redis.hset(_tenant_key(tenant_id),
-                                   mapping={k: json.dumps(v) for k, v in changes.items()})
         return await self.get(tenant_id)
 
-    async def delete(self, tenant_id: str) -> bool:
-        """Remove the tenant and revoke all of its keys."""
-        hashes = [json.loads(v)["hash"] for v in (await self._redis.hgetall(_keys_key(tenant_id))).values()]
+    async def begin_delete(self, tenant_id: str) -> Tenant | None:
+        """Set the tombstone (again, when a delete is being repeated) and revoke every key; the tenant, or None
+        when there is no such tenant. From here on nothing new can be added for it."""
+        if not await self._tombstone(keys=[_tenant_key(tenant_id)]):
+            return None
+        records = (await self._redis.hgetall(_keys_key(tenant_id))).values()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for record in records:
+                pipe.delete(_lookup_key(json.loads(record)["hash"]))
+            pipe.delete(_keys_key(tenant_id))
+            await pipe.execute()
+        return await self.get(tenant_id)
+
+    async def finish_delete(self, tenant_id: str) -> None:
+        """Remove the record, last, once everything else of the tenant is gone: the id can be created again."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.srem("banyan:tenants", tenant_id)
             pipe.delete(_tenant_key(tenant_id), _keys_key(tenant_id))
-            for h in hashes:
-                pipe.delete(_lookup_key(h))
-            removed = await pipe.execute()
-        return bool(removed[0])
+            await pipe.execute()
 
-    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str]:
+    def fence(self, tenant: Tenant) -> Fence:
+        """What holds while this incarnation of ``tenant`` is live (a commit under it is refused once a delete
+        has started, or after the id was deleted and created again)."""
+        return Fence(key=_tenant_key(tenant.id), equals={
+            "id": json.dumps(tenant.id), "uid": json.dumps(tenant.uid) if tenant.uid else "", "deleting": ""})
+
+    async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str] | None:
+        """A new key and its secret (shown once); None when the tenant is not live."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key_hash = hash_key(secret)
         info = KeyInfo(key_id="key_" + secrets.token_hex(8), name=name, created=int(time.time()),
                        prefix=secret[:7])
         record = json.dumps({**asdict(info), "hash": key_hash})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(_keys_key(tenant_id), info.key_id, record)
-            pipe.set(_lookup_key(key_hash), f"{tenant_id}:{info.key_id}")
-            await pipe.execute()
-        return info, secret
+        done = await self._create_key(keys=[_tenant_key(tenant_id), _keys_key(tenant_id), _lookup_key(key_hash)],
+                                      args=[info.key_id, record, f"{tenant_id}:{info.key_id}"])
+        return (info, secret) if done else None
 
     async def list_keys(self, tenant_id: str) -> list[KeyInfo]:
         raw = await self._redis.hgetall(_keys_key(tenant_id))
@@ -167,8 +252,8 @@ class TenantStore:
         return True
 
     async def authenticate(self, key: str) -> str | None:
-        """The tenant id a key belongs to, or None."""
+        """The tenant id a key belongs to, or None (also when that tenant is being deleted)."""
         if not looks_like_key(key):
             return None
-        raw = await self._redis.get(_lookup_key(hash_key(key)))
-        return as_text(raw).split(":", 1)[0] if raw else None
+        raw = await self._authenticate(keys=[_lookup_key(hash_key(key))], args=[_tenant_key("")])
+        return as_text(raw) if raw else None
