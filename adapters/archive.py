@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -41,7 +43,8 @@ class _Entry:
     open: Callable[[], IO[bytes]]
 
 
-_Reader = Callable[[BinaryIO, int], Generator[_Entry, None, None]]
+_Reader = Callable[[BinaryIO, int, int], Generator[_Entry, None, None]]
+"""(the archive, a bound on the bytes it may decompress to, the most members it may hold) -> its members."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,8 @@ def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_
     files: list[tuple[str, ...]] = []
     current = ""
     try:
-        with contextlib.closing(fmt.entries(raw, budget.max_total_bytes + _TAR_OVERHEAD_BYTES)) as entries:
+        limit = budget.max_total_bytes + _TAR_OVERHEAD_BYTES
+        with contextlib.closing(fmt.entries(raw, limit, max_members)) as entries:
             for count, entry in enumerate(entries, start=1):
                 current = entry.name
                 if count > max_members:
@@ -116,6 +120,9 @@ def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_
                 written = _extract_entry(entry, root, budget=budget)
                 if written is not None:
                     files.append(written)
+    except _TooManyMembers as e:
+        raise InvalidAdapterError(f"{shown(filename)} holds {e.declared} {max_members} members; an adapter needs "
+                                  "only a few files", code=AdapterErrorCode.INVALID_ARCHIVE) from e
     except _CORRUPT_ERRORS as e:
         where = f" (near member {shown(current)})" if current else ""
         raise InvalidAdapterError(f"{shown(filename)} is not a valid {fmt.label} archive: it is corrupt or "
@@ -272,7 +279,8 @@ class _BoundedReader:
         return data
 
 
-def _tar_entries(raw: BinaryIO, limit: int) -> Generator[_Entry, None, None]:
+def _tar_entries(raw: BinaryIO, limit: int, max_members: int) -> Generator[_Entry, None, None]:
+    del max_members  # tar is read as a stream: members are counted as they come
     with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
         stream = _BoundedReader(gz, limit)
         with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
@@ -304,11 +312,61 @@ def _tar_opener(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], I
     return _open
 
 
-def _zip_entries(raw: BinaryIO, limit: int) -> Generator[_Entry, None, None]:
+def _zip_entries(raw: BinaryIO, limit: int, max_members: int) -> Generator[_Entry, None, None]:
     del limit  # zipfile bounds each member's output by its declared size; we count what is written
+    _check_zip_directory(raw, max_members=max_members)
     with zipfile.ZipFile(raw) as zf:
         for info in zf.infolist():
             yield _Entry(info.filename, _zip_kind(info), info.file_size, _zip_opener(zf, info))
+
+
+class _TooManyMembers(Exception):
+    def __init__(self, declared: str) -> None:
+        super().__init__(declared)
+        self.declared = declared
+
+
+_ZIP_END = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_ZIP_CENTRAL_ENTRY_BYTES = 46 + 1024
+"""One central directory entry: its fixed part, and its name, extra field and comment (generously)."""
+
+
+def _check_zip_directory(raw: BinaryIO, *, max_members: int) -> None:
+    """Refuse a zip whose end records declare more members, or a bigger central directory, than ``max_members``
+    can need, before :mod:`zipfile` reads that directory whole into memory (an object per entry). The end
+    records are found the way :mod:`zipfile` finds them, so both read the same numbers."""
+    entries, directory_bytes = _zip_directory(raw)
+    if entries > max_members:
+        raise _TooManyMembers(f"{entries:,} members; the limit is")
+    if directory_bytes > max_members * _ZIP_CENTRAL_ENTRY_BYTES:
+        raise _TooManyMembers(f"a {directory_bytes:,}-byte central directory, too big for the limit of")
+
+
+def _zip_directory(raw: BinaryIO) -> tuple[int, int]:
+    """(total entries, central directory bytes) from the zip's end records (zip64 included)."""
+    size = raw.seek(0, os.SEEK_END)
+    start = max(size - _ZIP_END.size - 0xFFFF, 0)  # the record, then a comment of up to 64 KiB
+    raw.seek(start)
+    tail = raw.read()
+    raw.seek(0)
+    at = len(tail) - _ZIP_END.size
+    if not (at >= 0 and tail[at:at + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0"):
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < _ZIP_END.size:
+        raise zipfile.BadZipFile("no end of central directory record")
+    fields = _ZIP_END.unpack_from(tail, at)
+    entries, directory_bytes = fields[4], fields[5]
+    end_at = start + at
+    if end_at >= _ZIP64_LOCATOR.size + _ZIP64_END.size:
+        raw.seek(end_at - _ZIP64_LOCATOR.size - _ZIP64_END.size)
+        record, locator = raw.read(_ZIP64_END.size), raw.read(_ZIP64_LOCATOR.size)
+        raw.seek(0)
+        if locator[:4] == b"PK\x06\x07" and record[:4] == b"PK\x06\x06":
+            zip64 = _ZIP64_END.unpack(record)
+            entries, directory_bytes = zip64[7], zip64[8]
+    return entries, directory_bytes
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:

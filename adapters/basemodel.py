@@ -48,6 +48,12 @@ class BaseModelSpec:
             parents=MappingProxyType(parents),
         )
 
+    @property
+    def max_lora_tensors(self) -> int:
+        """The most LoRA tensors an adapter for this model can hold: lora_A and lora_B of every targetable
+        module of every decoder layer."""
+        return 2 * self.num_layers * len(self.modules)
+
     @classmethod
     def from_path(cls, path: Path) -> BaseModelSpec:
         """``path`` is a ``config.json`` file or a model folder holding one."""

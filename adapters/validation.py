@@ -37,7 +37,8 @@ IGNORED_FILES = ("README.md",)  # PEFT writes it; accepted and dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HEADER_METADATA_BYTES = 64 * 1024  # __metadata__ (PEFT writes {"format": "pt"}) and the header's padding
+_HEADER_ENTRY_BYTES = 160  # one tensor's entry beyond its name: dtype, shape, offsets, JSON punctuation, generously
 _CHUNK_BYTES = 1024 * 1024  # a multiple of every accepted element size
 _MAX_PATTERN_CHARS = 256
 _MAX_PATTERN_REPEATS = 4
@@ -102,7 +103,7 @@ def validate_adapter_dir(path: Path, *, base: BaseModelSpec, max_rank: int, max_
     hasher = hashlib.sha256(config_bytes)
     with (path / WEIGHTS_FILE).open("rb") as f:
         reader = _HashingReader(f, hasher)
-        tensors = _read_header(reader, file_size=sizes[WEIGHTS_FILE])
+        tensors = _read_header(reader, file_size=sizes[WEIGHTS_FILE], base=base)
         lora = _check_names(tensors, base=base, config=config)
         _check_pairs(lora)
         _check_shapes(lora, base=base, config=config)
@@ -464,15 +465,27 @@ def _weights_error(message: str, code: str = AdapterErrorCode.INVALID_SAFETENSOR
     return InvalidAdapterError(f"{WEIGHTS_FILE}: {message}", code=code)
 
 
-def _read_header(reader: _HashingReader, *, file_size: int) -> list[_Tensor]:
+def max_header_bytes(base: BaseModelSpec) -> int:
+    """The largest safetensors header an adapter for ``base`` can need: an entry per LoRA tensor the base
+    model allows (the longest name possible, with room to spare) and some metadata. Anything larger is
+    refused before it is read: parsing a header costs far more memory than its size."""
+    longest = max(len(f"base_model.model.model.layers.{base.num_layers - 1}.{base.parents[leaf]}.{leaf}"
+                      ".lora_A.weight") for leaf in base.modules)
+    return _HEADER_METADATA_BYTES + base.max_lora_tensors * (longest + _HEADER_ENTRY_BYTES)
+
+
+def _read_header(reader: _HashingReader, *, file_size: int, base: BaseModelSpec) -> list[_Tensor]:
     """Parse and check the header; return the tensors in file order, the reader at the first one."""
     if file_size < 8:
         raise _weights_error(f"the file is {file_size} bytes, too short to be a safetensors file")
     header_len = int.from_bytes(reader.read_exact(8), "little")
-    if header_len > min(file_size - 8, MAX_HEADER_BYTES):
+    if header_len > file_size - 8:
         raise _weights_error(f"the header length field says {header_len:,} bytes, but the file holds "
-                             f"{file_size - 8:,} bytes after it (and headers are limited to "
-                             f"{MAX_HEADER_BYTES:,} bytes): the file is truncated or not safetensors")
+                             f"{file_size - 8:,} bytes after it: the file is truncated or not safetensors")
+    max_header = max_header_bytes(base)
+    if header_len > max_header:
+        raise _weights_error(f"the header is {header_len:,} bytes; an adapter for this base model holds at most "
+                             f"{base.max_lora_tensors} LoRA tensors, whose header fits in {max_header:,} bytes")
     header = _load_json_object(reader.read_exact(header_len), what=f"{WEIGHTS_FILE}: the header",
                                code=AdapterErrorCode.INVALID_SAFETENSORS)
     _check_metadata(header.pop("__metadata__", None))

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import tarfile
+import tracemalloc
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -224,6 +226,45 @@ def test_a_compressed_bomb_is_too_large(filename: str, tmp_path: Path) -> None:
     message = refusal(archive, tmp_path / "out", filename=filename, code="adapter_too_large",
                       error=AdapterTooLargeError)
     assert "adapter_model.safetensors" in message and "1,048,576" in message
+
+
+def _many_entries(path: Path, count: int) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:  # empty entries: a big central directory in a small file
+        for i in range(count):
+            zf.writestr(f"e{i}", b"")
+    return path
+
+
+def test_a_zip_with_a_huge_entry_count_is_refused_before_its_directory_is_read(tmp_path: Path) -> None:
+    archive = _many_entries(tmp_path / "upload", 30_000)  # the review's 750k entries, small
+    tracemalloc.start()
+    try:
+        message = refusal(archive, tmp_path / "out", filename="a.zip", code="invalid_archive")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "30,000 members" in message and "16" in message
+    assert peak < 256 * 1024  # zipfile would hold 30,000 ZipInfo objects (tens of MiB)
+
+
+def test_a_zip_whose_end_record_understates_its_entries_is_refused(tmp_path: Path) -> None:
+    archive = _many_entries(tmp_path / "upload", 3000)
+    raw = bytearray(archive.read_bytes())
+    struct.pack_into("<HH", raw, len(raw) - 22 + 8, 2, 2)  # the end record now claims 2 entries
+    archive.write_bytes(bytes(raw))
+    assert "central directory" in refusal(archive, tmp_path / "out", filename="a.zip", code="invalid_archive")
+
+
+def test_a_zip64_archive_is_read(tmp_path: Path) -> None:
+    raw = zip_archive(tmp_path / "plain", adapter_members()).read_bytes()
+    entries, cd_size, cd_offset = struct.unpack_from("<HLL", raw, len(raw) - 22 + 10)
+    zip64_at = len(raw) - 22
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, cd_size, cd_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    archive = tmp_path / "upload.zip"
+    archive.write_bytes(raw[:zip64_at] + record + locator + end)
+    assert_extracted(extract_archive(archive, tmp_path / "out", filename="a.zip", **LIMITS), tmp_path / "out")
 
 
 def test_the_total_counts_every_member(tmp_path: Path) -> None:

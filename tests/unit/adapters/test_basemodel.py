@@ -99,3 +99,7 @@ def test_the_spec_cannot_be_changed_after_reading() -> None:
     spec = BaseModelSpec.from_hf_config(LLAMA3_8B)
     with pytest.raises(TypeError):
         spec.modules["lm_head"] = ModuleShape(4096, 128256)  # type: ignore[index]
+
+
+def test_the_most_lora_tensors_an_adapter_can_hold(demo_spec: BaseModelSpec) -> None:
+    assert demo_spec.max_lora_tensors == 2 * 2 * 7  # lora_A and lora_B, 2 layers, 7 linear modules

@@ -4,6 +4,7 @@ import hashlib
 import json
 import struct
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,24 @@ def test_an_absurd_header_length_is_refused(length: int, adapter_dir: Path, demo
     write_safetensors(adapter_dir / WEIGHTS_FILE, header, data, length=length)
     message = rejection(adapter_dir, demo_spec, code="invalid_safetensors")
     assert WEIGHTS_FILE in message and f"{length:,}" in message
+
+
+def test_a_header_larger_than_the_base_model_allows_is_refused_before_parsing(
+        adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    header, data = read_safetensors(adapter_dir / WEIGHTS_FILE)
+    end = len(data)
+    for i in range(40_000):  # zero-size tensors: a big header over almost no data (the review's 50 MiB case, small)
+        header[f"pad{i:05d}"] = {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}
+    write_safetensors(adapter_dir / WEIGHTS_FILE, header, data)
+    header_bytes = int.from_bytes((adapter_dir / WEIGHTS_FILE).read_bytes()[:8], "little")
+    tracemalloc.start()
+    try:
+        message = rejection(adapter_dir, demo_spec, code="invalid_safetensors")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert f"{header_bytes:,}" in message and "28 LoRA tensors" in message
+    assert peak < header_bytes // 2  # refused from the length field: the header was never read, let alone parsed
 
 
 def test_a_truncated_weights_file_is_refused(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
