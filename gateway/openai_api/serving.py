@@ -233,13 +233,10 @@ class CompletionService:
         metrics.inflight.inc()
         held.callback(metrics.inflight.dec)
         try:
-            upstream = await self._open(call, held)
-            if not stream:
-                try:
-                    content = await _read_unless_left(upstream, disconnected)
-                except httpx.HTTPError as e:
-                    metrics.engine_errors.labels("unavailable").inc()
-                    raise translate_transport_error(e) from e
+            if stream:
+                upstream = await self._open(call, held)
+            else:  # the engine answers a JSON request when it is done: the client may leave before the headers
+                content = await _unless_left(self._fetch(call, held), disconnected)
         except BaseException:
             await _finish_whatever_happens(held.aclose())
             raise
@@ -254,6 +251,14 @@ class CompletionService:
         held.push_async_callback(call.admission.release)
         relay = _Relay(self, call, upstream, held)
         return _RelayResponse(relay, headers={**_SSE_HEADERS, **call.resolved.headers()})
+
+    async def _fetch(self, call: _Call, held: AsyncExitStack) -> bytes:
+        upstream = await self._open(call, held)
+        try:
+            return await upstream.aread()
+        except httpx.HTTPError as e:
+            self.state.metrics.engine_errors.labels("unavailable").inc()
+            raise translate_transport_error(e) from e
 
     async def _open(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
         """The engine's 200 response, its body not read yet; ``held`` then holds it and its replica's lease.
@@ -317,22 +322,23 @@ class CompletionService:
             log.warning("recording usage failed: %s", type(e).__name__)
 
 
-async def _read_unless_left(upstream: httpx.Response, disconnected: Disconnected | None) -> bytes | None:
-    """The engine's whole response body, or None if the client left first (the read is then abandoned)."""
+async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnected | None) -> bytes | None:
+    """What ``work`` returns, or None if the client left first (``work`` is then cancelled: an engine call cut
+    short closes its connection, and the engine drops the request)."""
     if disconnected is None:
-        return await upstream.aread()
-    read = asyncio.ensure_future(upstream.aread())
+        return await work
+    done = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (read, gone):
+        for task in (done, gone):
             if not task.done():
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
-    if read.done() and not read.cancelled():
-        return read.result()
+    if done.done() and not done.cancelled():
+        return done.result()
     return None
 
 

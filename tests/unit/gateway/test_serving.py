@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 
 import httpx
+import pytest
 from starlette.responses import Response
 
 from adapters.naming import AdapterRef
@@ -359,22 +360,30 @@ def test_continuous_usage_is_summed_over_choices_and_kept_when_asked() -> None:
     assert hidden.feed(final) == b"" and hidden.usage() == {"prompt_tokens": 8, "completion_tokens": 10}
 
 
-async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Callable[[Handler], Harness]) -> None:
-    reading = asyncio.Event()
+@pytest.mark.parametrize("hangs", ["before_the_headers", "in_the_body"])
+async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Callable[[Handler], Harness],
+                                                              hangs: str) -> None:
+    reading, closed = asyncio.Event(), asyncio.Event()
 
     class Hanging(httpx.AsyncByteStream):
-        closed = False
-
         async def __aiter__(self):  # type: ignore[no-untyped-def]
             reading.set()
             await asyncio.Event().wait()  # the engine is still generating
             yield b""
 
         async def aclose(self) -> None:
-            self.closed = True
+            closed.set()
 
-    stream = Hanging()
-    h = make_harness(lambda request: httpx.Response(200, stream=stream))
+    async def engine(request: httpx.Request) -> httpx.Response:
+        if hangs == "before_the_headers":  # vLLM answers a JSON request only once it is done
+            reading.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                closed.set()
+        return httpx.Response(200, stream=Hanging())
+
+    h = make_harness(engine)  # type: ignore[arg-type]
     state = h.client.app.state.banyan  # type: ignore[attr-defined]
     state.quotas = quotas = _SpyQuotas()
     gone = asyncio.Event()
@@ -385,6 +394,6 @@ async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Call
     gone.set()  # the client hangs up
     response = await asyncio.wait_for(answer, timeout=10)
     assert response.status_code == 499
-    assert stream.closed and h.usage.records == []
+    assert closed.is_set() and h.usage.records == []
     assert quotas.admissions[0].released and quotas.admissions[0].kept
     assert 'banyan_client_disconnects_total{kind="json"} 1.0' in h.client.get("/metrics").text
