@@ -508,6 +508,8 @@ class _EventRewriter:
             return event + b"\n\n"
         text = event[len(b"data: "):].decode("utf-8", "replace")
         at = text.rfind(_USAGE_KEY + "{")
+        if at < 0:
+            return event + b"\n\n"
         try:
             usage, end = _JSON.raw_decode(text, at + len(_USAGE_KEY))
         except ValueError:

@@ -348,10 +348,11 @@ def test_continuous_usage_is_summed_over_choices_and_kept_when_asked() -> None:
                 b'"completion_tokens":%d,"prompt_tokens_details":null}}\n\n' % (index, prompt, completion))
 
     # Two prompts of 3 and 5 tokens, two choices each: choice i belongs to prompt i // 2.
-    raw = event(0, 3, 1) + event(2, 5, 1) + event(1, 3, 2) + event(0, 3, 2) + event(3, 5, 4)
+    no_usage = b'data: {"id":"c","choices":[{"index":1,"text":"t","logprobs":{"tokens":["x"]}}]}\n\n'
+    raw = event(0, 3, 1) + event(2, 5, 1) + no_usage + event(1, 3, 2) + event(0, 3, 2) + event(3, 5, 4)
     hidden = _EventRewriter(resolved, show_usage=False, show_continuous_usage=False, choices_per_prompt=2)
     out = hidden.feed(raw)
-    assert b"usage" not in out and out.count(b"\n\n") == 5
+    assert b"usage" not in out and out.count(b"\n\n") == 6
     assert all(json.loads(e[6:])["choices"][0]["text"] == "t" for e in out.split(b"\n\n") if e)
     assert hidden.usage() == {"prompt_tokens": 8, "completion_tokens": 2 + 2 + 1 + 4}
     shown = _EventRewriter(resolved, show_usage=True, show_continuous_usage=True, choices_per_prompt=2)
