@@ -165,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
+    import torch
+
+    # One thread: vLLM's CPU worker binds itself to core 0 and generates beside this. On a busy 2-core machine
+    # two threads were several times slower than one (each step waits for the thread that lost its core).
+    torch.set_num_threads(1)
     adapters = dev_model(args.model).demo_adapters
     if not isinstance(adapters, TrainedDemoAdapters):
         raise SystemExit(f"the demo adapters of the {args.model} model are not trained")
