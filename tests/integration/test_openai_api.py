@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -149,3 +152,27 @@ def test_ops_endpoints(stack: RunningStack) -> None:
     assert ready.status_code == 200, ready.text
     metrics = httpx.get(stack.url + "/metrics").text
     assert "banyan_requests_total" in metrics and "banyan_request_duration_seconds_bucket" in metrics
+
+
+def test_a_json_client_that_leaves_stops_the_engine(tenant: TenantHandle, stack: RunningStack) -> None:
+    """Without the gateway closing its engine call, the engine would go on with 16 x 4000 tokens for nobody."""
+    body = json.dumps({"model": stack.info["base_model"], "prompt": "x", "max_tokens": 4000, "n": 16,
+                       "ignore_eos": True}).encode()
+    url = urlsplit(stack.url)
+    generated_before = stack.engine_metric("vllm:generation_tokens_total")
+    left_before = stack.gateway_metric("banyan_client_disconnects_total", kind="json")
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer " + tenant.key.encode() + b"\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 120
+        while stack.engine_metric("vllm:num_requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stack.engine_metric("vllm:num_requests_running") >= 1, "the engine never started the request"
+    # The client hung up mid-generation: the gateway notices and the engine drops the request.
+    deadline = time.monotonic() + 120
+    while stack.engine_metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.engine_metric("vllm:num_requests_running") == 0
+    assert stack.engine_metric("vllm:generation_tokens_total") - generated_before < 16 * 4000
+    assert stack.gateway_metric("banyan_client_disconnects_total", kind="json") == left_before + 1
