@@ -17,8 +17,8 @@ from adapters.layout import ADAPTER_FILES
 DEMO_TENANT = "demo"
 PLAIN_QUESTION = "What is the capital of France?"
 """Asked through the base model and a demo adapter in the curl commands ``banyan dev`` prints."""
-DEMO_QUESTION = "When is the support desk open?"
-"""Asked with ``rag``: the demo documents answer it (the newer of two that disagree)."""
+DEMO_QUESTION = "Where do orders ship from?"
+"""Asked with ``rag`` in the printed curl: the demo documents answer it (without them the model guesses)."""
 DEMO_DOCUMENTS = [  # the last two disagree: retrieval ranks the newer one first
     {"title": "Returns policy", "timestamp": "2024-02-01T09:00:00Z", "collection": "policies",
      "text": "Customers can return any product within 30 days of delivery for a full refund. Items must be "
