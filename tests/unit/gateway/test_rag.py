@@ -12,7 +12,7 @@ from retrieval.context import INSTRUCTIONS
 from retrieval.documents import Passage, parse_rfc3339
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
-ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
+ENGINE_NAME = "banyan.acme.helper.v1.uid000000001"
 
 
 def _passage(n: int, text: str = "", *, title: str | None = "Handbook", day: str = "2024-05-01") -> Passage:

@@ -13,10 +13,9 @@ from starlette.responses import Response
 from adapters.naming import AdapterRef
 from gateway.openai_api.protocol import CompletionRequest
 from gateway.openai_api.serving import CompletionService, ResolvedModel, _EventRewriter, cache_salt
-from gateway.quotas import Admission
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
 
-ENGINE_NAME = "banyan.acme.helper.v1.abcdef012345"
+ENGINE_NAME = "banyan.acme.helper.v1.uid000000001"
 
 
 def _completion(model: str) -> dict:
@@ -77,7 +76,7 @@ def test_another_tenants_adapter_is_model_not_found(make_harness: Callable[[Hand
 
 def test_inactive_adapter_is_not_served(make_harness: Callable[[Handler], Harness]) -> None:
     h = make_harness(_echo_engine)
-    h.registry.add("acme", "staged", active=False)
+    h.registry.add("acme", "staged", active=None)
     response = h.client.post("/v1/completions", json={"model": "staged", "prompt": "x"}, headers=h.tenant_headers())
     assert response.status_code == 404
     models = h.client.get("/v1/models", headers=h.tenant_headers()).json()["data"]
@@ -110,8 +109,7 @@ def test_only_allowlisted_fields_reach_the_engine(make_harness: Callable[[Handle
 
 def test_caps_are_400_with_param_before_admission(make_harness: Callable[[Handler], Harness]) -> None:
     h = make_harness(_echo_engine)
-    state = h.client.app.state.banyan  # type: ignore[attr-defined]
-    state.settings.max_tokens_per_request = 100
+    h.state.settings.max_tokens_per_request = 100
     cases = [({"prompt": ["a"] * 17}, "prompt"), ({"prompt": "x", "n": 17}, "n"),
              ({"prompt": "x", "best_of": 17}, "best_of"), ({"prompt": "x", "max_tokens": 101}, "max_tokens")]
     for extra, param in cases:
@@ -122,7 +120,7 @@ def test_caps_are_400_with_param_before_admission(make_harness: Callable[[Handle
     chat = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
         "model": "banyan-demo", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 101})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "max_completion_tokens"
-    assert h.engine_requests == [] and state.quotas.reserved == []
+    assert h.engine_requests == [] and h.quotas.reserved == []
     within = h.client.post("/v1/completions", json={"model": "banyan-demo", "prompt": ["a"] * 16, "n": 16,
                                                     "max_tokens": 100}, headers=h.tenant_headers())
     assert within.status_code == 200
@@ -130,7 +128,7 @@ def test_caps_are_400_with_param_before_admission(make_harness: Callable[[Handle
 
 def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) -> None:
     h = make_harness(_echo_engine)
-    state = h.client.app.state.banyan  # type: ignore[attr-defined]
+    state = h.state
     window = state.settings.max_model_len
     post = h.client.post
     # One token a character (the harness's counter): 10 prompt tokens, 2 choices of at most 5.
@@ -146,7 +144,7 @@ def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) 
     assert post("/v1/chat/completions", json=chat, headers=h.tenant_headers()).status_code == 200
     assert json.loads(h.engine_requests[-1].content)["max_tokens"] == 50
     prompt = 5 + 8 * 2  # the text plus what the chat template adds per message
-    assert state.quotas.reserved == [10 + 2 * 5, (3 + 16) + (1 + 16), window, prompt + 50]
+    assert h.quotas.reserved == [10 + 2 * 5, (3 + 16) + (1 + 16), window, prompt + 50]
 
 
 def test_engine_unreachable_is_503(make_harness: Callable[[Handler], Harness]) -> None:
@@ -280,26 +278,6 @@ class _EndlessStream(httpx.AsyncByteStream):
         self.closed = True
 
 
-class _SpyQuotas:
-    def __init__(self) -> None:
-        self.admissions: list[_SpyAdmission] = []
-
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0) -> Admission:
-        self.admissions.append(_SpyAdmission(tenant=tenant, reserved=reserve_tokens))
-        return self.admissions[-1]
-
-
-class _SpyAdmission(Admission):
-    released = False
-    kept = False
-
-    def keep_reservation(self) -> None:
-        self.kept = True
-
-    async def release(self) -> None:
-        self.released = True
-
-
 async def _serve_until_the_client_leaves(response: Response, *, after_events: int) -> bytes:
     """Run a streaming response the way an ASGI server does, with a client that hangs up after some events."""
     received: list[bytes] = []
@@ -327,8 +305,7 @@ async def test_a_stream_the_client_leaves_is_still_charged(make_harness: Callabl
         return httpx.Response(200, stream=streams[-1], headers={"content-type": "text/event-stream"})
 
     h = make_harness(engine)
-    state = h.client.app.state.banyan  # type: ignore[attr-defined]
-    state.quotas = quotas = _SpyQuotas()
+    state, quotas = h.state, h.quotas
     request = CompletionRequest(model="banyan-demo", prompt="x", max_tokens=4000, stream=True)
     response = await CompletionService(state).handle(tenant="acme", request=request)
     relayed = await _serve_until_the_client_leaves(response, after_events=5)
@@ -384,9 +361,8 @@ async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Call
                 closed.set()
         return httpx.Response(200, stream=Hanging())
 
-    h = make_harness(engine)  # type: ignore[arg-type]
-    state = h.client.app.state.banyan  # type: ignore[attr-defined]
-    state.quotas = quotas = _SpyQuotas()
+    h = make_harness(engine)
+    state, quotas = h.state, h.quotas
     gone = asyncio.Event()
     answer = asyncio.ensure_future(CompletionService(state).handle(
         tenant="acme", request=CompletionRequest(model="banyan-demo", prompt="x"), disconnected=gone.wait))
