@@ -7,6 +7,7 @@
      |    +-- DocumentTooLarge   its text is above the size limit (413)
      +-- InvalidQuery         a retrieval query or grounding request is not acceptable (400)
      +-- DocumentNotFound     no such document for this tenant (404)
+     +-- QuotaExceeded        the tenant's documents are at its document or chunk quota (429 quota_exceeded)
      +-- RetrievalUnavailable the embedding model or the search index cannot serve (503)
 
 Redis errors are not wrapped: the gateway already translates ``redis.exceptions.RedisError``.
@@ -35,6 +36,10 @@ class InvalidQuery(RetrievalError):
 
 
 class DocumentNotFound(RetrievalError):
+    pass
+
+
+class QuotaExceeded(RetrievalError):
     pass
 
 

@@ -6,7 +6,7 @@ Layout (``<p>`` is the key prefix, ``banyan`` by default)::
                                              text, timestamp (epoch seconds), embedding (float32 bytes)
     <p>:doc:<tenant>:<document>        HASH  the document record: title, timestamp, collection, chunks,
                                              created, metadata (JSON)
-    <p>:docs:<tenant>                  ZSET  document ids scored by creation time, for listing
+    <p>:docs:<tenant>                  ZSET  document ids scored by creation time, for listing (and counting)
     <p>:stats:<tenant>                 HASH  chunks: the tenant's chunk count; chunks:<collection>: per collection
     <p>:df:<tenant>                    HASH  word -> number of the tenant's chunks that contain it
 
@@ -14,7 +14,11 @@ The search index covers ``<p>:chunk:`` hashes: ``embedding`` VECTOR (HNSW, cosin
 ``text`` TEXT (BM25), ``tenant`` and ``collection`` TAG, ``timestamp`` NUMERIC.
 
 The statistics are kept in the same transactions as the chunks, because the search module cannot
-give them cheaply, and the queries need them to stay fast on large tenants (:class:`QueryPlan`):
+give them cheaply; so a crash leaves them true (a transaction applies whole or not at all) and a deletion
+gives back exactly what the document took. They bound what a tenant may hold (:class:`CorpusQuota`: its
+documents are the size of ``docs``, its chunks the ``chunks`` count; :meth:`ChunkIndex.add_document`
+checks them and writes in one optimistic transaction), and the queries need them to stay fast on large
+tenants (:class:`QueryPlan`):
 
 - a filtered KNN is run by brute force over the tenant's chunks when they are few (HNSW batches
   would have to walk much of the graph shared with every other tenant to find them), and by HNSW
@@ -45,7 +49,7 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
-from retrieval.errors import InvalidQuery
+from retrieval.errors import InvalidQuery, QuotaExceeded
 
 # The search module's default English stop words, set explicitly so the index and the query
 # builder agree: a text clause made only of stop words would match every chunk of the tenant.
@@ -173,6 +177,31 @@ class Scope:
 
 
 @dataclass(frozen=True, slots=True)
+class CorpusSize:
+    """What a tenant's documents hold."""
+
+    documents: int
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusQuota:
+    """The most one tenant's documents may hold (None: no bound)."""
+
+    max_documents: int | None = None
+    max_chunks: int | None = None
+
+    def check(self, size: CorpusSize, *, adding_chunks: int) -> None:
+        """Raise :class:`QuotaExceeded` unless one more document of ``adding_chunks`` chunks fits."""
+        if self.max_documents is not None and size.documents + 1 > self.max_documents:
+            raise QuotaExceeded(f"Your documents are at the limit of {self.max_documents} documents; delete some "
+                                "to add more.")
+        if self.max_chunks is not None and size.chunks + adding_chunks > self.max_chunks:
+            raise QuotaExceeded(f"This document's {adding_chunks} chunks would take your documents past the limit "
+                                f"of {self.max_chunks} chunks (they hold {size.chunks}); delete some to add more.")
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkRecord:
     number: int
     text: str
@@ -268,22 +297,46 @@ class ChunkIndex:
 
     # -- documents ------------------------------------------------------------------------------
 
-    async def add_document(self, document: DocumentRecord, chunks: Sequence[ChunkRecord]) -> None:
-        """Write a document and its chunks in one transaction: searchable all at once or not at all."""
+    async def add_document(self, document: DocumentRecord, chunks: Sequence[ChunkRecord], *,
+                           quota: CorpusQuota | None = None) -> None:
+        """Write a document and its chunks in one transaction: searchable all at once or not at all.
+
+        With a ``quota``, the tenant's counts are read and the document written in one optimistic transaction
+        (both count keys watched: a concurrent addition or deletion makes it read again), so concurrent
+        additions cannot together pass the quota; over it, :class:`QuotaExceeded` and nothing is written."""
         tenant = document.tenant
         frequencies = _chunk_frequencies(document.title, (c.text for c in chunks))
+        rows: list[tuple[str, dict[Any, Any]]] = [(self.chunk_key(tenant, document.id, chunk.number), {
+            "tenant": tenant, "collection": document.collection, "document_id": document.id,
+            "chunk": chunk.number, "title": document.title or "", "text": chunk.text,
+            "timestamp": repr(document.timestamp), "embedding": np.asarray(chunk.vector, dtype=np.float32).tobytes(),
+        }) for chunk in chunks]
         async with self._redis.pipeline(transaction=True) as pipe:
-            for chunk in chunks:
-                pipe.hset(self.chunk_key(tenant, document.id, chunk.number), mapping={
-                    "tenant": tenant, "collection": document.collection, "document_id": document.id,
-                    "chunk": chunk.number, "title": document.title or "", "text": chunk.text,
-                    "timestamp": repr(document.timestamp),
-                    "embedding": np.asarray(chunk.vector, dtype=np.float32).tobytes(),
-                })
-            pipe.hset(self._doc_key(tenant, document.id), mapping=_encode_document(document))
-            pipe.zadd(self._list_key(tenant), {document.id: document.created})
-            self._count(pipe, tenant, document.collection, len(chunks), frequencies)
-            await pipe.execute()
+            while True:
+                try:
+                    if quota is not None:
+                        await pipe.watch(self._list_key(tenant), self._stats_key(tenant))
+                        quota.check(await self._size(pipe, tenant), adding_chunks=len(chunks))
+                        pipe.multi()
+                    for key, mapping in rows:
+                        pipe.hset(key, mapping=mapping)
+                    pipe.hset(self._doc_key(tenant, document.id), mapping=_encode_document(document))
+                    pipe.zadd(self._list_key(tenant), {document.id: document.created})
+                    self._count(pipe, tenant, document.collection, len(chunks), frequencies)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    async def size(self, tenant: str) -> CorpusSize:
+        """How many documents and chunks the tenant holds."""
+        return await self._size(self._redis, tenant)
+
+    async def _size(self, client: Any, tenant: str) -> CorpusSize:
+        documents = await client.zcard(self._list_key(tenant))
+        chunks = await client.hget(self._stats_key(tenant), "chunks")
+        # No count (documents from before the statistics existed): they are not held against the quota.
+        return CorpusSize(documents=int(documents), chunks=max(0, int(chunks or 0)))
 
     def _count(self, pipe: Any, tenant: str, collection: str, chunks: int, frequencies: Counter[str]) -> None:
         pipe.hincrby(self._stats_key(tenant), "chunks", chunks)
