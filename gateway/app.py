@@ -39,6 +39,9 @@ log = logging.getLogger("banyan.app")
 
 def retrieval_config(settings: Settings) -> RetrievalConfig:
     return RetrievalConfig(index_name=settings.retrieval_index, max_document_bytes=settings.max_document_bytes,
+                           max_chunks_per_document=settings.max_chunks_per_document,
+                           max_documents_per_tenant=settings.max_documents_per_tenant,
+                           max_chunks_per_tenant=settings.max_chunks_per_tenant,
                            embedding_batch_size=settings.embedding_batch_size)
 
 

@@ -142,6 +142,7 @@ def _translations() -> dict[type[Exception], Any]:
         DocumentTooLarge,
         InvalidDocument,
         InvalidQuery,
+        QuotaExceeded,
         RetrievalUnavailable,
     )
 
@@ -155,6 +156,7 @@ def _translations() -> dict[type[Exception], Any]:
         InvalidDocument: lambda e: InvalidRequest(e.message, param=e.param),
         InvalidQuery: lambda e: InvalidRequest(e.message, param=e.param),
         DocumentNotFound: lambda e: NotFound(e.message, param=e.param),
+        QuotaExceeded: lambda e: RateLimited(e.message, param=e.param, code="quota_exceeded"),
         RetrievalUnavailable: lambda e: DependencyUnavailable("Retrieval is unavailable; try again shortly."),
     }
 

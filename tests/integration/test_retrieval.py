@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.settings import Settings
 from tests.integration.conftest import RunningStack, TenantHandle, make_tenant, upload
 from tests.integration.retrieval_corpus import Doc, conflicting_set, labelled_set
 
@@ -143,6 +146,86 @@ def test_collections_scope_retrieval(tenant: TenantHandle) -> None:
         assert [p["document_id"] for p in _retrieve(http, "When does the cafeteria open?", collection="faq")] == \
             [faq["id"]]
         assert _retrieve(http, "When does the cafeteria open?", collection="nothing-here") == []
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+def test_documents_and_retrieve_are_admitted_like_completions(stack: RunningStack, admin: httpx.Client) -> None:
+    tenant = make_tenant(stack, admin, "doc-rpm")
+    with tenant.http() as http:
+        _add(http, {"text": "The library opens at nine."})
+        assert admin.patch(f"/admin/tenants/{tenant.id}", json={"rpm": 1}).status_code == 200
+        calls = [lambda: http.get("/v1/documents"), lambda: http.post("/v1/retrieve", json={"query": "library"}),
+                 lambda: http.post("/v1/documents", json={"text": "The library closes at six."})]
+        for call in calls:
+            # Three calls in a row: whatever minute boundary falls between them, two share a window of rpm=1.
+            answers = [call() for _ in range(3)]
+            refused = [a for a in answers if a.status_code == 429]
+            assert refused, [a.status_code for a in answers]
+            assert all(a.status_code in (200, 201) for a in answers if a.status_code != 429)
+            error = refused[0].json()["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        # The slot of each call is given back: one at a time, every call gets in.
+        assert admin.patch(f"/admin/tenants/{tenant.id}", json={"rpm": None, "max_concurrency": 1}).status_code == 200
+        for _ in range(3):
+            assert http.get("/v1/documents").status_code == 200
+            assert http.post("/v1/retrieve", json={"query": "library"}).status_code == 200
+
+
+def _prose(size: int) -> str:
+    """Sentences of short words: about 2 chunks per KB (1 MB makes some 1,900)."""
+    words = ["a", "an", "the", "of", "to", "in", "on", "at", "by", "is", "it", "as", "be", "or", "we", "he", "she",
+             "go", "do", "no", "so", "up", "my", "me", "us"]
+    rng, parts, total = random.Random(5), [], 0
+    while total < size:
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(8, 20))).capitalize() + ". "
+        parts.append(sentence)
+        total += len(sentence)
+    return "".join(parts)[:size]
+
+
+def test_a_document_of_too_many_chunks_is_413(tenant: TenantHandle) -> None:
+    with tenant.http() as http:
+        response = http.post("/v1/documents", json={"text": _prose(1000 * 1000)})  # under the byte limit
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("payload_too_large", "text")
+        assert str(Settings.model_fields["max_chunks_per_document"].default) in error["message"]
+        assert http.get("/v1/documents").json()["data"] == []
+
+
+def test_document_and_chunk_quotas(stack: RunningStack, tenant: TenantHandle) -> None:
+    max_documents = Settings.model_fields["max_documents_per_tenant"].default
+    max_chunks = Settings.model_fields["max_chunks_per_tenant"].default
+    redis = stack.redis()
+    # Bring the tenant's counts (kept by the gateway with its documents) near its quotas without writing
+    # 100k chunks: the counts are what the quotas read.
+    redis.hset(f"banyan:stats:{tenant.id}", "chunks", max_chunks - 2)
+    with tenant.http() as http:
+        first = _add(http, {"text": "Room one is on the first floor."})
+        two = {"text": _prose(3000), "title": "Long"}
+        response = http.post("/v1/documents", json=two)
+        assert response.status_code == 429, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "quota_exceeded")
+        assert first["chunks"] == 1 and [d["id"] for d in http.get("/v1/documents").json()["data"]] == [first["id"]]
+        # Concurrent additions with room for one more chunk: exactly one gets in (the quota is checked where the
+        # document is written, atomically with it).
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: http.post("/v1/documents", json={"text": f"Room {i} is free."}),
+                                    range(4)))
+        assert sorted(a.status_code for a in answers) == [201, 429, 429, 429], [a.text for a in answers]
+        assert int(redis.hget(f"banyan:stats:{tenant.id}", "chunks") or 0) == max_chunks
+        # A deletion gives its chunks back.
+        assert http.delete(f"/v1/documents/{first['id']}").status_code == 200
+        assert int(redis.hget(f"banyan:stats:{tenant.id}", "chunks") or 0) == max_chunks - 1
+        _add(http, {"text": "Room seven is on the second floor."})
+        # Documents: the tenant's list counts them.
+        redis.zadd(f"banyan:docs:{tenant.id}", {f"doc_{i:024x}": 0 for i in range(max_documents - 2)})
+        response = http.post("/v1/documents", json={"text": "One document too many."})
+        assert response.status_code == 429 and response.json()["error"]["code"] == "quota_exceeded"
+        assert f"limit of {max_documents} documents" in response.json()["error"]["message"]
 
 
 # -- ranking quality -----------------------------------------------------------------------------
