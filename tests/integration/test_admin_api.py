@@ -35,6 +35,17 @@ def test_tenant_crud(admin: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
 
+def test_patching_a_name_to_null_is_400_and_the_list_still_answers(admin: httpx.Client,
+                                                                  tenant: TenantHandle) -> None:
+    refused = admin.patch(f"/admin/tenants/{tenant.id}", json={"name": None})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "name"
+    unlimited = admin.patch(f"/admin/tenants/{tenant.id}", json={"rpm": None})  # a null limit: no limit
+    assert unlimited.status_code == 200 and unlimited.json()["rpm"] is None
+    listed = admin.get("/admin/tenants")
+    assert listed.status_code == 200 and tenant.id in [t["id"] for t in listed.json()["data"]]
+    assert admin.get(f"/admin/tenants/{tenant.id}").json()["name"] == tenant.id
+
+
 @pytest.mark.parametrize("bad_id", ["Upper", "-lead", "has space", "a" * 64, "dots.no", "under_score"])
 def test_invalid_tenant_ids_are_400(admin: httpx.Client, bad_id: str) -> None:
     response = admin.post("/admin/tenants", json={"id": bad_id})
