@@ -56,17 +56,20 @@ class Child:
 class Children:
     log_dir: Path
     started: list[Child] = field(default_factory=list)
+    spawned: set[str] = field(default_factory=set)
+    """The names spawned so far (running or not)."""
 
     def spawn(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log:
+        with log_path.open("ab" if name in self.spawned else "wb") as log:  # a restart keeps the earlier log
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, cwd=cwd, start_new_session=True,
                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         child = Child(name=name, process=process, log_path=log_path)
         self.started.append(child)
+        self.spawned.add(name)
         return child
 
     def wait_ready(self, child: Child, probe: Callable[[], bool], *, timeout: float,
@@ -86,6 +89,29 @@ class Children:
             time.sleep(0.25)
         raise ChildFailed(f"{child.name} was not ready after {timeout:.0f} s; its log ({child.log_path}) ends "
                           f"with:\n{child.tail()}")
+
+    def named(self, name: str) -> Child:
+        """The newest running child spawned as ``name`` (``KeyError`` if there is none)."""
+        for child in reversed(self.started):
+            if child.name == name and child.process.poll() is None:
+                return child
+        raise KeyError(name)
+
+    def send_signal(self, child: Child, sig: signal.Signals) -> None:
+        """Send ``sig`` to the child's whole process group (SIGSTOP/SIGCONT pause and resume it)."""
+        _signal_group(child.process, sig)
+
+    def kill(self, child: Child, *, sig: signal.Signals = signal.SIGKILL, grace: float = 15.0) -> None:
+        """Stop one child's process group with ``sig`` (SIGKILL at once, or a signal it may handle, then SIGKILL
+        after ``grace`` seconds); it is then no longer among those :meth:`stop_all` stops."""
+        _signal_group(child.process, sig)
+        try:
+            child.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(child.process, signal.SIGKILL)
+            child.process.wait(timeout=10)
+        _signal_group(child.process, signal.SIGKILL)  # any straggler in the group
+        self.started.remove(child)
 
     def stop_all(self, *, grace: float = 15.0) -> None:
         """Stop every child process group this object started, newest first."""

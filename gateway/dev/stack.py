@@ -68,10 +68,10 @@ class DevStack:
     def start(self) -> Settings:
         """Start the services; return the settings the gateway should run with."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        redis_url = self._start_valkey()
-        s3 = self._start_s3()
-        model_path = self._build_model()
-        engine_url = self._start_engine(model_path, s3)
+        redis_url = self.start_valkey()
+        s3 = self.start_s3()
+        model_path = self.build_model()
+        engine_url = self.start_engine(model_path, s3)
         settings = self.settings.model_copy(update={
             "redis_url": redis_url, "engine_urls": [engine_url], "base_model_config": model_path / "config.json",
             **s3.model_dump(),
@@ -85,19 +85,27 @@ class DevStack:
     def stop(self) -> None:
         self.children.stop_all()
 
-    def _start_valkey(self) -> str:
-        port = free_port()
+    def start_valkey(self, *, port: int | None = None, persist_dir: Path | None = None) -> str:
+        """Start Valkey (on ``port``, default a free one; a restart passes the port it had); return its URL.
+        In memory only, unless ``persist_dir``: then every write is in its append-only file there before it is
+        acknowledged (as a production Redis would persist), and a restart with the same folder reads it back."""
+        port = port or free_port()
         self.progress(f"[1/5] starting Valkey with the search module on 127.0.0.1:{port}")
+        persistence = ["--appendonly", "no"]
+        if persist_dir is not None:
+            persist_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(persist_dir)]
         child = self.children.spawn("valkey", [
-            valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence,
             "--protected-mode", "yes", "--loadmodule", str(search_module()),
         ])
         self.children.wait_ready(child, redis_ok(port), timeout=30, progress=self.progress)
         return f"redis://127.0.0.1:{port}/0"
 
-    def _start_s3(self) -> S3Settings:
-        """Start moto; return the S3 settings group of the stack (its URL, the bucket made, dev credentials)."""
-        port = free_port()
+    def start_s3(self, *, port: int | None = None) -> S3Settings:
+        """Start moto (on ``port``, default a free one); return the S3 settings group of the stack (its URL, the
+        bucket made, dev credentials). Moto keeps objects in memory only: a restart starts empty."""
+        port = port or free_port()
         self.progress(f"[2/5] starting the S3 server (moto) on 127.0.0.1:{port}")
         child = self.children.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                            str(port)])
@@ -107,13 +115,14 @@ class DevStack:
         S3ObjectStore(s3_config(s3)).ensure_bucket_sync()
         return s3
 
-    def _build_model(self) -> Path:
+    def build_model(self) -> Path:
         path = self.settings.models_dir.resolve() / self.settings.base_model
         self.progress(f"[3/5] base model `{self.settings.base_model}` ({self.model.summary}) at {path}")
         return self.model.build(path, self.progress)
 
-    def _start_engine(self, model_path: Path, s3: S3Settings) -> str:
-        port = free_port()
+    def start_engine(self, model_path: Path, s3: S3Settings, *, port: int | None = None) -> str:
+        """Start the vLLM engine (on ``port``, default a free one) serving ``model_path``; return its URL."""
+        port = port or free_port()
         s = self.settings
         self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
                       f"(about {self.model.engine_start_s} s)")
