@@ -23,7 +23,7 @@ from gateway.admin.service import sweep_abandoned_uploads
 from gateway.documents.api_router import router as documents_router
 from gateway.engine import EnginePool
 from gateway.metrics import Metrics
-from gateway.middleware import RequestContextMiddleware
+from gateway.middleware import AuthMiddleware, RequestContextMiddleware
 from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
 from gateway.settings import Settings
@@ -95,6 +95,7 @@ async def _sweep_uploads_forever(state: AppState) -> None:
 
 def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     app_state = state or build_state(settings)
+    app_state.readiness.ttl_s = settings.readiness_cache_s
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -118,7 +119,9 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     app.include_router(documents_router)
     app.include_router(admin_router)
     app.include_router(ops.router)
+    app.add_middleware(AuthMiddleware, state=app_state, routes=app.router.routes)  # inside: a 401 is counted too
     app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,
                        max_body_bytes=settings.max_request_bytes,
-                       max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024)
+                       max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024,
+                       body_timeout_s=settings.body_read_timeout_s, drain=app_state.drain)
     return app

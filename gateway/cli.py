@@ -9,6 +9,7 @@ import json
 import secrets
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,9 @@ from gateway import logs
 from gateway.app import create_app
 from gateway.dev.models import DEV_MODELS, DevModel
 from gateway.dev.processes import Child
+from gateway.health import Drain
 from gateway.settings import Settings
+from gateway.state import AppState
 
 DEMO_ADAPTERS_LINE = "demo adapters active:"
 """Printed by ``banyan dev`` once the demo tenant's adapters serve (before the ready line if they were
@@ -32,10 +35,43 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first SIGTERM/SIGINT drains (:meth:`gateway.health.Drain.run`: unready at once, the
+    requests in flight given ``shutdown_drain_s``, streams still open then ended with an error event) before it
+    stops; a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, *, drain: Drain, drain_s: float) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_s = drain_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or not self.started or self._drain.draining:
+            super().handle_exit(sig, frame)
+            return
+        self._drain.begin()  # unready from this moment (a plain assignment: safe in a signal handler)
+        self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+    def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+        self._draining = asyncio.ensure_future(self._drain.run(
+            seconds=self._drain_s, stop=lambda: super(_DrainingServer, self).handle_exit(sig, frame)))
+
+
 def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    app = create_app(settings)
+    state: AppState = app.state.banyan
+    # After the drain, what still runs gets a few seconds more before uvicorn cancels it.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=5,
+                            limit_concurrency=settings.max_concurrent_connections,
+                            timeout_keep_alive=settings.keep_alive_timeout_s)
+    server = _DrainingServer(config, drain=state.drain, drain_s=settings.shutdown_drain_s)
 
     async def main() -> None:
         task = None

@@ -1,4 +1,9 @@
-"""Operations routes: liveness, readiness (engines, Redis, object storage) and Prometheus metrics."""
+"""Operations routes: liveness, readiness (engines, Redis, object storage) and Prometheus metrics.
+
+``/readyz`` is public: it names the role of a dependency that failed (``engine``, ``redis``, ``object_store``),
+never an address or an error; the details go to the log. Its check is cached for ``readiness_cache_s``
+(:class:`gateway.health.Readiness`), and it answers 503 as soon as the gateway drains for a shutdown.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from gateway.deps import StateDep
+from gateway.errors import error_body
+from gateway.health import ROLES, probe
+from gateway.state import AppState
 
 router = APIRouter(tags=["ops"])
 
@@ -19,33 +27,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _probe(check: Any) -> str | None:
-    try:
-        await asyncio.wait_for(check, timeout=3.0)
-        return None
-    except Exception as e:  # readiness reports any failure by kind, never raises
-        return type(e).__name__
+async def _check(state: AppState) -> dict[str, bool]:
+    redis_ok, store_ok, engines = await asyncio.gather(
+        probe(state.redis.ping(), role="redis"), probe(state.store.ping(), role="object_store"),
+        state.engines.check())
+    return {"redis": redis_ok, "object_store": store_ok, "engine": any(engines.values())}
 
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> Response:
-    redis_error, store_error, engines = await asyncio.gather(
-        _probe(state.redis.ping()), _probe(state.store.ping()), state.engines.check())
-    checks: dict[str, Any] = {
-        "redis": "ok" if redis_error is None else f"failed: {redis_error}",
-        "object_storage": "ok" if store_error is None else f"failed: {store_error}",
-        "engines": {url: "ok" if ok else "failed" for url, ok in engines.items()},
-    }
-    ready = redis_error is None and store_error is None and any(engines.values())
-    failed = [name for name, value in checks.items() if value != "ok" and name != "engines"]
-    if not any(engines.values()):
-        failed.append("engines")
-    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
-    if not ready:
-        body["error"] = {"message": f"Not ready: {', '.join(failed)} unavailable.", "type": "server_error",
-                         "param": None, "code": "dependency_unavailable" if "engines" not in failed
-                         else "engine_unavailable"}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", **error_body("The gateway is shutting down.",
+                                                                type_="server_error")}, status_code=503)
+    failed = await state.readiness.failed(lambda: _check(state))
+    body: dict[str, Any] = {"status": "unavailable" if failed else "ready",
+                            "checks": {role: "failed" if role in failed else "ok" for role in ROLES}}
+    if failed:
+        code = "engine_unavailable" if "engine" in failed else "dependency_unavailable"
+        body.update(error_body(f"Not ready: {', '.join(failed)} unavailable.", type_="server_error", code=code))
+    return JSONResponse(body, status_code=503 if failed else 200)
 
 
 @router.get("/metrics")

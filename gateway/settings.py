@@ -6,6 +6,9 @@ environment. Every field maps to a ``BANYAN_<FIELD>`` environment variable.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -90,6 +93,17 @@ class Settings(S3Settings):
     engine_connect_timeout_s: float = 5.0
     engine_read_timeout_s: float = 600.0
     engine_max_connections: int = Field(default=512, ge=1)
+    body_read_timeout_s: float = Field(default=60.0, gt=0)
+    """A request body must have arrived this long after the request began (408 otherwise: a slow-loris body)."""
+    max_concurrent_connections: int = Field(default=2048, ge=1)
+    """Connections and requests the server handles at once (uvicorn's ``limit_concurrency``; 503 above it)."""
+    keep_alive_timeout_s: int = Field(default=5, ge=1)
+    """An idle keep-alive connection is closed after this long."""
+    shutdown_drain_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM the gateway answers /readyz 503 at once and lets requests finish for up to this long; streams
+    still open then end with an error event and ``[DONE]``."""
+    readiness_cache_s: float = Field(default=2.0, ge=0)
+    """How long /readyz reuses its last check of the dependencies."""
     log_level: str = "info"
 
     @field_validator("engine_urls", mode="before")
@@ -108,6 +122,11 @@ class Settings(S3Settings):
                     "BANYAN_ADMIN_KEY must be set to a secret of at least 16 characters "
                     "outside `banyan dev`"
                 )
+            for name, secret in (("BANYAN_ADMIN_KEY", key), ("BANYAN_ENGINE_API_KEY", self.engine_api_key
+                                                            and self.engine_api_key.get_secret_value())):
+                weakness = secret_weakness(secret) if secret else None
+                if weakness:
+                    raise ValueError(f"{name} {weakness}; generate one, e.g. `openssl rand -hex 24`")
         if not self.engine_urls:
             raise ValueError("BANYAN_ENGINE_URLS needs at least one engine URL")
         return self
@@ -115,3 +134,33 @@ class Settings(S3Settings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+
+PLACEHOLDER_WORDS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "placeholder", "example",
+                     "your-key", "yourkey", "secret-here", "password", "xxxxxxxx")
+"""Fragments of placeholder secrets (the deploy files once shipped ``change-me-to-a-long-random-secret``)."""
+MIN_DISTINCT_CHARACTERS = 8
+MIN_ENTROPY_BITS = 40.0
+"""A secret's length times the Shannon entropy of its characters: 16 random hex digits give about 50, 16 random
+base64 characters about 59."""
+
+
+def secret_weakness(secret: str) -> str | None:
+    """Why ``secret`` is not a production secret (a known placeholder, too few distinct characters, a repeated
+    pattern, a run like ``abcd``/``1234``, too little entropy), or None."""
+    lowered = secret.lower()
+    if any(word in lowered for word in PLACEHOLDER_WORDS):
+        return "is a placeholder, not a secret"
+    counts = Counter(secret)
+    if len(counts) < MIN_DISTINCT_CHARACTERS:
+        return f"has fewer than {MIN_DISTINCT_CHARACTERS} distinct characters"
+    period = next((p for p in range(1, len(secret) // 2 + 1) if secret == (secret[:p] * len(secret))[:len(secret)]),
+                  None)
+    if period is not None:
+        return "repeats a short pattern"
+    if 2 * sum(abs(ord(a) - ord(b)) <= 1 for a, b in itertools.pairwise(secret)) > len(secret) - 1:
+        return "is mostly a run of neighbouring characters"
+    bits = -sum(n * math.log2(n / len(secret)) for n in counts.values())
+    if bits < MIN_ENTROPY_BITS:
+        return f"is too predictable ({bits:.0f} bits of entropy, {MIN_ENTROPY_BITS:.0f} needed)"
+    return None

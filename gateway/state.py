@@ -9,12 +9,13 @@ fields. The engine pool stays the concrete :class:`gateway.engine.EnginePool`: i
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from adapters.registry import Registry
 from adapters.store import ObjectStore
 from gateway.engine import EnginePool
+from gateway.health import Drain, Readiness
 from gateway.metrics import Metrics
 from gateway.quotas import Limiter
 from gateway.settings import Settings
@@ -50,3 +51,7 @@ class AppState:
     documents: Documents
     tokens: TokenCounter
     """Counts base-model tokens (the unit of the ``rag`` context budget)."""
+    drain: Drain = field(default_factory=Drain)
+    """Requests in flight and the shutdown drain (:mod:`gateway.health`)."""
+    readiness: Readiness = field(default_factory=Readiness)
+    """The cached readiness check of ``/readyz``."""

@@ -48,9 +48,11 @@ from gateway.errors import (
     BanyanError,
     EngineUnavailable,
     ModelNotFound,
+    ServiceUnavailable,
     UpstreamError,
     sse_error_event,
 )
+from gateway.health import StreamCut, next_unless_cut
 from gateway.logs import annotate
 from gateway.openai_api.limits import apply_output_cap, check_caps, worst_case_tokens
 from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
@@ -361,8 +363,9 @@ class _Relay:
     async def events(self) -> AsyncIterator[bytes]:
         metrics, call = self._service.state.metrics, self._call
         first = True
+        chunks = self._upstream.aiter_raw()
         try:
-            async for chunk in self._upstream.aiter_raw():
+            while (chunk := await next_unless_cut(chunks, self._service.state.drain)) is not None:
                 out = self._rewriter.feed(chunk)
                 if out:
                     if first:
@@ -378,6 +381,8 @@ class _Relay:
             metrics.engine_errors.labels("stream_broken").inc()
             log.warning("engine stream broke: %s", type(e).__name__)
             yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
+        except StreamCut:  # the gateway is shutting down and its drain time is up
+            yield sse_error_event(ServiceUnavailable("The gateway is shutting down; send the request again."))
         self._ended = True
 
     async def finish(self) -> None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from pydantic import SecretStr, ValidationError
 
 from adapters.resolver import ResolverSettings
 from adapters.store import S3Settings, s3_config
-from gateway.settings import Settings
+from gateway.settings import Settings, secret_weakness
 
 
 def test_prod_refuses_a_missing_or_weak_admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -14,7 +16,23 @@ def test_prod_refuses_a_missing_or_weak_admin_key(monkeypatch: pytest.MonkeyPatc
         Settings(mode="prod")
     with pytest.raises(ValidationError, match="BANYAN_ADMIN_KEY"):
         Settings(mode="prod", admin_key=SecretStr("short"))
-    assert Settings(mode="prod", admin_key=SecretStr("x" * 24)).mode == "prod"
+    assert Settings(mode="prod", admin_key=SecretStr(secrets.token_hex(24))).mode == "prod"
+
+
+@pytest.mark.parametrize("key", ["change-me-to-a-long-random-secret", "aaaaaaaaaaaaaaaa", "x" * 24,
+                                 "abcdabcdabcdabcd", "0123456789abcdef", "ab12ab12ab12ab12ab12"])
+def test_prod_refuses_placeholder_and_low_entropy_keys(key: str) -> None:
+    with pytest.raises(ValidationError, match="BANYAN_ADMIN_KEY"):
+        Settings(mode="prod", admin_key=SecretStr(key))
+    with pytest.raises(ValidationError, match="BANYAN_ENGINE_API_KEY"):
+        Settings(mode="prod", admin_key=SecretStr(secrets.token_urlsafe(24)), engine_api_key=SecretStr(key))
+    assert Settings(mode="dev", admin_key=SecretStr(key)).mode == "dev"  # banyan dev takes any key
+
+
+def test_generated_keys_pass_the_production_check() -> None:
+    for _ in range(200):
+        for key in (secrets.token_hex(24), secrets.token_urlsafe(24), "adm_" + secrets.token_urlsafe(24)):
+            assert secret_weakness(key) is None, key
 
 
 def test_environment_is_read_with_the_banyan_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
