@@ -684,8 +684,9 @@ async def drive(stack: DevProcess, cfg: RunConfig, adapters: list[Adapter], *, c
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
     async with (httpx.AsyncClient(base_url=stack.url, headers=admin_headers, timeout=timeout) as admin,
                 httpx.AsyncClient(base_url=stack.url, timeout=timeout, limits=limits) as client,
-                httpx.AsyncClient(base_url=stack.engine_url, timeout=timeout, limits=limits) as direct,
-                httpx.AsyncClient(base_url=stack.engine_url, timeout=10.0) as poll):
+                httpx.AsyncClient(base_url=stack.engine_url, headers=stack.engine_headers, timeout=timeout,
+                                  limits=limits) as direct,
+                httpx.AsyncClient(base_url=stack.engine_url, headers=stack.engine_headers, timeout=10.0) as poll):
         t0 = time.perf_counter()
         keys, stored = await _setup(admin, cfg, adapters)
         setup_s = time.perf_counter() - t0

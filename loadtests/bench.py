@@ -259,7 +259,7 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
                         gateway_process: psutil.Process) -> tuple[Measured, Measured]:
     """The loaded rounds (``options.concurrency`` in flight) and a few unloaded ones (one at a time)."""
     model = info["base_model"]
-    clients = {"direct": _client(info["engine_url"], None, options.concurrency),
+    clients = {"direct": _client(info["engine_url"], info["engine_api_key"], options.concurrency),
                "gateway": _client(gateway_url, key, options.concurrency)}
     series = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
     unloaded = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}

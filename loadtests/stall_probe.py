@@ -56,12 +56,13 @@ def summarize(name: str, probe: subprocess.Popen[str], extra: dict[str, Any]) ->
     return row
 
 
-def engine_phase(engine_url: str, *, model: str, seconds: float, max_tokens: int) -> dict[str, Any]:
+def engine_phase(engine_url: str, *, model: str, seconds: float, max_tokens: int,
+                 headers: dict[str, str] | None = None) -> dict[str, Any]:
     done: list[float] = []
     stop = time.monotonic() + seconds
 
     def generate() -> None:
-        with httpx.Client(base_url=engine_url, timeout=300) as client:
+        with httpx.Client(base_url=engine_url, headers=headers, timeout=300) as client:
             while time.monotonic() < stop:
                 started = time.monotonic()
                 response = client.post("/v1/completions", json={"model": model, "prompt": "long",
@@ -99,7 +100,8 @@ def main() -> None:
             rows.append(summarize("burners", run_probe(args.seconds), {"burners": len(burners)}))
             for burner in burners:
                 burner.wait()
-            rows.append(engine_phase(stack.engine_url, model=stack.info["base_model"], seconds=args.seconds,
+            rows.append(engine_phase(stack.engine_url, headers=stack.engine_headers, model=stack.info["base_model"],
+                                     seconds=args.seconds,
                                      max_tokens=args.max_tokens))
         finally:
             print("[3] stopping the stack ...", flush=True)

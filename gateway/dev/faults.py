@@ -126,6 +126,7 @@ class FaultStack:
             "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": self.admin_key, "BANYAN_HOST": "127.0.0.1",
             "BANYAN_PORT": str(self.gateway_port), "BANYAN_DATA_DIR": str(self.root),
             "BANYAN_REDIS_URL": self.redis_url, "BANYAN_ENGINE_URLS": self.engine_url,
+            "BANYAN_ENGINE_API_KEY": self.dev.engine_api_key,
             "BANYAN_BASE_MODEL": s.base_model, "BANYAN_BASE_MODEL_CONFIG": str(self.model_path / "config.json"),
             "BANYAN_MAX_MODEL_LEN": str(s.max_model_len), "BANYAN_LOG_LEVEL": "warning",
             "BANYAN_SHUTDOWN_DRAIN_S": str(self.drain_s), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -62,6 +62,11 @@ class DevProcess:
         return str(self.info["engine_url"])
 
     @property
+    def engine_headers(self) -> dict[str, str]:
+        """What a direct call to the engine's API (``/v1/*``) must send: its API key."""
+        return {"Authorization": f"Bearer {self.info['engine_api_key']}"}
+
+    @property
     def model_path(self) -> Path:
         return Path(self.info["model_path"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +38,8 @@ class StackInfo:
     engine_url: str
     base_model: str
     model_path: str
+    engine_api_key: str
+    """The key the engine expects (``Authorization: Bearer``; its /health and /metrics need none)."""
 
 
 def search_module() -> Path:
@@ -64,6 +67,9 @@ class DevStack:
         self.progress = progress
         self.data_dir = settings.data_dir.resolve()
         self.children = Children(self.data_dir / "logs")
+        given = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
+        self.engine_api_key = given or "bek_" + secrets.token_urlsafe(24)
+        """The engine's API key: ``BANYAN_ENGINE_API_KEY`` if set, else a new one each run."""
 
     def start(self) -> Settings:
         """Start the services; return the settings the gateway should run with."""
@@ -74,12 +80,15 @@ class DevStack:
         engine_url = self.start_engine(model_path, s3)
         settings = self.settings.model_copy(update={
             "redis_url": redis_url, "engine_urls": [engine_url], "base_model_config": model_path / "config.json",
-            **s3.model_dump(),
+            "engine_api_key": SecretStr(self.engine_api_key), **s3.model_dump(),
         })
         info = StackInfo(gateway_url=f"http://{settings.host}:{settings.port}", redis_url=redis_url,
                          s3_endpoint_url=str(s3.s3_endpoint_url), s3_bucket=s3.s3_bucket, engine_url=engine_url,
-                         base_model=settings.base_model, model_path=str(model_path))
-        (self.data_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
+                         base_model=settings.base_model, model_path=str(model_path), engine_api_key=self.engine_api_key)
+        path = self.data_dir / "stack.json"
+        path.touch()
+        path.chmod(0o600)  # it holds the engine's key
+        path.write_text(json.dumps(asdict(info), indent=2))
         return settings
 
     def stop(self) -> None:
@@ -121,7 +130,9 @@ class DevStack:
         return self.model.build(path, self.progress)
 
     def start_engine(self, model_path: Path, s3: S3Settings, *, port: int | None = None) -> str:
-        """Start the vLLM engine (on ``port``, default a free one) serving ``model_path``; return its URL."""
+        """Start the vLLM engine (on ``port``, default a free one) serving ``model_path``; return its URL. It
+        refuses its API (``/v1/*``) without :attr:`engine_api_key` (given as ``VLLM_API_KEY``, the environment form
+        of ``--api-key``, to keep it out of the process list); its resolver plugin sends it to its own engine."""
         port = port or free_port()
         s = self.settings
         self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
@@ -138,6 +149,8 @@ class DevStack:
             "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
             "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
             "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
+            "VLLM_API_KEY": self.engine_api_key,
+            "BANYAN_ENGINE_API_KEY": self.engine_api_key,
         }
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",

@@ -152,7 +152,7 @@ async def test_files_of_an_abandoned_upload_are_swept(stack: RunningStack, lifec
     settings = Settings(mode="dev", admin_key=SecretStr(stack.admin_key), redis_url=info["redis_url"],
                         s3_endpoint_url=info["s3_endpoint_url"], s3_bucket=info["s3_bucket"],
                         s3_access_key_id=SecretStr("banyan-dev"), s3_secret_access_key=SecretStr("banyan-dev-secret"),
-                        engine_urls=[info["engine_url"]])
+                        engine_urls=[info["engine_url"]], engine_api_key=SecretStr(info["engine_api_key"]))
     state = build_state(settings)
     try:
         assert await sweep_abandoned_uploads(state, older_than_s=600) == 1
@@ -212,10 +212,10 @@ def test_deleting_an_adapter_unloads_it_and_removes_its_files(
     assert created.status_code == 201
     with tenant.http() as http:
         assert http.post("/v1/completions", json={"model": "short-lived", "prompt": "x", "max_tokens": 2}).is_success
-    loaded = {m["id"] for m in httpx.get(stack.info["engine_url"] + "/v1/models").json()["data"]}
+    loaded = {m["id"] for m in httpx.get(stack.engine_url + "/v1/models", headers=stack.engine_headers).json()["data"]}
     assert any(".short-lived." in name for name in loaded)
     assert admin.delete(f"/admin/tenants/{tenant.id}/adapters/short-lived").status_code == 200
-    loaded = {m["id"] for m in httpx.get(stack.info["engine_url"] + "/v1/models").json()["data"]}
+    loaded = {m["id"] for m in httpx.get(stack.engine_url + "/v1/models", headers=stack.engine_headers).json()["data"]}
     assert not any(".short-lived." in name for name in loaded)
     assert stack.s3_keys(f"adapters/{tenant.id}/short-lived/") == []
 
@@ -259,7 +259,7 @@ def test_versions_continue_after_a_delete_and_the_new_upload_serves(
     want = peft_greedy(stack.model_path, peft_adapters["gamma"], ["rise"], max_new_tokens=6)[0]
     assert served.json()["choices"][0]["text"] == want
     # The files are in the upload's own folder, named by the uid the engine name carries.
-    loaded = [m["id"] for m in httpx.get(stack.info["engine_url"] + "/v1/models").json()["data"]]
+    loaded = [m["id"] for m in httpx.get(stack.engine_url + "/v1/models", headers=stack.engine_headers).json()["data"]]
     ref = next(r for r in map(AdapterRef.from_engine_name, loaded) if r and r.tenant == tenant.id
                and r.name == "phoenix")
     assert ref.version == 2

@@ -48,7 +48,7 @@ def test_a_client_leaving_during_a_cold_load_does_not_poison_the_adapter(
     engine_name = asyncio.run(_engine_name(stack, tenant.id, "cold", 1))
     with _object_storage_stalled(stack), pytest.raises(httpx.TimeoutException):
         # The fetch hangs on S3; the client gives up, and vLLM cancels the request's adapter resolution.
-        httpx.post(stack.engine_url + "/v1/completions", timeout=3,
+        httpx.post(stack.engine_url + "/v1/completions", timeout=3, headers=stack.engine_headers,
                    json={"model": engine_name, "prompt": "hi", "max_tokens": 1})
     activated = admin.post(f"/admin/tenants/{tenant.id}/adapters/cold/activate", json={"version": 1})
     assert activated.status_code == 200, activated.text

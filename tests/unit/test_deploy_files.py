@@ -121,8 +121,7 @@ def test_k8s_has_the_kinds_and_the_gateway_scales() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for kind, name in [("Deployment", "banyan-gateway"), ("Service", "banyan-gateway"),
                        ("HorizontalPodAutoscaler", "banyan-gateway"), ("StatefulSet", "banyan-engine"),
-                       ("Service", "banyan-engine"), ("ConfigMap", "banyan-config"), ("Secret", "banyan-secrets"),
-                       ("Service", "banyan-redis")]:
+                       ("Service", "banyan-engine"), ("ConfigMap", "banyan-config"), ("Service", "banyan-redis")]:
         assert (kind, name) in kinds, f"missing {kind}/{name}"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "banyan-gateway"}
@@ -154,6 +153,8 @@ def test_k8s_engines_are_private() -> None:
     assert not pod.get("hostNetwork")
     for container in pod["containers"]:
         assert all("hostPort" not in p for p in container.get("ports", []))
+        if container["name"] != "vllm":  # the metrics-proxy sidecar
+            continue
         env = {e["name"] for e in container.get("env", [])}
         assert env >= ENGINE_ENV, ENGINE_ENV - env
         assert container["resources"]["limits"].get("nvidia.com/gpu")
@@ -171,9 +172,8 @@ def test_k8s_pods_are_scraped_and_settings_are_known() -> None:
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/path"] == "/metrics"
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "banyan-config")
-    secret = next(d for d in docs if d["kind"] == "Secret")
-    unknown = [k for k in [*config["data"], *secret["stringData"]] if not _known_setting(k)]
-    assert not unknown, unknown
+    unknown = [k for k in [*config["data"], *_documented_secret_keys()] if not _known_setting(k)]
+    assert unknown == ["REDIS_PASSWORD"], unknown  # the one secret that is Redis's, not Banyan's
     urls = config["data"]["BANYAN_ENGINE_URLS"].split(",")
     engine = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "banyan-engine")
     assert len(urls) == engine["spec"]["replicas"], "one engine URL per engine replica"
@@ -230,3 +230,106 @@ def test_dashboards_are_grafana_json_with_promql_targets(path: Path) -> None:
 def test_dashboard_uids_are_unique() -> None:
     uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
     assert len(uids) == len(set(uids)) == 4
+
+
+# -- secrets, keys and hygiene (#10 items 8, 9, Low) ------------------------------------------------------
+
+
+def _documented_secret_keys() -> set[str]:
+    """The keys of the Secret ``banyan-secrets`` as kustomization.yaml tells how to create it."""
+    text = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
+    assert "kubectl -n banyan create secret generic banyan-secrets" in text
+    return set(re.findall(r"--from-literal=(\w+)=", text))
+
+
+def _secret_refs(value: Any) -> list[dict[str, Any]]:
+    """Every ``secretKeyRef`` in a Kubernetes object."""
+    if isinstance(value, dict):
+        return [value["secretKeyRef"]] if "secretKeyRef" in value else [r for v in value.values()
+                                                                       for r in _secret_refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _secret_refs(v)]
+    return []
+
+
+def test_no_secret_value_ships_in_deploy() -> None:
+    from gateway.settings import PLACEHOLDER_WORDS
+
+    docs = _k8s()
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret with values is shipped"
+    documented = _documented_secret_keys()
+    for ref in _secret_refs(docs):
+        assert ref["name"] == "banyan-secrets" and ref["key"] in documented, ref
+    for path in [*YAML_FILES, *DEPLOY.rglob("Dockerfile.*")]:
+        text = path.read_text().lower()
+        assert not [w for w in PLACEHOLDER_WORDS if w in text and w.startswith("change")], path
+
+
+def test_compose_has_no_default_credentials() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for name in ("BANYAN_ADMIN_KEY", "BANYAN_ENGINE_API_KEY", "REDIS_PASSWORD", "MINIO_ROOT_USER",
+                 "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        uses = re.findall(r"\$\{" + name + r"(:?[-?])?", text)
+        assert uses and all(u == ":?" for u in uses), f"{name} must be required (${{{name}:?...}}), not defaulted"
+    assert "deploy/.env" in (DEPLOY.parent / ".gitignore").read_text()
+
+
+def _images() -> list[str]:
+    images = [s["image"] for s in _compose()["services"].values() if "image" in s]
+    images += [c["image"] for d in _k8s() if d["kind"] in ("Deployment", "StatefulSet")
+               for c in d["spec"]["template"]["spec"]["containers"]]
+    for dockerfile in DEPLOY.rglob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+        for ref in re.findall(r"^FROM (\S+)", text, re.MULTILINE):
+            images.append(args.get(ref.strip("${}"), ref))
+    return images
+
+
+def test_every_image_tag_is_pinned() -> None:
+    images = _images()
+    assert len(images) >= 10
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "/" not in tag, image
+
+
+def test_redis_has_a_password_and_a_memory_bound_without_eviction() -> None:
+    compose = _compose()["services"]
+    k8s_redis = next(d for d in _k8s() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "banyan-redis")
+    [container] = k8s_redis["spec"]["template"]["spec"]["containers"]
+    for args in (compose["redis"]["command"], container["args"]):
+        flags = dict(zip(args[1::2], args[2::2], strict=False)) if args[0] == "redis-server" else {}
+        assert flags.get("--requirepass", "").strip(), args
+        assert flags.get("--maxmemory") and flags.get("--maxmemory-policy") == "noeviction", args
+    assert "@redis:6379" in compose["gateway"]["environment"]["BANYAN_REDIS_URL"]  # with the password
+    assert "REDISCLI_AUTH" in compose["redis"]["environment"]  # the healthcheck's redis-cli authenticates
+    assert "BANYAN_REDIS_URL" in _documented_secret_keys()  # on Kubernetes the URL (and its password) is a secret
+    config = next(d for d in _k8s() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "banyan-config")
+    assert "BANYAN_REDIS_URL" not in config["data"]
+
+
+def test_engines_take_an_api_key_that_the_gateway_holds() -> None:
+    compose = _compose()["services"]
+    engine_env, gateway_env = compose["engine"]["environment"], compose["gateway"]["environment"]
+    assert engine_env["VLLM_API_KEY"] == engine_env["BANYAN_ENGINE_API_KEY"] == gateway_env["BANYAN_ENGINE_API_KEY"]
+    engine = next(d for d in _k8s() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "banyan-engine")
+    vllm = next(c for c in engine["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm")
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") for e in vllm["env"]}
+    assert env["VLLM_API_KEY"] == env["BANYAN_ENGINE_API_KEY"] == "BANYAN_ENGINE_API_KEY"
+    assert "BANYAN_ENGINE_API_KEY" in _documented_secret_keys()  # the gateway reads the Secret whole (envFrom)
+
+
+def test_only_the_gateway_reaches_the_engine_api_and_the_scraper_only_metrics() -> None:
+    docs = _k8s()
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy" and
+                _engine_selected(d["spec"]["podSelector"].get("matchLabels"))]
+    by_port = {p["port"]: rule["from"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert by_port[8000] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "banyan-gateway"}}}]
+    [scraper] = by_port[9100]
+    assert "namespaceSelector" in scraper and set(by_port) == {8000, 9100}
+    engine = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "banyan-engine")
+    assert engine["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    proxy = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "banyan-engine-metrics-proxy")
+    conf = proxy["data"]["default.conf"]
+    assert "listen 9100" in conf and "location = /metrics" in conf and "location / { return 404; }" in conf
