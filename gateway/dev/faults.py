@@ -22,6 +22,7 @@ The integration tests (``tests/integration/test_faults.py``) assert on the resul
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import json
@@ -33,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -48,6 +49,7 @@ from gateway.dev.stack import DevStack, dev_settings
 from gateway.settings import Settings
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 FAULT_MODEL = "tiny"
 """The dev model of the fault stack: the small deterministic one (fast to start and to serve)."""
@@ -90,6 +92,14 @@ class FaultStack:
         self.engine_url = ""
         self.s3 = S3Settings()
         self.model_path = Path()
+        # Children are asked to die with the thread that started them (PR_SET_PDEATHSIG fires when that *thread*
+        # ends), so they are all started and stopped from one thread that lives as long as the stack.
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fault-stack")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking method of this stack (a kill, a restart) in the stack's own thread: the event loop's
+        traffic goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     @property
     def url(self) -> str:
@@ -104,6 +114,10 @@ class FaultStack:
         return self.dev.children.log_dir
 
     def start(self) -> None:
+        """Start every service (in the stack's thread; blocks until the gateway is ready)."""
+        self._thread.submit(self._start).result()
+
+    def _start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.redis_url = self.dev.start_valkey(persist_dir=self.valkey_dir)
@@ -112,10 +126,14 @@ class FaultStack:
             self.engine_url = self.dev.start_engine(self.model_path, self.s3)
             self.start_gateway()
         except BaseException:
-            self.stop()
+            self._stop()
             raise
 
     def stop(self) -> None:
+        self._thread.submit(self._stop).result()
+        self._thread.shutdown()
+
+    def _stop(self) -> None:
         for child in self.dev.children.started:  # a paused server cannot handle its SIGTERM
             self.dev.children.send_signal(child, signal.SIGCONT)
         self.dev.stop()
@@ -579,6 +597,10 @@ class PhaseResult:
     """Stored state that was there before the fault and is not the same after it."""
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    recovered_at: float | None = None
+    """When the first answer after the dependency came back ended (monotonic)."""
+    back_at: float | None = None
+    """When the dependency was back (monotonic)."""
 
     def count(self, result: Result) -> int:
         return sum(1 for o in self.outcomes if o.result is result)
@@ -594,13 +616,35 @@ class PhaseResult:
                 out[o.detail] = out.get(o.detail, 0) + 1
         return out
 
+    @property
+    def steady_s(self) -> float | None:
+        """From the dependency being back to the first answer after which every request that started was answered
+        (None: a request that started after the last answer failed)."""
+        if self.back_at is None:
+            return None
+        after = sorted((o for o in self.outcomes if o.started >= self.back_at), key=lambda o: o.started)
+        failed = [i for i, o in enumerate(after) if o.result is not Result.ANSWERED]
+        rest = after[failed[-1] + 1:] if failed else after
+        if not rest:
+            return None
+        return min(o.ended for o in rest) - self.back_at
+
+    def failed_after_recovery(self) -> dict[str, int]:
+        """What the requests that started after the recovery got, when it was not an answer."""
+        out: dict[str, int] = {}
+        for o in self.outcomes:
+            if self.recovered_at is not None and o.started >= self.recovered_at and o.result is not Result.ANSWERED:
+                out[f"{o.kind}: {o.detail}"] = out.get(f"{o.kind}: {o.detail}", 0) + 1
+        return out
+
     def row(self) -> dict[str, Any]:
         return {"fault": self.fault, "requests": len(self.outcomes), "answered": self.count(Result.ANSWERED),
                 "clean_errors": self.count(Result.CLEAN_ERROR), "other": self.count(Result.OTHER),
                 "recovery_s": None if self.recovery_s is None else round(self.recovery_s, 2),
+                "steady_s": None if self.steady_s is None else round(self.steady_s, 2),
                 "tokens_seen": self.tokens_seen, "tokens_recorded": self.tokens_recorded, "lost": self.lost,
                 "errors": self.details(Result.CLEAN_ERROR), "other_details": self.details(Result.OTHER),
-                "notes": self.notes, **self.extra}
+                "failed_after_recovery": self.failed_after_recovery(), "notes": self.notes, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -628,26 +672,42 @@ class _Phase:
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.recovery_s: float | None = None
+        self.recovered_at: float | None = None
+        self.back_at: float | None = None
 
     async def run(self, body: Callable[[_Phase], Awaitable[None]]) -> PhaseResult:
-        before = await stored_state(self.world, serve=self.serve)
+        before, unread_before = await self._state()
         _, tokens_before = await usage_tokens(self.world, self.world.traffic_tenant)
         async with self.traffic:
             await asyncio.sleep(self.timing.steady_s)
             await body(self)
             await asyncio.sleep(self.timing.after_s)
         _, tokens_after = await usage_tokens(self.world, self.world.traffic_tenant)
-        after = await stored_state(self.world, serve=self.serve)
+        after, unread_after = await self._state()
+        lost = [f"before the fault, {unread_before}"] if unread_before else []
+        lost += [f"after the fault, {unread_after}"] if unread_after else missing(before, after)
         return PhaseResult(fault=self.fault, outcomes=self.traffic.outcomes, recovery_s=self.recovery_s,
                            tokens_seen=sum(o.tokens for o in self.traffic.outcomes),
-                           tokens_recorded=tokens_after - tokens_before, lost=missing(before, after),
-                           notes=self.notes, extra=self.extra)
+                           tokens_recorded=tokens_after - tokens_before, lost=lost, notes=self.notes,
+                           extra=self.extra, recovered_at=self.recovered_at, back_at=self.back_at)
+
+    async def _state(self) -> tuple[dict[str, Any], str]:
+        """The stored state, or why it could not be read."""
+        try:
+            return await stored_state(self.world, serve=self.serve), ""
+        except (RuntimeError, httpx.HTTPError) as e:
+            return {}, f"the stored state could not be read: {e}"
+
+    def recovered(self, since: float, after_s: float | None) -> None:
+        self.back_at = since
+        self.recovery_s = after_s
+        self.recovered_at = None if after_s is None else since + after_s
 
     async def back(self, restore: Callable[[], None]) -> None:
         """Restore the dependency (in a thread: traffic goes on), then wait for the first answer after it."""
-        await asyncio.to_thread(restore)
-        self.recovery_s = await self.traffic.wait_success_after(time.monotonic(),
-                                                                 timeout_s=self.timing.recovery_timeout_s)
+        await self.stack.call(restore)
+        since = time.monotonic()
+        self.recovered(since, await self.traffic.wait_success_after(since, timeout_s=self.timing.recovery_timeout_s))
 
     def cut_streams(self, moment: float) -> None:
         """Note what the streams under way at ``moment`` got."""
@@ -700,7 +760,7 @@ async def phase_valkey(stack: FaultStack, world: World, timing: Timing) -> Phase
     async def body(phase: _Phase) -> None:
         await phase.traffic.wait_streaming(timeout_s=10)
         killed = time.monotonic()
-        await asyncio.to_thread(stack.kill, "valkey")
+        await stack.call(stack.kill, "valkey")
         tenant = f"new-{secrets.token_hex(3)}"
         async with world.admin(timeout_s=timing.request_timeout_s) as admin:
             during = await _admin_call(admin, "post", "/admin/tenants", json={"id": tenant, "name": "new"})
@@ -744,7 +804,7 @@ async def phase_s3_hung(stack: FaultStack, world: World, timing: Timing) -> Phas
                                     timeout_s=timing.request_timeout_s)
             phase.traffic.outcomes.append(served)
             if served.result is Result.ANSWERED:
-                phase.recovery_s = served.ended - back
+                phase.recovered(back, served.ended - back)
         phase.notes.append(f"upload during the hang: {detail}; /readyz while hung: {phase.extra['readyz_while_hung']}")
 
     return await _Phase("S3 hung (SIGSTOP) then resumed (SIGCONT)", stack, world, timing).run(body)
@@ -756,7 +816,7 @@ async def phase_engine(stack: FaultStack, world: World, timing: Timing) -> Phase
         if not await phase.traffic.wait_streaming(timeout_s=10):
             phase.notes.append("no stream was under way at the kill")
         killed = time.monotonic()
-        await asyncio.to_thread(stack.kill, "engine")
+        await stack.call(stack.kill, "engine")
         await asyncio.sleep(timing.outage_s)
         phase.cut_streams(killed)
         began = time.monotonic()
@@ -779,15 +839,15 @@ async def phase_gateway_sigterm(stack: FaultStack, world: World, timing: Timing)
         signalled = time.monotonic()
         exited = False
         ready = asyncio.create_task(_readyz_statuses(world.url, lambda: exited, every_s=0.1))
-        phase.extra["exit_s"] = round(await asyncio.to_thread(stack.stop_gateway, grace=60.0), 2)
+        phase.extra["exit_s"] = round(await stack.call(stack.stop_gateway), 2)
         exited = True
         phase.extra["readyz_during_drain"] = await ready
         await phase.traffic.wait_idle(timeout_s=timing.request_timeout_s)
         phase.cut_streams(signalled)
         began = time.monotonic()
-        await asyncio.to_thread(stack.start_gateway)
+        await stack.call(stack.start_gateway)
         phase.traffic.release()
-        phase.recovery_s = await phase.traffic.wait_success_after(began, timeout_s=timing.recovery_timeout_s)
+        phase.recovered(began, await phase.traffic.wait_success_after(began, timeout_s=timing.recovery_timeout_s))
         phase.notes.append(f"exit {phase.extra['exit_s']} s after SIGTERM (drain setting {stack.drain_s} s); "
                            f"/readyz during the drain: {phase.extra['readyz_during_drain']}")
 
@@ -800,13 +860,13 @@ async def phase_s3_restart(stack: FaultStack, world: World, timing: Timing) -> P
     """SIGKILL the S3 server; start it again empty (moto keeps objects in memory only, so only recovery is
     checked, not the stored files). Recovery: from the restart to the first adapter upload answered and served."""
     async def body(phase: _Phase) -> None:
-        await asyncio.to_thread(stack.kill, "s3")
+        await stack.call(stack.kill, "s3")
         await asyncio.sleep(timing.outage_s)
         async with world.admin(timeout_s=timing.request_timeout_s) as admin:
             during = await _admin_outcome("upload", upload(admin, world.traffic_tenant, "during", world.next_adapter()))
             phase.traffic.outcomes.append(during)
             phase.extra["upload_while_down"] = during.detail
-            await asyncio.to_thread(stack.restart_s3)
+            await stack.call(stack.restart_s3)
             back = time.monotonic()
             deadline = back + timing.recovery_timeout_s
             while time.monotonic() < deadline:
@@ -820,7 +880,7 @@ async def phase_s3_restart(stack: FaultStack, world: World, timing: Timing) -> P
                                             timeout_s=timing.request_timeout_s)
                     phase.traffic.outcomes.append(served)
                     if served.result is Result.ANSWERED:
-                        phase.recovery_s = served.ended - back
+                        phase.recovered(back, served.ended - back)
                         break
                 await asyncio.sleep(0.5)
         phase.notes.append(f"upload while S3 was down: {phase.extra['upload_while_down']}; moto restarts empty: "
@@ -924,17 +984,22 @@ PHASES: dict[str, Callable[[FaultStack, World, Timing], Awaitable[PhaseResult]]]
 """Every fault, in the order they can run on one stack (the S3 restart loses the stored files: last)."""
 
 
+def _counts(details: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in details.items()) or "0"
+
+
 def table(results: list[PhaseResult]) -> str:
     """A Markdown table: fault, requests, answered, clean errors, anything else, recovery time, usage."""
-    lines = ["| fault | requests | answered | clean errors | anything else | recovery (s) | usage recorded / "
-             "served (tokens) | stored state lost |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| fault | requests | answered | clean errors | anything else | recovery: first answer (s) | all answered "
+             "from (s) | not answered after the first answer | usage recorded / served (tokens) | stored state lost |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         other = r.count(Result.OTHER)
-        other_text = f"{other} ({', '.join(f'{k}: {v}' for k, v in r.details(Result.OTHER).items())})" if other \
-            else "0"
+        other_text = f"{other} ({_counts(r.details(Result.OTHER))})" if other else "0"
         recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.1f}"
+        steady = "-" if r.steady_s is None else f"{r.steady_s:.1f}"
         lines.append(f"| {r.fault} | {len(r.outcomes)} | {r.count(Result.ANSWERED)} | {r.count(Result.CLEAN_ERROR)} "
-                     f"| {other_text} | {recovery} | {r.tokens_recorded} / {r.tokens_seen} | "
+                     f"| {other_text} | {recovery} | {steady} | {_counts(r.failed_after_recovery())} | "
+                     f"{r.tokens_recorded} / {r.tokens_seen} | "
                      f"{'; '.join(r.lost) or 'nothing'} |")
     return "\n".join(lines)
