@@ -51,7 +51,11 @@ class Context:
 
 
 def build_context(passages: Sequence[Passage], *, budget_tokens: int, tokens: TokenCounter) -> Context:
-    """The instruction and the numbered sources that fit in ``budget_tokens`` (empty when none fits)."""
+    """The instruction and the numbered sources that fit in ``budget_tokens`` (empty when none fits).
+
+    A passage that ranking found superseded (newer text about the same subject is among the results,
+    ranked above it) is left out: a small model shown both an old and a new value picks either."""
+    passages = [p for p in passages if not p.superseded]
     remaining = budget_tokens - tokens.count(INSTRUCTIONS + _SEPARATOR)
     blocks: list[str] = []
     used: list[Passage] = []

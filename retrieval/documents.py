@@ -114,6 +114,8 @@ class Passage:
     text: str
     score: float
     timestamp: float
+    superseded: bool = False
+    """Ranking found newer text about the same subject among the results (not part of the wire form)."""
 
     def source(self) -> dict[str, Any]:
         """The wire form (``sources`` items and ``/v1/retrieve`` rows)."""

@@ -30,7 +30,8 @@ entry, chosen by name in :attr:`RankingConfig.stages`). The default pipeline, in
 ``supersede``
     Two passages about the same subject with different timestamps are read as an update and the text
     it replaces, whatever their wording: the newer one is moved just above the older one if it was
-    not already above it. Applied oldest to newest, so a chain of updates ends with the latest first.
+    not already above it, and the older one is marked ``superseded``. Applied oldest to newest, so a chain of
+    updates ends with the latest first.
     "Same subject" is a cosine >= ``same_subject_similarity``, or a cosine >= ``shared_term_similarity``
     when the two also share a distinctive word (one found in at most ``distinctive_share`` of the
     candidates, such as the name of the thing they are about). This is what makes "the newer passage
@@ -93,6 +94,8 @@ class Candidate:
     score: float = 0.0
     words: Terms = frozenset()
     payload: object = None  # what the caller renders (a search hit); ranking never looks inside
+    superseded: bool = False
+    """A newer candidate about the same subject was found (see ``supersede``): this one is the old text."""
 
     def terms(self) -> frozenset[str]:
         if callable(self.words):
@@ -186,6 +189,8 @@ def supersede_older(candidates: list[Candidate], ctx: RankingContext) -> list[Ca
         if older.size:
             best = max(by_age[int(j)].score for j in older)
             by_age[i].score = max(by_age[i].score, best * (1.0 + config.supersede_margin))
+            for j in older:
+                by_age[int(j)].superseded = True
     return candidates
 
 

@@ -408,7 +408,7 @@ class DocumentService:
         self._observer.retrieval_stage("search", searched - started)
         lists = {"vector": [_ranked(h) for h in knn], "bm25": [_ranked(h) for h in bm25]}
         best = rank(lists, vector, self.config.ranking, top_k=top_k)
-        passages = [_passage(cast(Hit, c.payload), c.score) for c in best]
+        passages = [_passage(cast(Hit, c.payload), c.score, superseded=c.superseded) for c in best]
         self._observer.retrieval_stage("rank", time.perf_counter() - searched)
         self._observer.retrieval_passages(len(passages))
         return passages
@@ -429,6 +429,6 @@ def _ranked(hit: Hit) -> Ranked:
                   terms=lambda: passage_terms(f"{hit.title or ''} {hit.text}"), payload=hit)
 
 
-def _passage(hit: Hit, score: float) -> Passage:
+def _passage(hit: Hit, score: float, *, superseded: bool = False) -> Passage:
     return Passage(document_id=hit.document_id, chunk_id=f"{hit.document_id}:{hit.number}", title=hit.title,
-                   text=hit.text, score=score, timestamp=hit.timestamp)
+                   text=hit.text, score=score, timestamp=hit.timestamp, superseded=superseded)

@@ -13,9 +13,9 @@ class Words:
         return len(text.split())
 
 
-def _p(n: int, text: str, title: str | None = "T") -> Passage:
+def _p(n: int, text: str, title: str | None = "T", *, superseded: bool = False) -> Passage:
     return Passage(document_id=f"d{n}", chunk_id=f"d{n}:0", title=title, text=text, score=1.0,
-                   timestamp=1714555800.0 + n * 86400)
+                   timestamp=1714555800.0 + n * 86400, superseded=superseded)
 
 
 def test_context_is_numbered_with_title_and_date() -> None:
@@ -57,3 +57,10 @@ def test_char_estimate_errs_towards_more_tokens() -> None:
     assert CharEstimate().count("") == 0
     assert CharEstimate().count("abcd") == 1
     assert CharEstimate().count("abcde") == 2
+
+
+def test_superseded_passages_are_left_out() -> None:
+    context = build_context([_p(2, "Opens at 8."), _p(1, "Opens at 9.", superseded=True), _p(3, "Parking.")],
+                            budget_tokens=1000, tokens=Words())
+    assert [p.document_id for p in context.passages] == ["d2", "d3"]
+    assert "Opens at 9." not in context.text and "[2] T (2024-05-04)\nParking." in context.text

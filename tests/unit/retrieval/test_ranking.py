@@ -84,6 +84,7 @@ def test_a_newer_passage_on_the_same_subject_supersedes_the_older_one() -> None:
     assert _keys(rank(lists, QUERY, ONLY_RRF, top_k=3)) == ["older", "elsewhere", "newer"]
     ranked = rank(lists, QUERY, RankingConfig(stages=("rrf", "supersede")), top_k=3)
     assert _keys(ranked) == ["newer", "older", "elsewhere"]
+    assert [c.superseded for c in ranked] == [False, True, False]
 
 
 def test_a_shared_distinctive_word_lowers_the_bar_for_same_subject() -> None:
@@ -104,6 +105,7 @@ def test_a_chain_of_updates_ends_with_the_latest_first() -> None:
     versions = [_item(f"v{i}", _unit(1, 0.5, 0.05 * i, 0), day=i) for i in range(4)]
     ranked = rank({"vector": versions}, QUERY, RankingConfig(stages=("rrf", "supersede")), top_k=4)
     assert _keys(ranked) == ["v3", "v2", "v1", "v0"]
+    assert [c.superseded for c in ranked] == [False, True, True, True]
 
 
 def test_stages_are_a_registry() -> None:
