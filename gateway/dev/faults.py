@@ -682,14 +682,25 @@ class _Phase:
             await asyncio.sleep(self.timing.steady_s)
             await body(self)
             await asyncio.sleep(self.timing.after_s)
-        _, tokens_after = await usage_tokens(self.world, self.world.traffic_tenant)
+        seen = sum(o.tokens for o in self.traffic.outcomes)
+        tokens_after = await self._settled_usage(tokens_before + seen)
         after, unread_after = await self._state()
         lost = [f"before the fault, {unread_before}"] if unread_before else []
         lost += [f"after the fault, {unread_after}"] if unread_after else missing(before, after)
         return PhaseResult(fault=self.fault, outcomes=self.traffic.outcomes, recovery_s=self.recovery_s,
-                           tokens_seen=sum(o.tokens for o in self.traffic.outcomes),
+                           tokens_seen=seen,
                            tokens_recorded=tokens_after - tokens_before, lost=lost, notes=self.notes,
                            extra=self.extra, recovered_at=self.recovered_at, back_at=self.back_at)
+
+    async def _settled_usage(self, expected: int, *, within_s: float = 60.0) -> int:
+        """The tenant's recorded tokens once they reach ``expected``, or as they stand after ``within_s``: usage
+        refused by Redis during an outage is recorded by the gateway in the background once it is back."""
+        deadline = time.monotonic() + within_s
+        while True:
+            _, tokens = await usage_tokens(self.world, self.world.traffic_tenant)
+            if tokens >= expected or time.monotonic() > deadline:
+                return tokens
+            await asyncio.sleep(1.0)
 
     async def _state(self) -> tuple[dict[str, Any], str]:
         """The stored state, or why it could not be read."""

@@ -26,6 +26,7 @@ top-level field of the JSON response, or of the first event of a stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -75,14 +76,35 @@ _detached: set[asyncio.Task[None]] = set()
 """End-of-request work in flight: referenced here until done, so that it is never collected half-way."""
 
 
+USAGE_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0)
+"""How long a usage record that Redis refused is tried again (about a minute in all, then it is logged lost)."""
+
+
+def _keep(task: asyncio.Task[None]) -> asyncio.Task[None]:
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+    return task
+
+
 async def _finish_whatever_happens(work: Coroutine[Any, Any, None]) -> None:
     """Run ``work`` (accounting, releases) to its end even if the caller is being cancelled: in a task of its
     own, awaited in a shielded scope (a cancelled caller stops waiting; the work goes on)."""
-    task = asyncio.ensure_future(work)
-    _detached.add(task)
-    task.add_done_callback(_detached.discard)
+    task = _keep(asyncio.ensure_future(work))
     with anyio.CancelScope(shield=True):
         await asyncio.shield(task)
+
+
+async def _record_later(record: Callable[[], Awaitable[None]]) -> None:
+    """Tokens served while Redis was unreachable are still charged once it is back (within about a minute)."""
+    for delay in USAGE_RETRY_DELAYS_S:
+        await asyncio.sleep(delay)
+        try:
+            await record()
+            log.info("recorded usage after Redis came back")
+            return
+        except RedisError:
+            continue
+    log.error("usage of a request is lost: Redis stayed unreachable for %.0f s", sum(USAGE_RETRY_DELAYS_S))
 
 
 def client_disconnected(receive: Receive) -> Disconnected:
@@ -317,11 +339,13 @@ class CompletionService:
         self.state.metrics.tokens.labels("prompt").inc(prompt)
         self.state.metrics.tokens.labels("completion").inc(completion)
         annotate(prompt_tokens=prompt, completion_tokens=completion)
+        record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.public,
+                                   prompt_tokens=prompt, completion_tokens=completion)
         try:
-            await self.state.usage.record(call.tenant, model=call.resolved.public, prompt_tokens=prompt,
-                                          completion_tokens=completion)
-        except RedisError as e:  # the answer is served; losing one usage record must not fail it
-            log.warning("recording usage failed: %s", type(e).__name__)
+            await record()
+        except RedisError as e:  # the answer is served: keep trying in the background, never fail it
+            log.warning("recording usage failed (%s): retrying in the background", type(e).__name__)
+            _keep(asyncio.ensure_future(_record_later(record)))
 
 
 async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnected | None) -> bytes | None:

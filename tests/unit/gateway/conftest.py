@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -349,8 +350,13 @@ class FakeUsage:
 
     records: list[tuple[str, str, int, int]] = field(default_factory=list)
     """(tenant, model, prompt tokens, completion tokens) per request, in order."""
+    unreachable_for: int = 0
+    """How many more calls to :meth:`record` fail as if Redis were down."""
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if self.unreachable_for > 0:
+            self.unreachable_for -= 1
+            raise RedisConnectionError("Redis is down")
         self.records.append((tenant, model, prompt_tokens, completion_tokens))
 
     async def get(self, tenant: str) -> TenantUsage:

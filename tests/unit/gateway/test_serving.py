@@ -11,6 +11,7 @@ import pytest
 from starlette.responses import Response
 
 from adapters.naming import AdapterRef
+from gateway.openai_api import serving
 from gateway.openai_api.protocol import CompletionRequest
 from gateway.openai_api.serving import CompletionService, ResolvedModel, _EventRewriter, cache_salt
 from tests.unit.gateway.conftest import OTHER_KEY, ChunkStream, Handler, Harness
@@ -234,6 +235,25 @@ def test_json_usage_is_recorded_per_model(make_harness: Callable[[Handler], Harn
     assert response.status_code == 200
     assert h.usage.records == [("acme", "banyan-demo", 3, 2)]
     assert 'banyan_model_resolutions_total{result="base"} 1.0' in h.client.get("/metrics").text
+
+
+async def test_usage_refused_by_redis_is_recorded_once_it_is_back(
+        make_harness: Callable[[Handler], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "USAGE_RETRY_DELAYS_S", (0.01, 0.01, 0.01, 0.01))
+    h = make_harness(_echo_engine)
+    h.usage.unreachable_for = 3  # the call with the answer and two retries
+    request = CompletionRequest(model="banyan-demo", prompt="x")
+    response = await CompletionService(h.state).handle(tenant="acme", request=request)
+    assert response.status_code == 200 and h.usage.records == []  # answered without waiting for Redis
+    for _ in range(100):
+        if h.usage.records:
+            break
+        await asyncio.sleep(0.01)
+    assert h.usage.records == [("acme", "banyan-demo", 3, 2)]
+    h.usage.unreachable_for = 10  # longer than the retries: given up, not retried forever
+    await CompletionService(h.state).handle(tenant="acme", request=request)
+    await asyncio.sleep(0.2)
+    assert h.usage.records == [("acme", "banyan-demo", 3, 2)] and h.usage.unreachable_for == 5
 
 
 def test_adapter_dropped_by_the_engine_is_asked_again_once(make_harness: Callable[[Handler], Harness]) -> None:
