@@ -179,8 +179,13 @@ class Quotas:
         return admission
 
     async def give_back(self, admission: Admission) -> None:
-        await self._release(keys=[leases_key(admission.tenant), admission.window or tpm_key(admission.tenant)],
-                            args=[admission.lease or "", admission.reserved])
+        """Give back the lease and the unused reservation. With Redis unreachable this only logs: the lease
+        expires by itself within its lifetime, and the reservation stays counted in its minute."""
+        try:
+            await self._release(keys=[leases_key(admission.tenant), admission.window or tpm_key(admission.tenant)],
+                                args=[admission.lease or "", admission.reserved])
+        except RedisError as e:
+            log.warning("giving back an admission failed (%s): its lease expires by itself", type(e).__name__)
 
     async def renew(self, tenant: str, lease: str) -> bool:
         """Push a lease's expiry one lifetime ahead; False if it had expired (it stays gone)."""

@@ -183,3 +183,14 @@ async def test_a_kept_reservation_stays_in_the_window(redis: Redis) -> None:
 async def test_usage_lands_in_the_current_window(redis: Redis) -> None:
     await UsageStore(redis).record("acme", model="m", prompt_tokens=3, completion_tokens=4)
     assert await redis.get(tpm_key("acme")) == b"7"
+
+
+async def test_a_release_while_redis_is_unreachable_does_not_fail_the_request() -> None:
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    admission = Admission(tenant="acme", quotas=Quotas(unreachable, metrics=Metrics(), clock=Clock()),
+                          lease="a1b2c3", reserved=10)
+    try:
+        await admission.release()  # logged, not raised: the lease expires by itself
+    finally:
+        await unreachable.aclose()
+    assert admission.quotas is None
