@@ -52,3 +52,6 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access", "httpx", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # asyncio warns "socket.send() raised exception." for every write to a client that hung up mid-stream:
+    # dozens of lines per disconnect, and the access log already records the disconnect.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
