@@ -834,7 +834,8 @@ async def phase_engine(stack: FaultStack, world: World, timing: Timing) -> Phase
         await phase.back(stack.restart_engine)
         phase.extra["engine_restart_s"] = round(time.monotonic() - began - (phase.recovery_s or 0.0), 1)
 
-    workload = replace(world.workload, stream_tokens=max(world.workload.stream_tokens, 256))
+    # streams long enough to be mid-generation at the kill (the tiny model writes 256 tokens in a blink)
+    workload = replace(world.workload, stream_tokens=max(world.workload.stream_tokens, 3000))
     return await _Phase("engine killed (SIGKILL) mid-stream and restarted", stack, world, timing,
                         workload=workload).run(body)
 

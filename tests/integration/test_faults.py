@@ -101,7 +101,9 @@ def test_gateway_sigterm_with_streams_open(faults: tuple[FaultStack, World]) -> 
     result = _run("gateway-sigterm", faults)
     _assert_clean(result)
     assert result.extra["streams_under_way"], "no stream was open at the SIGTERM"
-    assert result.extra["exit_s"] < stack.drain_s + 10, "the drain did not end the open streams in time"
+    # The drain's timer can fire late here: while the CPU engine generates, other processes on this 2-core machine
+    # can stall for seconds (BENCHMARKS.md, the stall probe); seen 15 s for a 2 s drain under a loaded CI run.
+    assert result.extra["exit_s"] < stack.drain_s + 30, "the drain did not end the open streams in time"
     assert "503" in result.extra["readyz_during_drain"], "the gateway did not go unready while draining"
     assert result.recovery_s is not None, "no answer from the gateway started again"
 

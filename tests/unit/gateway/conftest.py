@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.naming import AdapterRef
 from adapters.registry import AdapterRecord, Fence, VersionMeta

@@ -56,7 +56,7 @@ def test_ready_line_stack_json_and_a_clean_environment(
         assert dev.admin_key.startswith("adm_dev_") and dev.url == "http://127.0.0.1:12345"
         assert dev.engine_url == "http://e:1"
     finally:
-        code = dev.stop(timeout=10)
+        code = dev.stop(timeout=60)
     assert code == 0 and "stopped" in dev.output_text()
 
 
@@ -67,7 +67,7 @@ def test_an_empty_admin_key_leaves_it_to_banyan_dev(
     try:
         dev.wait_ready(timeout=30)
     finally:
-        dev.stop(timeout=10)
+        dev.stop(timeout=60)
     assert dev.info["args"] == ["dev"]
     assert "BANYAN_ADMIN_KEY" not in dev.info["env"] and dev.info["env"]["BANYAN_DEV_MODEL"] == "smollm2"
 
