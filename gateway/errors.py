@@ -144,6 +144,7 @@ def _translations() -> dict[type[Exception], Any]:
         InvalidQuery,
         QuotaExceeded,
         RetrievalUnavailable,
+        WriteRefused,
     )
 
     return {
@@ -157,6 +158,7 @@ def _translations() -> dict[type[Exception], Any]:
         InvalidQuery: lambda e: InvalidRequest(e.message, param=e.param),
         DocumentNotFound: lambda e: NotFound(e.message, param=e.param),
         QuotaExceeded: lambda e: RateLimited(e.message, param=e.param, code="quota_exceeded"),
+        WriteRefused: lambda e: AuthError("Incorrect API key provided."),  # its tenant is being deleted
         RetrievalUnavailable: lambda e: DependencyUnavailable("Retrieval is unavailable; try again shortly."),
     }
 

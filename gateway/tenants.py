@@ -162,6 +162,12 @@ class Tenants(Protocol):
     async def revoke_key(self, tenant_id: str, key_id: str) -> bool: ...
 
 
+def live_guard(tenant_id: str) -> Fence:
+    """What holds while ``tenant_id`` exists and no delete of it has begun: a write made under it (a document
+    being added) cannot land once the tenant's deletion started."""
+    return Fence(key=_tenant_key(tenant_id), equals={"id": json.dumps(tenant_id), "deleting": ""})
+
+
 class TenantStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis

@@ -8,6 +8,7 @@
      +-- InvalidQuery         a retrieval query or grounding request is not acceptable (400)
      +-- DocumentNotFound     no such document for this tenant (404)
      +-- QuotaExceeded        the tenant's documents are at its document or chunk quota (429 quota_exceeded)
+     +-- WriteRefused         the tenant stopped being live while its document was prepared (being deleted)
      +-- RetrievalUnavailable the embedding model or the search index cannot serve (503)
 
 Redis errors are not wrapped: the gateway already translates ``redis.exceptions.RedisError``.
@@ -40,6 +41,10 @@ class DocumentNotFound(RetrievalError):
 
 
 class QuotaExceeded(RetrievalError):
+    pass
+
+
+class WriteRefused(RetrievalError):
     pass
 
 

@@ -43,13 +43,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
-from retrieval.errors import InvalidQuery, QuotaExceeded
+from retrieval.errors import InvalidQuery, QuotaExceeded, WriteRefused
 
 # The search module's default English stop words, set explicitly so the index and the query
 # builder agree: a text clause made only of stop words would match every chunk of the tenant.
@@ -184,6 +184,17 @@ class CorpusSize:
     chunks: int
 
 
+class WriteGuard(Protocol):
+    """A condition a write is made under: the Redis hash ``key`` holds exactly these field values (``""``: the
+    field is absent); checked in the transaction of the write."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def equals(self) -> Mapping[str, str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CorpusQuota:
     """The most one tenant's documents may hold (None: no bound)."""
@@ -298,12 +309,15 @@ class ChunkIndex:
     # -- documents ------------------------------------------------------------------------------
 
     async def add_document(self, document: DocumentRecord, chunks: Sequence[ChunkRecord], *,
-                           quota: CorpusQuota | None = None) -> None:
+                           quota: CorpusQuota | None = None, guard: WriteGuard | None = None) -> None:
         """Write a document and its chunks in one transaction: searchable all at once or not at all.
 
         With a ``quota``, the tenant's counts are read and the document written in one optimistic transaction
         (both count keys watched: a concurrent addition or deletion makes it read again), so concurrent
-        additions cannot together pass the quota; over it, :class:`QuotaExceeded` and nothing is written."""
+        additions cannot together pass the quota; over it, :class:`QuotaExceeded` and nothing is written. With a
+        ``guard``, its hash is watched too and must hold its values when the document is written, else
+        :class:`WriteRefused` and nothing is written (a tenant whose deletion began while its document was being
+        embedded gets no document after its documents were cleaned up)."""
         tenant = document.tenant
         frequencies = _chunk_frequencies(document.title, (c.text for c in chunks))
         rows: list[tuple[str, dict[Any, Any]]] = [(self.chunk_key(tenant, document.id, chunk.number), {
@@ -314,9 +328,17 @@ class ChunkIndex:
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    watched = [self._list_key(tenant), self._stats_key(tenant)] if quota is not None else []
+                    watched += [guard.key] if guard is not None else []
+                    if watched:
+                        await pipe.watch(*watched)
+                    if guard is not None:
+                        held = await pipe.hmget(guard.key, list(guard.equals))
+                        if [_text(v) if v is not None else "" for v in held] != list(guard.equals.values()):
+                            raise WriteRefused("The tenant is being deleted: the document was not added.")
                     if quota is not None:
-                        await pipe.watch(self._list_key(tenant), self._stats_key(tenant))
                         quota.check(await self._size(pipe, tenant), adding_chunks=len(chunks))
+                    if watched:
                         pipe.multi()
                     for key, mapping in rows:
                         pipe.hset(key, mapping=mapping)

@@ -41,6 +41,7 @@ from retrieval.index import (
     Hit,
     HnswConfig,
     QueryPlan,
+    WriteGuard,
     passage_terms,
     query_terms,
 )
@@ -108,7 +109,7 @@ class Documents(Protocol):
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    async def add(self, tenant: str, document: NewDocument) -> DocumentRecord: ...
+    async def add(self, tenant: str, document: NewDocument, *, guard: WriteGuard | None = None) -> DocumentRecord: ...
     async def list_documents(self, tenant: str, *, limit: int = 20,
                              after: str | None = None) -> tuple[list[DocumentRecord], bool]: ...
     async def get(self, tenant: str, document_id: str) -> DocumentRecord: ...
@@ -313,10 +314,10 @@ class DocumentService:
 
     # -- documents ------------------------------------------------------------------------------
 
-    async def add(self, tenant: str, document: NewDocument) -> DocumentRecord:
+    async def add(self, tenant: str, document: NewDocument, *, guard: WriteGuard | None = None) -> DocumentRecord:
         """Ingest a document. Refused before it is embedded when it makes more chunks than a document may
         (:class:`DocumentTooLarge`) or would take the tenant past its quota (:class:`QuotaExceeded`); the quota is
-        checked again, atomically, when the document is written."""
+        checked again, atomically, when the document is written, and so is ``guard`` (the tenant still live)."""
         valid = validate(document, max_bytes=self.config.max_document_bytes, now=time.time())
         await self.ensure_index()
         pieces = await asyncio.to_thread(chunk_document, valid.text, title=valid.title, tokenizer=self.embedder,
@@ -336,7 +337,7 @@ class DocumentService:
                                 collection=valid.collection, chunks=len(texts), created=time.time(),
                                 metadata=valid.metadata)
         chunks = [ChunkRecord(number=n, text=t, vector=v) for n, (t, v) in enumerate(zip(texts, vectors, strict=True))]
-        await self.index.add_document(record, chunks, quota=quota)
+        await self.index.add_document(record, chunks, quota=quota, guard=guard)
         self._observer.retrieval_stage("ingest_store", time.perf_counter() - stored)
         self._observer.chunks_ingested(len(chunks))
         return record

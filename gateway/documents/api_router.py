@@ -21,6 +21,7 @@ from gateway.documents.protocol import (
     PassageOut,
     RetrieveRequest,
 )
+from gateway.tenants import live_guard
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
@@ -43,7 +44,7 @@ AdmittedTenant = Annotated[str, Depends(_admitted, scope="function")]
 
 @router.post("/documents", status_code=201)
 async def create_document(body: DocumentCreate, state: StateDep, tenant: AdmittedTenant) -> DocumentOut:
-    return DocumentOut.of(await state.documents.add(tenant, body.to_new()))
+    return DocumentOut.of(await state.documents.add(tenant, body.to_new(), guard=live_guard(tenant)))
 
 
 @router.get("/documents")

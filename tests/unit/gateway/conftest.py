@@ -37,7 +37,7 @@ from gateway.usage import Counts, TenantUsage
 from retrieval.context import Context, build_context
 from retrieval.documents import NewDocument, Passage, validate
 from retrieval.errors import DocumentNotFound
-from retrieval.index import DocumentRecord
+from retrieval.index import DocumentRecord, WriteGuard
 from retrieval.service import RetrievalConfig, new_document_id
 
 ADMIN_KEY = "adm_unit_test_key_0123456789"
@@ -421,6 +421,8 @@ class FakeDocuments:
     passages: dict[str, list[Passage]] = field(default_factory=dict)
     queries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)
+    guards: list[WriteGuard] = field(default_factory=list)
+    """The write guards documents were added under."""
 
     async def start(self) -> None:
         return None
@@ -428,7 +430,9 @@ class FakeDocuments:
     async def aclose(self) -> None:
         return None
 
-    async def add(self, tenant: str, document: NewDocument) -> DocumentRecord:
+    async def add(self, tenant: str, document: NewDocument, *, guard: WriteGuard | None = None) -> DocumentRecord:
+        if guard is not None:
+            self.guards.append(guard)
         now = time.time()
         valid = validate(document, max_bytes=RetrievalConfig().max_document_bytes, now=now)
         record = DocumentRecord(id=new_document_id(), tenant=tenant, title=valid.title, timestamp=valid.timestamp,

@@ -11,9 +11,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from gateway.tenants import live_guard
 from retrieval.documents import NewDocument
 from retrieval.errors import DocumentTooLarge, InvalidDocument, InvalidQuery, QuotaExceeded, RetrievalUnavailable
-from retrieval.index import ChunkRecord, CorpusQuota, CorpusSize, DocumentRecord
+from retrieval.index import ChunkRecord, CorpusQuota, CorpusSize, DocumentRecord, WriteGuard
 from retrieval.service import DocumentService, EmbeddingQueue, RetrievalConfig
 from tests.unit.retrieval.conftest import HashingEmbedder, UntouchableRedis
 
@@ -177,6 +178,7 @@ class FakeIndex:
     def __init__(self, size: CorpusSize) -> None:
         self.held = size
         self.added: list[tuple[DocumentRecord, int, CorpusQuota | None]] = []
+        self.guards: list[WriteGuard | None] = []
 
     async def ensure(self) -> bool:
         return False
@@ -185,7 +187,8 @@ class FakeIndex:
         return self.held
 
     async def add_document(self, document: DocumentRecord, chunks: Sequence[ChunkRecord], *,
-                           quota: CorpusQuota | None = None) -> None:
+                           quota: CorpusQuota | None = None, guard: WriteGuard | None = None) -> None:
+        self.guards.append(guard)
         if quota is not None:
             quota.check(self.held, adding_chunks=len(chunks))
         self.added.append((document, len(chunks), quota))
@@ -208,8 +211,10 @@ async def test_a_document_of_too_many_chunks_is_refused_before_embedding(embedde
         await service.add("acme", NewDocument(text=_paragraphs(6)))
     assert info.value.param == "text" and "chunks" in info.value.message
     assert embedder.batches == [] and index.added == []
-    record = await service.add("acme", NewDocument(text=_paragraphs(2)))
+    guard = live_guard("acme")
+    record = await service.add("acme", NewDocument(text=_paragraphs(2)), guard=guard)
     assert 1 <= record.chunks <= 3 and len(index.added) == 1
+    assert index.guards == [guard]  # the write is made under the caller's guard
 
 
 @pytest.mark.parametrize(("held", "text", "refused"), [
