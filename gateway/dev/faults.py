@@ -789,6 +789,18 @@ async def phase_valkey(stack: FaultStack, world: World, timing: Timing) -> Phase
     return await _Phase("Valkey killed (SIGKILL) and restarted", stack, world, timing).run(body)
 
 
+async def _serve_uploaded(phase: _Phase, world: World, timing: Timing, *, adapter: str, since: float) -> bool:
+    """Ask the adapter just uploaded for a completion; when it answers, the phase recovered (from ``since``)."""
+    async with world.tenant(world.traffic_tenant) as client:
+        served = await send(client, f"{adapter}-adapter", "/v1/completions",
+                            {"model": adapter, "prompt": PROMPT, "max_tokens": 4}, timeout_s=timing.request_timeout_s)
+    phase.traffic.outcomes.append(served)
+    if served.result is not Result.ANSWERED:
+        return False
+    phase.recovered(since, served.ended - since)
+    return True
+
+
 async def phase_s3_hung(stack: FaultStack, world: World, timing: Timing) -> PhaseResult:
     """SIGSTOP the S3 server under traffic (a hung object store) while an adapter upload is under way; SIGCONT.
     Recovery: from SIGCONT to that upload answered and its adapter serving (it needs the store)."""
@@ -809,13 +821,7 @@ async def phase_s3_hung(stack: FaultStack, world: World, timing: Timing) -> Phas
             phase.extra["upload_during_hang"] = detail = uploaded.detail
             phase.traffic.outcomes.append(uploaded)
         if uploaded.result is Result.ANSWERED:
-            async with world.tenant(world.traffic_tenant) as client:
-                served = await send(client, "late-adapter", "/v1/completions",
-                                    {"model": "late", "prompt": PROMPT, "max_tokens": 4},
-                                    timeout_s=timing.request_timeout_s)
-            phase.traffic.outcomes.append(served)
-            if served.result is Result.ANSWERED:
-                phase.recovered(back, served.ended - back)
+            await _serve_uploaded(phase, world, timing, adapter="late", since=back)
         phase.notes.append(f"upload during the hang: {detail}; /readyz while hung: {phase.extra['readyz_while_hung']}")
 
     return await _Phase("S3 hung (SIGSTOP) then resumed (SIGCONT)", stack, world, timing).run(body)
@@ -885,15 +891,9 @@ async def phase_s3_restart(stack: FaultStack, world: World, timing: Timing) -> P
                 uploaded = await _admin_outcome("upload", upload(admin, world.traffic_tenant, "after",
                                                                  world.next_adapter()))
                 phase.traffic.outcomes.append(uploaded)
-                if uploaded.result is Result.ANSWERED:
-                    async with world.tenant(world.traffic_tenant) as client:
-                        served = await send(client, "new-adapter", "/v1/completions",
-                                            {"model": "after", "prompt": PROMPT, "max_tokens": 4},
-                                            timeout_s=timing.request_timeout_s)
-                    phase.traffic.outcomes.append(served)
-                    if served.result is Result.ANSWERED:
-                        phase.recovered(back, served.ended - back)
-                        break
+                if uploaded.result is Result.ANSWERED and await _serve_uploaded(phase, world, timing, adapter="after",
+                                                                                since=back):
+                    break
                 await asyncio.sleep(0.5)
         phase.notes.append(f"upload while S3 was down: {phase.extra['upload_while_down']}; moto restarts empty: "
                            "stored files not checked, adapters the engine held kept serving")
