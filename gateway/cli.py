@@ -131,6 +131,7 @@ def run_dev(args: argparse.Namespace) -> int:
     # The console belongs to the progress lines: access logs only when BANYAN_LOG_LEVEL asks for them.
     logs.configure(settings.log_level if "log_level" in settings.model_fields_set else "warning")
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
     stack = DevStack(settings, model=model, progress=_say)
     background: list[asyncio.Task[None]] = []
     try:

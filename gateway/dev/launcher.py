@@ -121,6 +121,12 @@ class DevProcess:
                 f"{tail}")
 
 
+def _hear_sigint() -> None:  # runs in the child between fork and exec
+    """SIGINT as the default again: a process started from a background job of a non-interactive shell (as CI
+    may run the suite) inherits SIGINT ignored, and ``stop`` would then wait out its first timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def clean_env(settings: Mapping[str, str]) -> dict[str, str]:
     """This process' environment minus inherited ``BANYAN_*`` variables, plus ``settings``."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("BANYAN_")}
@@ -146,5 +152,6 @@ def launch_dev(data_dir: Path, *, empty: bool = True, model: str = "tiny", admin
     cmd = [*(command or [str(Path(sys.executable).parent / "banyan")]), "dev", *(["--empty"] if empty else [])]
     output = data_dir / OUTPUT_FILE
     with output.open("wb") as sink:
-        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   preexec_fn=_hear_sigint)
     return DevProcess(process=process, data_dir=data_dir, port=port, admin_key=key, output=output)
