@@ -3,8 +3,8 @@
 Caps are checked before admission (a refused request takes no slot): prompts per request, ``n`` and
 ``best_of``, ``max_tokens`` (``BANYAN_MAX_PROMPTS_PER_REQUEST``, ``BANYAN_MAX_N``,
 ``BANYAN_MAX_TOKENS_PER_REQUEST``); over one, ``400 invalid_request_error`` with ``param``. The worst case
-(:func:`worst_case_tokens`) is reserved against the tenant's ``tpm`` at admission and the difference given
-back once the real usage is known (:mod:`gateway.quotas`).
+(:func:`worst_case_tokens` of :func:`prompt_sizes`) is reserved against the tenant's ``tpm`` at admission and
+the difference given back once the real usage is known (:mod:`gateway.quotas`).
 """
 
 from __future__ import annotations
@@ -47,30 +47,30 @@ def apply_output_cap(request: GenerationRequest, body: dict[str, Any], settings:
         body["max_tokens"] = output_cap(settings)
 
 
-def worst_case_tokens(request: GenerationRequest, body: dict[str, Any], *, tokens: TokenCounter,
+def worst_case_tokens(request: GenerationRequest, body: dict[str, Any], *, prompt_sizes: list[int],
                       settings: Settings) -> int:
-    """The most prompt + completion tokens the request can cost: each prompt (with ``rag``, plus the largest
-    context), plus every choice generating all it may, within the window. Counts text with ``tokens``: call it
-    off the event loop."""
+    """The most prompt + completion tokens the request can cost: each prompt (its size from :func:`prompt_sizes`;
+    with ``rag``, plus the largest context), plus every choice generating all it may, within the window."""
     window = settings.max_model_len
     extra = settings.rag_max_context_tokens if request.rag_options() is not None else 0
     output = body.get("max_completion_tokens") or body.get("max_tokens")
     if output is None and isinstance(request, CompletionRequest):
         output = COMPLETIONS_DEFAULT_MAX_TOKENS
     total = 0
-    for prompt in _prompt_sizes(request, body, tokens):
+    for prompt in prompt_sizes:
         prompt = min(window, prompt + extra)
         per_choice = window - prompt if output is None else min(int(output), window - prompt)
         total += prompt + request.choices_per_prompt() * max(0, per_choice)
     return total
 
 
-def _prompt_sizes(request: GenerationRequest, body: dict[str, Any], tokens: TokenCounter) -> list[int]:
-    if not isinstance(request, CompletionRequest):
+def prompt_sizes(request: GenerationRequest, body: dict[str, Any], tokens: TokenCounter) -> list[int]:
+    """About how many tokens each prompt of the request takes (a chat: its messages; a completion: each prompt;
+    one string as its surface counts it, template included). Counts text with ``tokens``: call it off the event
+    loop. Counted once per request: admission and the ``rag`` budget both use it."""
+    prompt = request.prompt if isinstance(request, CompletionRequest) else None
+    if prompt is None or isinstance(prompt, str):
         return [request.surface.grounder.prompt_tokens(body, tokens)]
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        return [tokens.count(prompt)]
     if not prompt or isinstance(prompt[0], int):
         return [len(prompt)]
     return [tokens.count(p) if isinstance(p, str) else len(p) for p in prompt]

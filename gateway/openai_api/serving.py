@@ -55,7 +55,7 @@ from gateway.errors import (
 )
 from gateway.health import StreamCut, next_unless_cut
 from gateway.logs import annotate
-from gateway.openai_api.limits import apply_output_cap, check_caps, worst_case_tokens
+from gateway.openai_api.limits import apply_output_cap, check_caps, prompt_sizes, worst_case_tokens
 from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.openai_api.surfaces import Surface
 from gateway.quotas import Admission
@@ -210,8 +210,8 @@ class CompletionService:
         started = time.perf_counter()
         settings = self.state.settings
         body = _engine_body(request, settings)
-        reserve = await asyncio.to_thread(worst_case_tokens, request, body, tokens=self.state.tokens,
-                                          settings=settings)
+        sizes = await asyncio.to_thread(prompt_sizes, request, body, self.state.tokens)
+        reserve = worst_case_tokens(request, body, prompt_sizes=sizes, settings=settings)
         admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
         streaming = False
         try:
@@ -225,7 +225,8 @@ class CompletionService:
                                                      and options.continuous_usage_stats))
             rag = request.rag_options()
             if rag is not None:
-                call.sources = await self._ground(call, rag, output_tokens=request.output_tokens())
+                call.sources = await self._ground(call, rag, prompt_tokens=sizes[0],
+                                                  output_tokens=request.output_tokens())
             response = await self._send(call, stream=bool(request.stream), disconnected=disconnected)
             streaming = isinstance(response, StreamingResponse)  # the stream gives the slot back when it ends
             return response
@@ -233,13 +234,13 @@ class CompletionService:
             if not streaming:
                 await _finish_whatever_happens(admission.release())
 
-    async def _ground(self, call: _Call, rag: RagOptions, *, output_tokens: int | None) -> list[dict[str, Any]]:
+    async def _ground(self, call: _Call, rag: RagOptions, *, prompt_tokens: int,
+                      output_tokens: int | None) -> list[dict[str, Any]]:
         """Put the context retrieved for the request in front of the model (in ``call.body``); its passages
         are the ``sources``."""
         grounder, settings = call.surface.grounder, self.state.settings
         query = grounder.query(call.body)
-        prompt = await asyncio.to_thread(grounder.prompt_tokens, call.body, self.state.tokens)
-        room = settings.max_model_len - (output_tokens or settings.rag_output_reserve_tokens) - prompt
+        room = settings.max_model_len - (output_tokens or settings.rag_output_reserve_tokens) - prompt_tokens
         context = await self.state.documents.context_for(
             call.tenant, query, budget_tokens=max(0, min(settings.rag_max_context_tokens, room)), top_k=rag.top_k,
             collection=rag.collection)

@@ -73,7 +73,8 @@ class PromptGrounder:
         return prompt
 
     def prompt_tokens(self, body: dict[str, Any], tokens: TokenCounter) -> int:
-        return tokens.count(self.query(body)) + _TOKENS_PER_MESSAGE
+        prompt = body.get("prompt")
+        return tokens.count(prompt if isinstance(prompt, str) else "") + _TOKENS_PER_MESSAGE
 
     def apply(self, body: dict[str, Any], context: str) -> None:
         body["prompt"] = context + "\n\n" + body["prompt"]

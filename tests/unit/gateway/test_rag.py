@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from gateway.openai_api.serving import ResolvedModel, _EventRewriter
 from retrieval.context import INSTRUCTIONS
@@ -190,3 +191,24 @@ def test_rewriter_skips_error_events_and_empty_objects() -> None:
     assert b"sources" not in out
     out = rewriter.feed(b"data: {}\n\ndata: {}\n\n")
     assert out == b'data: {"sources": [{"a": 1}]}\n\ndata: {}\n\n'
+
+
+def test_the_prompt_is_counted_once_for_admission_and_the_budget(
+        make_harness: Callable[[Handler], Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    h = make_harness(_engine)
+    counted: list[str] = []
+    count = h.state.tokens.count
+    monkeypatch.setattr(h.state.tokens, "count", lambda text: counted.append(text) or count(text))
+    h.documents.passages["acme"] = [_passage(1)]
+    response = h.client.post("/v1/chat/completions", headers=h.tenant_headers(), json={
+        "model": "banyan-demo", "rag": True, "messages": [{"role": "user", "content": "Where do I park?"}]})
+    assert response.status_code == 200, response.text
+    assert counted == ["Where do I park?"]  # admission's worst case and the rag budget share one count
+    assert h.documents.budgets == [min(1024, 4096 - 256 - (16 + 8 * 2))]
+
+
+def test_a_blank_completion_prompt_without_rag_reaches_the_engine(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_engine)
+    response = h.client.post("/v1/completions", headers=h.tenant_headers(), json={"model": "banyan-demo",
+                                                                                "prompt": "   "})
+    assert response.status_code == 200, response.text

@@ -132,7 +132,8 @@ def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) 
     state = h.state
     window = state.settings.max_model_len
     post = h.client.post
-    # One token a character (the harness's counter): 10 prompt tokens, 2 choices of at most 5.
+    # One token a character (the harness's counter): 10 prompt tokens and 8 for the template (one string is counted
+    # as its surface counts it for `rag`), 2 choices of at most 5.
     assert post("/v1/completions", json={"model": "banyan-demo", "prompt": "x" * 10, "n": 2, "max_tokens": 5},
                 headers=h.tenant_headers()).status_code == 200
     # Two prompts (text, token ids), OpenAI's default of 16 tokens each.
@@ -145,7 +146,7 @@ def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) 
     assert post("/v1/chat/completions", json=chat, headers=h.tenant_headers()).status_code == 200
     assert json.loads(h.engine_requests[-1].content)["max_tokens"] == 50
     prompt = 5 + 8 * 2  # the text plus what the chat template adds per message
-    assert h.quotas.reserved == [10 + 2 * 5, (3 + 16) + (1 + 16), window, prompt + 50]
+    assert h.quotas.reserved == [(10 + 8) + 2 * 5, (3 + 16) + (1 + 16), window, prompt + 50]
 
 
 def test_engine_unreachable_is_503(make_harness: Callable[[Handler], Harness]) -> None:
