@@ -359,7 +359,8 @@ class JobStore:
             if not isinstance(rank, int):
                 raise ValueError("`after` is not the id of one of your fine-tuning jobs")
             start = rank + 1
-        ids = [_text(i) for i in await self._redis.zrevrange(_jobs_key(tenant), start, start + limit)]
+        found: Any = await self._redis.zrevrange(_jobs_key(tenant), start, start + limit)
+        ids = [_text(i) for i in found]
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids[:limit]:
                 pipe.hgetall(_job_key(job_id))
@@ -385,14 +386,15 @@ class JobStore:
                 raise ValueError("`after` is not the id of an event of this job")
             top = "(" + after.removeprefix("ftevent-")
         try:
-            entries = await self._redis.xrevrange(_events_key(job_id), top, "-", count=limit + 1)
+            entries: Any = await self._redis.xrevrange(_events_key(job_id), top, "-", count=limit + 1)
         except ResponseError as e:
             raise ValueError("`after` is not the id of an event of this job") from e
         return [_event(entry_id, values) for entry_id, values in entries[:limit]], len(entries) > limit
 
     async def delete_tenant(self, tenant: str) -> int:
         """Remove every job of the tenant with its events (a worker running one finds it gone and drops it)."""
-        ids = [_text(i) for i in await self._redis.zrange(_jobs_key(tenant), 0, -1)]
+        found: Any = await self._redis.zrange(_jobs_key(tenant), 0, -1)
+        ids = [_text(i) for i in found]
         for job_id in ids:
             await self._delete(keys=[_job_key(job_id), _events_key(job_id), _jobs_key(tenant), _active_key(tenant),
                                      _COUNTS], args=[job_id])
@@ -420,14 +422,15 @@ class JobStore:
         new one, waiting up to ``block_s`` for it; None when there is none."""
         cursor = "0-0"
         for _ in range(100):  # each round scans a bounded part of the pending list
-            cursor, entries, *_ = await self._redis.xautoclaim(QUEUE, GROUP, consumer, int(lease_s * 1000),
-                                                               start_id=cursor, count=1)
+            answer: Any = await self._redis.xautoclaim(QUEUE, GROUP, consumer, int(lease_s * 1000),
+                                                       start_id=cursor, count=1)
+            cursor, entries = _text(answer[0]), answer[1]
             for entry_id, values in entries:
                 if values:  # an entry deleted meanwhile has none
                     return _claim(entry_id, values, consumer, redelivered=True)
-            if _text(cursor) == "0-0":
+            if cursor == "0-0":
                 break
-        read = await self._redis.xreadgroup(GROUP, consumer, {QUEUE: ">"}, count=1,
+        read: Any = await self._redis.xreadgroup(GROUP, consumer, {QUEUE: ">"}, count=1,
                                             block=max(1, int(block_s * 1000)))
         for _stream, entries in read or []:
             for entry_id, values in entries:
