@@ -1,5 +1,5 @@
-"""What a caller sends and gets back: a new document (validated here), a retrieved passage, and
-RFC 3339 timestamps in and out."""
+"""What a caller sends and gets back: a new document (validated here), a retrieved passage, a whole stored
+document as an export reads it back (:class:`SourceDocument`), and RFC 3339 timestamps in and out."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from retrieval.errors import DocumentTooLarge, InvalidDocument, InvalidQuery
 DEFAULT_COLLECTION = "default"
 MAX_TITLE_CHARS = 1024
 MAX_METADATA_BYTES = 8192
+# Where a sentence ends (as :mod:`retrieval.chunking` cuts them): the places a chunk's overlap may end.
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _RFC3339_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -122,3 +124,45 @@ class Passage:
         return {"document_id": self.document_id, "chunk_id": self.chunk_id, "title": self.title, "text": self.text,
                 "score": round(self.score, 6) if math.isfinite(self.score) else 0.0,
                 "timestamp": format_rfc3339(self.timestamp)}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDocument:
+    """A stored document read back whole (:meth:`retrieval.service.DocumentService.export`): what a training set
+    is made from. ``text`` is its chunks joined in order, each chunk's overlap with the one before left out."""
+
+    id: str
+    title: str | None
+    text: str
+    timestamp: float
+    """Epoch seconds: the document's own time (which of two disagreeing documents is newer)."""
+    collection: str
+
+
+def join_chunks(chunks: list[str]) -> str:
+    """The text of a document from its chunks, in order. :mod:`retrieval.chunking` starts each chunk with the last
+    sentences of the previous one (its overlap, joined by single spaces): the longest head of a chunk, ending at a
+    sentence end, that is the previous chunk's tail (whitespace aside) is dropped. Chunks are joined by a blank
+    line (a chunk often ends at a paragraph; where not, a paragraph break changes no sentence)."""
+    parts: list[str] = []
+    previous = ""
+    for chunk in chunks:
+        text = chunk.strip()
+        if not text:
+            continue
+        parts.append(text[_overlap_end(previous, text):].lstrip() if previous else text)
+        previous = text
+    return "\n\n".join(p for p in parts if p)
+
+
+def _overlap_end(previous: str, chunk: str) -> int:
+    """Where the overlap carried over from ``previous`` ends in ``chunk`` (0: none). Never the whole chunk."""
+    tail = " " + " ".join(previous.split())
+    best = 0
+    for match in _SENTENCE_END_RE.finditer(chunk):
+        head = " " + " ".join(chunk[:match.end()].split())
+        if len(head) >= len(tail):
+            break
+        if tail.endswith(head):
+            best = match.end()
+    return best

@@ -388,6 +388,35 @@ class ChunkIndex:
             raws = await pipe.execute()
         return [_decode_document(tenant, raw) for raw in raws if raw], has_more
 
+    async def export_documents(self, tenant: str, *, collection: str | None, limit: int | None,
+                               batch: int = 500) -> list[tuple[DocumentRecord, list[str]]]:
+        """The tenant's documents (only ``collection``'s when given) with their chunks' texts in order, in the
+        order they were added, at most ``limit`` of them (None: all). Pipelined: a round trip per ``batch``
+        records, and per ``batch`` chunks, never one per chunk."""
+        ids = [_text(i) for i in await self._redis.zrange(self._list_key(tenant), 0, -1)]
+        records: list[DocumentRecord] = []
+        for start in range(0, len(ids), batch):
+            if limit is not None and len(records) >= limit:
+                break
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for document_id in ids[start:start + batch]:
+                    pipe.hgetall(self._doc_key(tenant, document_id))
+                raws = await pipe.execute()
+            records.extend(r for r in (_decode_document(tenant, raw) for raw in raws if raw)
+                           if collection is None or r.collection == collection)
+        records = records[:limit] if limit is not None else records
+        keys = [(i, self.chunk_key(tenant, r.id, n)) for i, r in enumerate(records) for n in range(r.chunks)]
+        texts: list[list[str]] = [[] for _ in records]
+        for start in range(0, len(keys), batch):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, key in keys[start:start + batch]:
+                    pipe.hget(key, "text")
+                values = await pipe.execute()
+            for (i, _), value in zip(keys[start:start + batch], values, strict=True):
+                if value is not None:  # a chunk deleted meanwhile (its document with it)
+                    texts[i].append(_text(value))
+        return [(r, t) for r, t in zip(records, texts, strict=True) if t]
+
     async def delete_document(self, tenant: str, document_id: str) -> bool:
         """Remove a document, its chunks and their counts; False when it does not exist. The document
         record is watched, so two concurrent deletions cannot both subtract its counts."""

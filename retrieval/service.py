@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from retrieval.chunking import ChunkingConfig, chunk_document
 from retrieval.context import CharEstimate, Context, TokenCounter, build_context
-from retrieval.documents import NewDocument, Passage, check_collection, validate
+from retrieval.documents import NewDocument, Passage, SourceDocument, check_collection, join_chunks, validate
 from retrieval.embedding import Embedder
 from retrieval.errors import DocumentNotFound, DocumentTooLarge, InvalidQuery, RetrievalUnavailable
 from retrieval.index import (
@@ -115,6 +115,7 @@ class Documents(Protocol):
     async def get(self, tenant: str, document_id: str) -> DocumentRecord: ...
     async def delete(self, tenant: str, document_id: str) -> None: ...
     async def delete_tenant(self, tenant: str) -> int: ...
+    async def export(self, tenant: str, *, collection: str | None = None) -> list[SourceDocument]: ...
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]: ...
     async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
@@ -360,6 +361,18 @@ class DocumentService:
     async def delete_tenant(self, tenant: str) -> int:
         """Remove all of a tenant's documents and chunks; the number of Redis keys removed."""
         return await self.index.delete_tenant(tenant)
+
+    async def export(self, tenant: str, *, collection: str | None = None) -> list[SourceDocument]:
+        """Every document of the tenant (of one ``collection`` when given) read back whole, oldest first (by
+        the document's timestamp), at most the per-tenant document cap: what a training set is made from
+        (``from_documents`` fine-tuning). Reads only the stored hashes, never the search index."""
+        check_collection(collection)
+        exported = await self.index.export_documents(tenant, collection=collection,
+                                                     limit=self.config.max_documents_per_tenant)
+        documents = [SourceDocument(id=record.id, title=record.title, text=join_chunks(texts),
+                                    timestamp=record.timestamp, collection=record.collection)
+                     for record, texts in sorted(exported, key=lambda e: (e[0].timestamp, e[0].created))]
+        return [d for d in documents if d.text]
 
     # -- retrieval ------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from gateway.state import AppState
 from gateway.tenants import KEY_PREFIX, KeyInfo, Tenant
 from gateway.usage import Counts, TenantUsage
 from retrieval.context import Context, build_context
-from retrieval.documents import NewDocument, Passage, validate
+from retrieval.documents import NewDocument, Passage, SourceDocument, validate
 from retrieval.errors import DocumentNotFound
 from retrieval.index import DocumentRecord, WriteGuard
 from retrieval.service import RetrievalConfig, new_document_id
@@ -462,6 +462,12 @@ class FakeDocuments:
 
     async def delete_tenant(self, tenant: str) -> int:
         return len(self.documents.pop(tenant, {})) + len(self.passages.pop(tenant, []))
+
+    async def export(self, tenant: str, *, collection: str | None = None) -> list[SourceDocument]:
+        texts = {p.document_id: p.text for p in self.passages.get(tenant, [])}
+        oldest = sorted(self.documents.get(tenant, {}).values(), key=lambda r: (r.timestamp, r.created))
+        return [SourceDocument(id=r.id, title=r.title, text=texts[r.id], timestamp=r.timestamp, collection=r.collection)
+                for r in oldest if r.id in texts and collection in (None, r.collection)]
 
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]:
