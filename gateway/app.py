@@ -17,11 +17,15 @@ from redis.asyncio import Redis
 from adapters.basemodel import BaseModelSpec
 from adapters.registry import AdapterRegistry
 from adapters.store import ObjectStore, S3ObjectStore, s3_config
+from adapters.training.jobs import JobStore
 from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
 from gateway.admin.service import sweep_abandoned_uploads
 from gateway.documents.api_router import router as documents_router
 from gateway.engine import EnginePool
+from gateway.fine_tuning.api_router import router as fine_tuning_router
+from gateway.fine_tuning.files import FileStore
+from gateway.fine_tuning.service import refresh_job_gauge
 from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, RequestContextMiddleware
 from gateway.openai_api.api_router import router as openai_router
@@ -53,10 +57,11 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
                                                          socket_connect_timeout=5.0, health_check_interval=30)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
     tokens = base_model_tokens(settings)
+    store = store if store is not None else S3ObjectStore(s3_config(settings))
     return AppState(
         settings=settings,
         redis=redis,
-        store=store if store is not None else S3ObjectStore(s3_config(settings)),
+        store=store,
         engines=engines if engines is not None else EnginePool(
             settings.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
             read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
@@ -70,6 +75,8 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
                                   config=retrieval_config(settings), observer=metrics, tokens=tokens),
         tokens=tokens,
+        files=FileStore(redis, store),
+        jobs=JobStore(redis),
     )
 
 
@@ -80,6 +87,16 @@ async def _watch_engines_forever(state: AppState, *, every_s: float = 15.0) -> N
             await state.engines.check()
         except Exception as e:  # the watcher must outlive any one failed round
             log.warning("checking the engines failed: %s", type(e).__name__)
+        await asyncio.sleep(every_s)
+
+
+async def _count_jobs_forever(state: AppState, *, every_s: float = 15.0) -> None:
+    """Keep the gauge of fine-tuning jobs by status up to date (the workers move jobs; any gateway reports)."""
+    while True:
+        try:
+            await refresh_job_gauge(state)
+        except Exception as e:  # the counter must outlive a Redis outage
+            log.warning("counting fine-tuning jobs failed: %s", type(e).__name__)
         await asyncio.sleep(every_s)
 
 
@@ -102,11 +119,13 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
         await app_state.documents.start()  # loads the embedding model off the loop; creates the index
         sweeper = asyncio.create_task(_sweep_uploads_forever(app_state))
         watcher = asyncio.create_task(_watch_engines_forever(app_state))
+        job_counter = asyncio.create_task(_count_jobs_forever(app_state))
         try:
             yield
         finally:
             sweeper.cancel()
             watcher.cancel()
+            job_counter.cancel()
             await app_state.engines.aclose()
             await app_state.store.aclose()
             await app_state.documents.aclose()
@@ -117,11 +136,13 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
     errors.install_handlers(app)
     app.include_router(openai_router)
     app.include_router(documents_router)
+    app.include_router(fine_tuning_router)
     app.include_router(admin_router)
     app.include_router(ops.router)
     app.add_middleware(AuthMiddleware, state=app_state, routes=app.router.routes)  # inside: a 401 is counted too
     app.add_middleware(RequestContextMiddleware, metrics=app_state.metrics,
                        max_body_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024,
+                       max_file_bytes=settings.max_training_file_bytes + 64 * 1024,
                        body_timeout_s=settings.body_read_timeout_s, drain=app_state.drain)
     return app

@@ -63,6 +63,8 @@ class Metrics:
                                            buckets=RETRIEVAL_BUCKETS, registry=r)
         self.retrieval_passage_counts = Histogram("banyan_retrieval_passages", "Passages returned per retrieval.",
                                                   buckets=PASSAGE_BUCKETS, registry=r)
+        self.fine_tuning_jobs = Gauge("banyan_fine_tuning_jobs", "Fine-tuning jobs in each status (of every "
+                                      "tenant; refreshed every 15 s from the job store).", ["status"], registry=r)
         self.ingested_chunks = Counter("banyan_ingested_chunks_total", "Document chunks embedded and stored.",
                                        registry=r)
 

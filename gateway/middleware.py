@@ -40,11 +40,14 @@ class RequestContextMiddleware:
     line per request."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_upload_bytes: int,
-                 body_timeout_s: float = 60.0, drain: Drain | None = None) -> None:
+                 max_file_bytes: int | None = None, body_timeout_s: float = 60.0, drain: Drain | None = None) -> None:
+        """``max_upload_bytes``: the body of an adapter upload; ``max_file_bytes``: of a training file upload
+        (``POST /v1/files``; default ``max_body_bytes``); ``max_body_bytes``: any other body."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.max_upload = max_upload_bytes
+        self.max_file = max_file_bytes if max_file_bytes is not None else max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.drain = drain or Drain()
 
@@ -70,7 +73,7 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        limit = self.max_upload if scope["path"].endswith("/adapters") else self.max_body
+        limit = self._limit(scope["path"])
         declared = headers.get(b"content-length")
         self.drain.enter()
         try:
@@ -97,6 +100,11 @@ class RequestContextMiddleware:
             self.metrics.request_seconds.labels(template).observe(elapsed)
             log.info("request", extra={**fields, "method": method, "route": template, "status": status,
                                        "duration_ms": round(elapsed * 1000, 2)})
+
+    def _limit(self, path: str) -> int:
+        if path.endswith("/adapters"):
+            return self.max_upload
+        return self.max_file if path == "/v1/files" else self.max_body
 
 
 class AuthMiddleware:

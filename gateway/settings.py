@@ -90,6 +90,15 @@ class Settings(S3Settings):
     retrieval_index: str = Field(default="banyan-chunks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     """Name of the Redis search index over the chunks of every tenant (created at start-up if absent)."""
 
+    max_training_file_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    """Largest training file `POST /v1/files` accepts (413 above it)."""
+    max_files_per_tenant: int = Field(default=100, ge=1)
+    """Most files one tenant may hold (429 `quota_exceeded` above it; a `from_documents` job's file counts too)."""
+    max_training_tokens_per_job: int = Field(default=1_000_000, ge=1)
+    """Most base-model tokens one fine-tuning job may train on: its examples' tokens times its epochs (400 above)."""
+    max_active_fine_tuning_jobs: int = Field(default=2, ge=1)
+    """Fine-tuning jobs one tenant may have queued or running at once (429 above it)."""
+
     engine_connect_timeout_s: float = 5.0
     engine_read_timeout_s: float = 600.0
     engine_max_connections: int = Field(default=512, ge=1)

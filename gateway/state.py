@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 from adapters.registry import Registry
 from adapters.store import ObjectStore
 from gateway.engine import EnginePool
+from gateway.fine_tuning import Jobs
+from gateway.fine_tuning.files import Files
 from gateway.health import Drain, Readiness
 from gateway.metrics import Metrics
 from gateway.quotas import Limiter
@@ -50,7 +52,11 @@ class AppState:
     base_spec: BaseModelSpec | None
     documents: Documents
     tokens: TokenCounter
-    """Counts base-model tokens (the unit of the ``rag`` context budget)."""
+    """Counts base-model tokens (the unit of the ``rag`` context budget and of a fine-tuning job's size)."""
+    files: Files
+    """A tenant's training files (``/v1/files``)."""
+    jobs: Jobs
+    """Fine-tuning jobs (``/v1/fine_tuning/jobs``)."""
     drain: Drain = field(default_factory=Drain)
     """Requests in flight and the shutdown drain (:mod:`gateway.health`)."""
     readiness: Readiness = field(default_factory=Readiness)

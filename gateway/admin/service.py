@@ -49,6 +49,7 @@ from gateway.admin.protocol import (
     UsageOut,
 )
 from gateway.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound
+from gateway.fine_tuning.service import delete_tenant_data
 from gateway.state import AppState
 from gateway.tenants import KeyInfo, Tenant
 from gateway.usage import Counts
@@ -98,12 +99,13 @@ async def update_tenant(state: AppState, tenant_id: str, *, body: TenantPatch) -
 
 
 async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
-    """Tombstone first (keys revoked; no re-creation, key, upload or document for the tenant from then on), then
-    every cleanup step, each of which can run again, then the record. Any failure leaves the tombstone: repeating
-    the DELETE continues where it stopped."""
+    """Tombstone first (keys revoked; no re-creation, key, upload, document, file or job for the tenant from then
+    on), then every cleanup step, each of which can run again, then the record. Any failure leaves the tombstone:
+    repeating the DELETE continues where it stopped."""
     if not is_valid_id(tenant_id) or await state.tenants.begin_delete(tenant_id) is None:
         raise _no_tenant(tenant_id)
     await state.usage.delete(tenant_id)
+    await delete_tenant_data(state, tenant_id)  # fine-tuning jobs (a running one stops) and training files
     for record in await state.adapters.list_records(tenant_id):
         await _delete_adapter_everywhere(state, tenant_id, record.name)
     await state.adapters.delete_tenant(tenant_id)

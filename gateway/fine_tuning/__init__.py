@@ -1,0 +1,23 @@
+"""The fine-tuning surface: a tenant's training files (``/v1/files``) and fine-tuning jobs (``/v1/fine_tuning/jobs``),
+in OpenAI's shapes. The gateway validates and records; the ``banyan trainer`` workers train
+(:mod:`adapters.training`)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from adapters.training.jobs import Job, JobEvent
+
+
+class Jobs(Protocol):
+    """The job store as the gateway uses it (:class:`adapters.training.jobs.JobStore`; the unit tests' in-memory
+    fake): the workers' side of the store is not the gateway's business."""
+
+    async def create(self, job: Job, *, max_active: int) -> bool: ...
+    async def get(self, tenant: str, job_id: str) -> Job | None: ...
+    async def list_jobs(self, tenant: str, *, limit: int, after: str | None) -> tuple[list[Job], bool]: ...
+    async def cancel(self, tenant: str, job_id: str) -> Job | None: ...
+    async def events(self, tenant: str, job_id: str, *, limit: int,
+                     after: str | None) -> tuple[list[JobEvent], bool] | None: ...
+    async def delete_tenant(self, tenant: str) -> int: ...
+    async def counts_by_status(self) -> dict[str, int]: ...

@@ -26,8 +26,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from adapters.naming import AdapterRef
 from adapters.registry import AdapterRecord, Fence, VersionMeta
 from adapters.store import ObjectMissing, StoreUnavailable
+from adapters.training.jobs import FINISHED, STATUSES, Job, JobEvent, new_file_id
 from gateway.app import create_app
 from gateway.engine import EnginePool
+from gateway.fine_tuning.files import FileRecord, FileRefused, TooManyFiles
 from gateway.metrics import Metrics
 from gateway.quotas import Admission
 from gateway.settings import Settings
@@ -130,7 +132,8 @@ class FakeTenants:
             self._new_key(tenant_id, name="seeded", secret=key)
         return tenant
 
-    def _live(self, tenant_id: str) -> bool:
+    def is_live(self, tenant_id: str) -> bool:
+        """Whether ``tenant_id`` exists and no delete of it has begun (what a tenant's live guard checks)."""
         tenant = self.tenants.get(tenant_id)
         return tenant is not None and not tenant.deleting
 
@@ -148,7 +151,7 @@ class FakeTenants:
     async def authenticate(self, key: str) -> str | None:
         self.calls.append("authenticate")
         owner = self.keys.get(key)
-        return owner[0] if owner is not None and self._live(owner[0]) else None
+        return owner[0] if owner is not None and self.is_live(owner[0]) else None
 
     async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None:
         self.calls.append("create")
@@ -169,7 +172,7 @@ class FakeTenants:
 
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
         self.calls.append("update")
-        if not self._live(tenant_id):
+        if not self.is_live(tenant_id):
             return None
         self.tenants[tenant_id] = dataclasses.replace(self.tenants[tenant_id], **changes)
         return self.tenants[tenant_id]
@@ -191,7 +194,7 @@ class FakeTenants:
 
     async def create_key(self, tenant_id: str, *, name: str) -> tuple[KeyInfo, str] | None:
         self.calls.append("create_key")
-        if not self._live(tenant_id):
+        if not self.is_live(tenant_id):
             return None
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         return self._new_key(tenant_id, name=name, secret=secret), secret
@@ -481,6 +484,126 @@ class FakeDocuments:
         return build_context(passages, budget_tokens=budget_tokens, tokens=CharTokens())
 
 
+# -- fine-tuning ------------------------------------------------------------------------------------
+
+
+def _always_live(tenant: str) -> bool:
+    return True
+
+
+@dataclass
+class FakeFiles:
+    """:class:`gateway.fine_tuning.files.Files` in memory: ``stored[tenant][file id]`` = (record, bytes). A file is
+    refused (:class:`FileRefused`) while ``live`` says its tenant is not live; notes the guards files were added
+    under."""
+
+    live: Callable[[str], bool] = _always_live
+    stored: dict[str, dict[str, tuple[FileRecord, bytes]]] = field(default_factory=dict)
+    guards: list[Fence] = field(default_factory=list)
+    _clock: int = field(default=1_000, init=False, repr=False)
+
+    async def add(self, tenant: str, *, filename: str, purpose: str, data: bytes, max_files: int,
+                  guard: Fence) -> FileRecord:
+        self.guards.append(guard)
+        if not self.live(tenant):
+            raise FileRefused
+        files = self.stored.setdefault(tenant, {})
+        if len(files) >= max_files:
+            raise TooManyFiles
+        self._clock += 1  # strictly increasing: "newest first" is well defined
+        record = FileRecord(id=new_file_id(), bytes=len(data), created_at=self._clock, filename=filename,
+                            purpose=purpose)
+        files[record.id] = (record, data)
+        return record
+
+    async def get(self, tenant: str, file_id: str) -> FileRecord | None:
+        found = self.stored.get(tenant, {}).get(file_id)
+        return found[0] if found else None
+
+    async def list_files(self, tenant: str) -> list[FileRecord]:
+        return sorted((r for r, _ in self.stored.get(tenant, {}).values()), key=lambda r: r.created_at, reverse=True)
+
+    async def content(self, tenant: str, file_id: str) -> bytes | None:
+        found = self.stored.get(tenant, {}).get(file_id)
+        return found[1] if found else None
+
+    async def delete(self, tenant: str, file_id: str) -> bool:
+        return self.stored.get(tenant, {}).pop(file_id, None) is not None
+
+    async def delete_tenant(self, tenant: str) -> int:
+        return len(self.stored.pop(tenant, {}))
+
+
+@dataclass
+class FakeJobs:
+    """:class:`gateway.fine_tuning.Jobs` in memory: ``jobs`` in creation order, ``event_log[job id]`` oldest first (a
+    test adds them, and moves jobs with :meth:`finish`). ``unreachable_for``: the next calls to
+    :meth:`counts_by_status` fail as if Redis were down."""
+
+    jobs: list[Job] = field(default_factory=list)
+    event_log: dict[str, list[JobEvent]] = field(default_factory=dict)
+    unreachable_for: int = 0
+
+    def _find(self, tenant: str, job_id: str) -> Job | None:
+        return next((j for j in self.jobs if j.id == job_id and j.tenant == tenant), None)
+
+    def finish(self, job_id: str, *, status: str, result: dict[str, Any] | None = None) -> None:
+        job = next(j for j in self.jobs if j.id == job_id)
+        job.status, job.result, job.finished_at = status, result, 2_000
+
+    def add_event(self, job_id: str, message: str, *, type: str = "message",
+                  data: dict[str, Any] | None = None) -> JobEvent:
+        event = JobEvent(id=f"ftevent-{len(self.event_log.get(job_id, [])) + 1}", created_at=1, level="info",
+                         message=message, type=type, data=data)
+        self.event_log.setdefault(job_id, []).append(event)
+        return event
+
+    async def create(self, job: Job, *, max_active: int) -> bool:
+        if sum(1 for j in self.jobs if j.tenant == job.tenant and j.status not in FINISHED) >= max_active:
+            return False
+        self.jobs.append(dataclasses.replace(job, status="queued"))
+        return True
+
+    async def get(self, tenant: str, job_id: str) -> Job | None:
+        return self._find(tenant, job_id)
+
+    async def list_jobs(self, tenant: str, *, limit: int, after: str | None) -> tuple[list[Job], bool]:
+        newest = [j for j in reversed(self.jobs) if j.tenant == tenant]
+        start = 0
+        if after is not None:
+            ids = [j.id for j in newest]
+            if after not in ids:
+                raise ValueError("`after` is not the id of one of your fine-tuning jobs")
+            start = ids.index(after) + 1
+        return newest[start:start + limit], len(newest) > start + limit
+
+    async def cancel(self, tenant: str, job_id: str) -> Job | None:
+        job = self._find(tenant, job_id)
+        if job is not None and job.status not in FINISHED:
+            job.status, job.finished_at = "cancelled", 2_000
+        return job
+
+    async def events(self, tenant: str, job_id: str, *, limit: int,
+                          after: str | None) -> tuple[list[JobEvent], bool] | None:
+        if self._find(tenant, job_id) is None:
+            return None
+        newest = list(reversed(self.event_log.get(job_id, [])))
+        ids = [e.id for e in newest]
+        start = ids.index(after) + 1 if after in ids else 0
+        return newest[start:start + limit], len(newest) > start + limit
+
+    async def delete_tenant(self, tenant: str) -> int:
+        doomed = [j for j in self.jobs if j.tenant == tenant]
+        self.jobs = [j for j in self.jobs if j.tenant != tenant]
+        return len(doomed)
+
+    async def counts_by_status(self) -> dict[str, int]:
+        if self.unreachable_for > 0:
+            self.unreachable_for -= 1
+            raise RedisConnectionError("Redis is down")
+        return {s: sum(1 for j in self.jobs if j.status == s) for s in STATUSES}
+
+
 class FakeRedis:
     """:class:`gateway.state.Pinger`: the app's own use of its Redis connection."""
 
@@ -506,14 +629,18 @@ class Fakes:
     usage: FakeUsage = field(default_factory=FakeUsage)
     quotas: FakeQuotas = field(default_factory=FakeQuotas)
     documents: FakeDocuments = field(default_factory=FakeDocuments)
+    jobs: FakeJobs = field(default_factory=FakeJobs)
     adapters: FakeRegistry = field(init=False)
+    files: FakeFiles = field(init=False)
     state: AppState = field(init=False)
 
     def __post_init__(self) -> None:
         self.adapters = FakeRegistry(fences=self.tenants.holds)
+        self.files = FakeFiles(live=self.tenants.is_live)
         self.state = AppState(settings=self.settings, redis=FakeRedis(), store=self.store, engines=self.engine.pool(),
                               tenants=self.tenants, adapters=self.adapters, metrics=self.metrics, quotas=self.quotas,
-                              usage=self.usage, base_spec=None, documents=self.documents, tokens=CharTokens())
+                              usage=self.usage, base_spec=None, documents=self.documents, tokens=CharTokens(),
+                              files=self.files, jobs=self.jobs)
 
 
 @pytest.fixture
@@ -535,6 +662,9 @@ class Harness:
     documents: FakeDocuments
     usage: FakeUsage
     quotas: FakeQuotas
+    tenants: FakeTenants
+    files: FakeFiles
+    jobs: FakeJobs
 
     def tenant_headers(self, key: str = TENANT_KEY) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -552,6 +682,7 @@ def make_harness() -> Callable[[Handler], Harness]:
         made.tenants.add("globex", key=OTHER_KEY)
         client = TestClient(create_app(settings, state=made.state), raise_server_exceptions=False)
         return Harness(client=client, state=made.state, registry=made.adapters, engine_requests=made.engine.requests,
-                       metrics=made.metrics, documents=made.documents, usage=made.usage, quotas=made.quotas)
+                       metrics=made.metrics, documents=made.documents, usage=made.usage, quotas=made.quotas,
+                       tenants=made.tenants, files=made.files, jobs=made.jobs)
 
     return build
