@@ -4,6 +4,7 @@ Layout (all keys scoped by tenant, which always comes from the authenticated cal
 
 - ``banyan:tenant:<tenant>:adapters`` SET of adapter names;
 - ``banyan:adapter:<tenant>:<name>`` HASH: ``next`` (version counter), ``active`` (0 = none),
+  ``canary`` (JSON ``{"version", "percent"}``, only while a traffic split holds; written with ``active``),
   ``v<N>`` (JSON metadata of version N, written once, never changed);
 - ``banyan:uploads:pending`` ZSET of uploads whose files may be in object storage without a recorded
   version (being written, or of a version just deleted), for the sweep (:func:`adapters.layout.sweep_abandoned`).
@@ -14,11 +15,18 @@ the adapter's whole life. A version is recorded only after its files are in obje
 entry is the commit point, and it can be fenced (:class:`Fence`) on a record outside the registry (the
 gateway fences uploads on the tenant being live). Deleting an adapter removes its versions and marks their
 uploads pending in one step, so files a failed delete left behind are swept.
+
+A traffic split (a canary) sends ``percent`` % of an adapter's requests to another of its versions. It is stored
+and cleared in the same atomic step as ``active`` (activating without a canary, or an upload activated, ends
+it), read with the active version in one round trip (:meth:`AdapterRegistry.serving`), and ends by itself when
+its version is gone (a split whose version is not recorded is never read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -69,15 +77,71 @@ class VersionMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class Split:
+    """``percent`` % of an adapter's requests go to its version ``version`` (the canary), the rest to the active
+    one."""
+
+    version: int
+    percent: int
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "percent": self.percent}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Split:
+        data = json.loads(raw)
+        return cls(version=int(data["version"]), percent=int(data["percent"]))
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterRecord:
     tenant: str
     name: str
     active: int | None
     versions: dict[int, VersionMeta]
+    canary: Split | None = None
 
     @property
     def active_meta(self) -> VersionMeta | None:
         return self.versions.get(self.active) if self.active else None
+
+
+SPLIT_BUCKETS = 100
+"""A split's granularity: whole percents."""
+
+
+def split_bucket(tenant: str, name: str, user: str | None) -> int:
+    """Which of :data:`SPLIT_BUCKETS` buckets a request falls in: a stable hash of tenant, adapter and ``user``
+    (the same user always lands in the same bucket, so a split keeps each user on one version, and raising a
+    canary's percent only moves more users to it); a random one for a request without ``user``."""
+    if user is None:
+        return random.randrange(SPLIT_BUCKETS)
+    digest = hashlib.sha256(f"{tenant}\0{name}\0{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SPLIT_BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What serves an adapter's requests: its active version, and the canary version with its share while a
+    split holds."""
+
+    active: VersionMeta
+    canary: VersionMeta | None = None
+    percent: int = 0
+
+    def pick(self, bucket: int) -> tuple[VersionMeta, bool]:
+        """The version for a request in ``bucket`` (:func:`split_bucket`), and whether it is the canary."""
+        if self.canary is not None and bucket < self.percent:
+            return self.canary, True
+        return self.active, False
+
+
+class UnknownVersion(LookupError):
+    """Activation named a version the adapter does not have (or the adapter is gone)."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"no version {version}")
+        self.version = version
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +156,19 @@ class Fence:
         return [str(len(self.equals)), *(x for item in self.equals.items() for x in item)]
 
 
-# The active version's metadata in one round trip (it is read on every request for an adapter).
-_ACTIVE_META = """
-local active = redis.call('HGET', KEYS[1], 'active')
+# The active version's metadata and, while a split holds, the canary's metadata and percent: in one round trip
+# (read on every request for an adapter). A split whose version is gone is left out.
+_SERVING = """
+local state = redis.call('HMGET', KEYS[1], 'active', 'canary')
+local active = state[1]
 if not active or active == '0' then return false end
-return redis.call('HGET', KEYS[1], 'v' .. active)
+local meta = redis.call('HGET', KEYS[1], 'v' .. active)
+if not meta then return false end
+if not state[2] then return {meta} end
+local split = cjson.decode(state[2])
+local canary = redis.call('HGET', KEYS[1], 'v' .. split['version'])
+if not canary then return {meta} end
+return {meta, canary, tostring(split['percent'])}
 """
 
 # Record a version if the fence holds (KEYS[3]; ARGV[5] = number of fields, then field/value pairs).
@@ -106,18 +178,27 @@ for i = 0, n - 1 do
   if (redis.call('HGET', KEYS[3], ARGV[6 + 2 * i]) or '') ~= ARGV[7 + 2 * i] then return 0 end
 end
 redis.call('HSET', KEYS[1], 'v' .. ARGV[1], ARGV[2])
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'active', ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'active', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'canary')
 else redis.call('HSETNX', KEYS[1], 'active', 0) end
 redis.call('SADD', KEYS[2], ARGV[4])
 return 1
 """
 
-# Make a version active if it exists; its metadata (false when it does not).
+# Make version ARGV[1] active and set the split (ARGV[2]: its JSON, '' for none) if the versions exist: the
+# adapter's hash afterwards, or the number of the version that does not exist.
 _ACTIVATE = """
-local meta = redis.call('HGET', KEYS[1], 'v' .. ARGV[1])
-if not meta then return false end
-redis.call('HSET', KEYS[1], 'active', ARGV[1])
-return meta
+if redis.call('HEXISTS', KEYS[1], 'v' .. ARGV[1]) == 0 then return tonumber(ARGV[1]) end
+if ARGV[2] ~= '' then
+  local canary = cjson.decode(ARGV[2])['version']
+  if redis.call('HEXISTS', KEYS[1], 'v' .. canary) == 0 then return canary end
+  redis.call('HSET', KEYS[1], 'active', ARGV[1], 'canary', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'active', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'canary')
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 # Remove every version of an adapter but keep its counter; mark each removed upload pending (score 0: the
@@ -147,19 +228,24 @@ def _record(tenant: str, name: str, hash_: dict[Any, Any]) -> AdapterRecord | No
     if not versions:
         return None
     active = int(raw.get("active") or 0)
-    return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions)
+    canary = Split.from_json(raw["canary"]) if "canary" in raw else None
+    if canary is not None and canary.version not in versions:
+        canary = None
+    return AdapterRecord(tenant=tenant, name=name, active=active or None, versions=versions, canary=canary)
 
 
 class Registry(UploadRecords, Protocol):
-    """The registry as the gateway uses it: the request path reads the active version and the list, the admin
-    service allocates, activates and deletes, and publishing and sweeping an upload use :class:`UploadRecords`
-    (:class:`AdapterRegistry`; the unit tests' in-memory fake)."""
+    """The registry as the gateway uses it: the request path reads the active version (and split) and the list,
+    the admin service allocates, activates and deletes, and publishing and sweeping an upload use
+    :class:`UploadRecords` (:class:`AdapterRegistry`; the unit tests' in-memory fake)."""
 
     async def active_meta(self, tenant: str, name: str) -> VersionMeta | None: ...
+    async def serving(self, tenant: str, name: str) -> Serving | None: ...
     async def get(self, tenant: str, name: str) -> AdapterRecord | None: ...
     async def list_records(self, tenant: str) -> list[AdapterRecord]: ...
     async def allocate_version(self, tenant: str, name: str) -> int: ...
-    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None: ...
+    async def activate(self, tenant: str, name: str, version: int, *,
+                       canary: Split | None = None) -> AdapterRecord: ...
     async def delete(self, tenant: str, name: str) -> list[VersionMeta]: ...
     async def delete_tenant(self, tenant: str) -> list[str]: ...
 
@@ -167,7 +253,7 @@ class Registry(UploadRecords, Protocol):
 class AdapterRegistry:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._active_meta: Any = redis.register_script(_ACTIVE_META)
+        self._serving: Any = redis.register_script(_SERVING)
         self._record: Any = redis.register_script(_RECORD)
         self._activate: Any = redis.register_script(_ACTIVATE)
         self._delete: Any = redis.register_script(_DELETE)
@@ -186,8 +272,19 @@ class AdapterRegistry:
 
     async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
         """The active version of an adapter; None when it does not exist or no version is active."""
-        raw = await self._active_meta(keys=[_adapter_key(tenant, name)])
-        return VersionMeta.from_json(raw) if raw else None
+        serving = await self.serving(tenant, name)
+        return serving.active if serving else None
+
+    async def serving(self, tenant: str, name: str) -> Serving | None:
+        """The active version of an adapter and its split, if any, in one round trip; None when the adapter does
+        not exist or no version is active."""
+        raw = await self._serving(keys=[_adapter_key(tenant, name)])
+        if not raw:
+            return None
+        active = VersionMeta.from_json(raw[0])
+        if len(raw) < 3:
+            return Serving(active=active)
+        return Serving(active=active, canary=VersionMeta.from_json(raw[1]), percent=int(raw[2]))
 
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
         return _record(tenant, name, await self._redis.hgetall(_adapter_key(tenant, name)))
@@ -205,11 +302,18 @@ class AdapterRegistry:
         records = [_record(tenant, name, raw) for name, raw in zip(names, hashes, strict=True)]
         return [r for r in records if r is not None]
 
-    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None:
-        """Make ``version`` active (atomically: never on a deleted adapter); its metadata, or None when that
-        version does not exist."""
-        raw = await self._activate(keys=[_adapter_key(tenant, name)], args=[version])
-        return VersionMeta.from_json(raw) if raw else None
+    async def activate(self, tenant: str, name: str, version: int, *, canary: Split | None = None) -> AdapterRecord:
+        """Make ``version`` active with ``canary`` as its split (None ends a split), atomically and only if both
+        versions exist (never on a deleted adapter: :class:`UnknownVersion`); the adapter's record afterwards."""
+        split = canary.to_json() if canary else ""
+        raw = await self._activate(keys=[_adapter_key(tenant, name)], args=[version, split])
+        if isinstance(raw, int):
+            raise UnknownVersion(raw)
+        hash_ = dict(zip(raw[::2], raw[1::2], strict=True))
+        record = _record(tenant, name, hash_)
+        if record is None:
+            raise UnknownVersion(version)
+        return record
 
     async def delete(self, tenant: str, name: str) -> list[VersionMeta]:
         """Remove every version of an adapter (its version counter stays, so numbers are never reused) and

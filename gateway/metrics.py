@@ -55,6 +55,14 @@ class Metrics:
         self.model_resolutions = Counter("banyan_model_resolutions_total",
                                          "Completion requests by how their model resolved (base, adapter, "
                                          "not_found).", ["result"], registry=r)
+        self.adapter_split_requests = Counter("banyan_adapter_split_requests_total",
+                                              "Requests for adapters with a traffic split, by the version that got "
+                                              "them (role: active, canary).", ["role"], registry=r)
+        self.adapter_fallbacks = Counter("banyan_adapter_fallbacks_total",
+                                         "Adapter requests served by the base model because the adapter could not "
+                                         "be loaded (tenants with fallback_to_base), by reason (unresolved: the "
+                                         "engine could not fetch it; refused: the engine would not load it).",
+                                         ["reason"], registry=r)
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)
         self.retrieval_seconds = Histogram("banyan_retrieval_duration_seconds",

@@ -53,6 +53,8 @@ class Tenant:
     before uids existed."""
     deleting: bool = False
     """The tombstone: a delete has started and not finished."""
+    fallback_to_base: bool = False
+    """When one of its adapters cannot be loaded, its request is served by the base model instead of failing."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +152,8 @@ class Tenants(Protocol):
     service does the rest (:class:`TenantStore`; the unit tests' in-memory fake)."""
 
     async def authenticate(self, key: str) -> str | None: ...
-    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None: ...
+    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None],
+                     fallback_to_base: bool = False) -> Tenant | None: ...
     async def get(self, tenant_id: str) -> Tenant | None: ...
     async def list_tenants(self) -> list[Tenant]: ...
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None: ...
@@ -177,10 +180,12 @@ class TenantStore:
         self._create_key: Any = redis.register_script(_CREATE_KEY)
         self._authenticate: Any = redis.register_script(_AUTHENTICATE)
 
-    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None:
+    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None],
+                     fallback_to_base: bool = False) -> Tenant | None:
         """Create a tenant; None when the id is taken (also while a delete of it has not finished)."""
         tenant = Tenant(id=tenant_id, name=name, created=int(time.time()), uid=secrets.token_hex(8),
-                        rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"))
+                        rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"),
+                        fallback_to_base=fallback_to_base)
         done = await self._create(keys=["banyan:tenants", _tenant_key(tenant_id)],
                                   args=[tenant_id, *_pairs(_encode(tenant))])
         return tenant if done else None

@@ -81,7 +81,7 @@ async def get_adapter(tenant_id: str, name: str, state: StateDep) -> wire.Adapte
 
 @router.post("/tenants/{tenant_id}/adapters/{name}/activate")
 async def activate_adapter(tenant_id: str, name: str, body: wire.ActivateIn, state: StateDep) -> wire.AdapterOut:
-    return await service.activate_version(state, tenant_id, name=name, version=body.version)
+    return await service.activate_version(state, tenant_id, name=name, version=body.version, canary=body.canary)
 
 
 @router.delete("/tenants/{tenant_id}/adapters/{name}")

@@ -18,6 +18,8 @@ class TenantCreate(BaseModel):
     rpm: Limit = Field(default=None, ge=1)
     tpm: Limit = Field(default=None, ge=1)
     max_concurrency: Limit = Field(default=None, ge=1)
+    fallback_to_base: bool = False
+    """Serve a request with the base model (header ``x-banyan-fallback: base``) when its adapter cannot load."""
 
 
 class TenantPatch(BaseModel):
@@ -28,6 +30,7 @@ class TenantPatch(BaseModel):
     rpm: Limit = Field(default=None, ge=1)
     tpm: Limit = Field(default=None, ge=1)
     max_concurrency: Limit = Field(default=None, ge=1)
+    fallback_to_base: bool = False
 
 
 class TenantOut(BaseModel):
@@ -40,6 +43,7 @@ class TenantOut(BaseModel):
     max_concurrency: Limit = None
     status: Literal["active", "deleting"] = "active"
     """``deleting`` while a delete has not finished (repeat the DELETE to finish it)."""
+    fallback_to_base: bool = False
 
 
 T = TypeVar("T")
@@ -80,16 +84,31 @@ class AdapterVersionOut(BaseModel):
     created: int
 
 
+class CanaryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    percent: int = Field(ge=0, le=100)
+
+
+class CanaryOut(BaseModel):
+    version: int
+    percent: int
+    """Of the adapter's requests, the share served by ``version``; the rest go to the active version."""
+
+
 class AdapterOut(BaseModel):
     name: str
     object: str = "adapter"
     active_version: int | None
+    canary: CanaryOut | None = None
     versions: list[AdapterVersionOut]
 
 
 class ActivateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=1)
+    canary: CanaryIn | None = None
+    """A traffic split to hold from now on; without it, any split ends."""
 
 
 class Deleted(BaseModel):

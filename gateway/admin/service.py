@@ -13,7 +13,6 @@ removes what was written, so a rejected or failed upload leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -32,11 +31,13 @@ from adapters.layout import (
     sweep_abandoned,
 )
 from adapters.naming import AdapterRef, is_valid_id, new_uid
-from adapters.registry import AdapterRecord, VersionMeta
+from adapters.registry import AdapterRecord, Split, UnknownVersion, VersionMeta
 from adapters.validation import check_file_set, validate_adapter_dir
 from gateway.admin.protocol import (
     AdapterOut,
     AdapterVersionOut,
+    CanaryIn,
+    CanaryOut,
     Deleted,
     KeyCreate,
     KeyCreated,
@@ -70,7 +71,8 @@ class UploadedFile:
 
 async def create_tenant(state: AppState, body: TenantCreate) -> TenantOut:
     tenant = await state.tenants.create(body.id, name=body.name or body.id,
-                                        limits=body.model_dump(include={"rpm", "tpm", "max_concurrency"}))
+                                        limits=body.model_dump(include={"rpm", "tpm", "max_concurrency"}),
+                                        fallback_to_base=body.fallback_to_base)
     if tenant is None:
         existing = await state.tenants.get(body.id)
         if existing is not None and existing.deleting:
@@ -157,16 +159,25 @@ async def get_adapter(state: AppState, tenant_id: str, *, name: str) -> AdapterO
     return _adapter_out(await _require_adapter(state, tenant_id, name))
 
 
-async def activate_version(state: AppState, tenant_id: str, *, name: str, version: int) -> AdapterOut:
-    record = await _require_adapter(state, tenant_id, name)
-    # The registry activates atomically and answers the version's metadata: a version recorded after the read
-    # above is activated (and answered) too, one deleted meanwhile is not.
-    meta = await state.adapters.activate(tenant_id, name, version)
-    if meta is None:
-        raise NotFound(f"Adapter `{name}` has no version {version}.", param="version")
-    if state.settings.prefetch_on_activate:
-        state.engines.warm(AdapterRef(tenant_id, name, version, meta.uid).engine_name)
-    return _adapter_out(dataclasses.replace(record, active=version, versions={**record.versions, version: meta}))
+async def activate_version(state: AppState, tenant_id: str, *, name: str, version: int,
+                           canary: CanaryIn | None = None) -> AdapterOut:
+    """Make ``version`` active, with ``canary`` as its traffic split (none: any split ends)."""
+    await _require_adapter(state, tenant_id, name)
+    if canary is not None and canary.version == version:
+        raise InvalidRequest("The canary version must differ from the active `version`.", param="canary.version")
+    split = Split(version=canary.version, percent=canary.percent) if canary else None
+    # The registry activates atomically and answers the record it left: a version recorded after the read above
+    # is activated (and answered) too, one deleted meanwhile is not.
+    try:
+        record = await state.adapters.activate(tenant_id, name, version, canary=split)
+    except UnknownVersion as e:
+        param = "canary.version" if split is not None and e.version == split.version else "version"
+        raise NotFound(f"Adapter `{name}` has no version {e.version}.", param=param) from e
+    if state.settings.prefetch_on_activate:  # both versions of a split serve from now on
+        served = [version, split.version] if split is not None and split.percent else [version]
+        for v in served:
+            state.engines.warm(AdapterRef(tenant_id, name, v, record.versions[v].uid).engine_name)
+    return _adapter_out(record)
 
 
 async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Deleted:
@@ -291,7 +302,8 @@ def _copy(source: BinaryIO, dest: Path) -> None:
 
 def _tenant_out(tenant: Tenant) -> TenantOut:
     return TenantOut(id=tenant.id, name=tenant.name, created=tenant.created, rpm=tenant.rpm, tpm=tenant.tpm,
-                     max_concurrency=tenant.max_concurrency, status="deleting" if tenant.deleting else "active")
+                     max_concurrency=tenant.max_concurrency, status="deleting" if tenant.deleting else "active",
+                     fallback_to_base=tenant.fallback_to_base)
 
 
 def _key_out(info: KeyInfo) -> KeyOut:
@@ -315,4 +327,5 @@ def _version_out(name: str, meta: VersionMeta, *, active: int | None) -> Adapter
 
 def _adapter_out(record: AdapterRecord) -> AdapterOut:
     versions = [_version_out(record.name, record.versions[v], active=record.active) for v in sorted(record.versions)]
-    return AdapterOut(name=record.name, active_version=record.active, versions=versions)
+    canary = CanaryOut(version=record.canary.version, percent=record.canary.percent) if record.canary else None
+    return AdapterOut(name=record.name, active_version=record.active, canary=canary, versions=versions)

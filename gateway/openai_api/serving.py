@@ -21,6 +21,13 @@ With ``rag``, one call to retrieval returns the numbered context that fits the b
 window leaves after the prompt and the answer, at most ``rag_max_context_tokens``) and its passages; the
 request's surface puts the context in front of the model, and the passages come back as ``sources``: a
 top-level field of the JSON response, or of the first event of a stream.
+
+An adapter with a traffic split serves each request with its active or its canary version, by a bucket that is
+a stable hash of the request's ``user`` (so a user stays on one version while the split holds; random without
+``user``); ``x-banyan-adapter-version`` says which. When the engine cannot load the adapter (it could not fetch
+it: a 404 after the retry; or it would not load it: a 400 the base model does not give the same request), a
+tenant with ``fallback_to_base`` is served by the base model, with the grounding already done, the ``model``
+the client sent echoed, ``x-banyan-fallback: base``, and the usage recorded against the base model.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Send
 
 from adapters.naming import AdapterRef, is_valid_id
+from adapters.registry import split_bucket
 from gateway.engine import json_or_none, translate_transport_error
 from gateway.errors import (
     BanyanError,
@@ -66,6 +74,10 @@ log = logging.getLogger("banyan.serving")
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 _ATTEMPTS = 2
+_ADAPTER_LOAD_FAILURES = {404: "unresolved", 400: "refused"}
+"""How vLLM answers a request whose adapter it cannot load: 404 when no resolver could provide it (Banyan's
+resolver could not fetch it), 400 when it was found and would not load (or when the request itself is bad: the
+base model tells the two apart on a fallback)."""
 CLIENT_CLOSED_REQUEST = 499
 """The status logged for a request whose client left before its answer (nginx's convention; nobody reads it)."""
 
@@ -121,25 +133,43 @@ class ResolvedModel:
     public: str
     engine: str
     adapter: AdapterRef | None
+    fallback: bool = False
+    """The adapter asked for could not be loaded and the base model (``engine``) serves instead."""
 
     def headers(self) -> dict[str, str]:
+        if self.fallback:
+            return {"x-banyan-fallback": "base"}
         if self.adapter is None:
             return {}
         return {"x-banyan-adapter": self.adapter.name, "x-banyan-adapter-version": str(self.adapter.version)}
 
+    @property
+    def served(self) -> str:
+        """The model usage is recorded against: what served the request (the base model on a fallback)."""
+        return self.engine if self.fallback else self.public
 
-async def resolve_model(state: AppState, tenant: str, model: str) -> ResolvedModel:
-    """The caller's ``model`` -> what the engine serves. Another tenant's adapter is simply unknown."""
+    def on_base(self, base_model: str) -> ResolvedModel:
+        """The same request served by the base model instead of its adapter."""
+        return ResolvedModel(public=self.public, engine=base_model, adapter=None, fallback=True)
+
+
+async def resolve_model(state: AppState, tenant: str, model: str, *, user: str | None = None) -> ResolvedModel:
+    """The caller's ``model`` -> what the engine serves: for an adapter with a split, the version ``user``'s bucket
+    picks. Another tenant's adapter is simply unknown."""
     if model == state.settings.base_model:
         state.metrics.model_resolutions.labels("base").inc()
         return ResolvedModel(public=model, engine=model, adapter=None)
-    meta = await state.adapters.active_meta(tenant, model) if is_valid_id(model) else None
-    if meta is None:
+    serving = await state.adapters.serving(tenant, model) if is_valid_id(model) else None
+    if serving is None:
         state.metrics.model_resolutions.labels("not_found").inc()
         raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
                             param="model")
+    meta, is_canary = serving.pick(split_bucket(tenant, model, user))
     ref = AdapterRef(tenant=tenant, name=model, version=meta.version, uid=meta.uid)
     state.metrics.model_resolutions.labels("adapter").inc()
+    if serving.canary is not None:
+        state.metrics.adapter_split_requests.labels("canary" if is_canary else "active").inc()
+        annotate(adapter_role="canary" if is_canary else "active")
     annotate(adapter=model, adapter_version=meta.version)
     return ResolvedModel(public=model, engine=ref.engine_name, adapter=ref)
 
@@ -174,12 +204,24 @@ def _upstream_error(status: int, content: bytes, resolved: ResolvedModel) -> Ban
     error = parsed.get("error") if isinstance(parsed, dict) else None
     message = str(error.get("message", "")) if isinstance(error, dict) else ""
     param = error.get("param") if isinstance(error, dict) and isinstance(error.get("param"), str) else None
-    message = message.replace(resolved.engine, resolved.public) or "The engine rejected the request."
+    if resolved.adapter is not None:
+        message = message.replace(resolved.engine, resolved.public)
+    message = message or "The engine rejected the request."
     if status >= 500 or (status == 404 and resolved.adapter is not None):
         return EngineUnavailable(f"The engine could not serve `{resolved.public}` right now.")
     if status == 404:
         return ModelNotFound(f"The model `{resolved.public}` does not exist.", param="model")
     return UpstreamError(message, status=status, param=param)
+
+
+class _AdapterUnloadable(Exception):
+    """The engine could not load the request's adapter (``reason``: ``unresolved``, it could not fetch it;
+    ``refused``, it would not load it); ``error`` is what the client gets unless the base model serves instead."""
+
+    def __init__(self, error: BanyanError, *, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reason = reason
 
 
 @dataclass
@@ -215,7 +257,9 @@ class CompletionService:
         admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
         streaming = False
         try:
-            resolved = await resolve_model(self.state, tenant, request.model)
+            user = body.get("user")
+            resolved = await resolve_model(self.state, tenant, request.model,
+                                           user=user if isinstance(user, str) else None)
             body["model"] = resolved.engine
             body["cache_salt"] = cache_salt(tenant)
             options = request.stream_options
@@ -259,7 +303,7 @@ class CompletionService:
         held.callback(metrics.inflight.dec)
         try:
             if stream:
-                upstream = await self._open(call, held)
+                upstream = await self._open_or_fall_back(call, held)
             else:  # the engine answers a JSON request when it is done: the client may leave before the headers
                 content = await _unless_left(self._fetch(call, held), disconnected)
         except BaseException:
@@ -278,19 +322,41 @@ class CompletionService:
         return _RelayResponse(relay, headers={**_SSE_HEADERS, **call.resolved.headers()})
 
     async def _fetch(self, call: _Call, held: AsyncExitStack) -> bytes:
-        upstream = await self._open(call, held)
+        upstream = await self._open_or_fall_back(call, held)
         try:
             return await upstream.aread()
         except httpx.HTTPError as e:
             self.state.metrics.engine_errors.labels("unavailable").inc()
             raise translate_transport_error(e) from e
 
+    async def _open_or_fall_back(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
+        """:meth:`_open`; when the adapter cannot be loaded and the tenant chose ``fallback_to_base``, the base
+        model's response instead (``call.resolved`` then says so). The tenant is read only then."""
+        try:
+            return await self._open(call, held)
+        except _AdapterUnloadable as failed:
+            tenant = await self.state.tenants.get(call.tenant)
+            if tenant is None or not tenant.fallback_to_base:
+                raise failed.error from None
+            adapter = call.resolved.adapter
+            call.resolved = call.resolved.on_base(self.state.settings.base_model)
+            call.body["model"] = call.resolved.engine
+            # A refusal the base model repeats was the request's own fault: its error goes out, not the adapter's.
+            response = await self._open(call, held)
+            self.state.metrics.adapter_fallbacks.labels(failed.reason).inc()
+            annotate(fallback="base", fallback_reason=failed.reason)
+            log.warning("adapter could not be loaded (%s): served by the base model", failed.reason,
+                        extra={"adapter": adapter.name if adapter else None,
+                               "version": adapter.version if adapter else None})
+            return response
+
     async def _open(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
         """The engine's 200 response, its body not read yet; ``held`` then holds it and its replica's lease.
 
         A replica may drop an adapter's name (an unload by another gateway replica, or its own disk cache)
         between accepting a request and starting it: an adapter 404 is asked again once, and the replica
-        loads the adapter anew."""
+        loads the adapter anew. An adapter the engine still cannot find, or refuses (400), is
+        :class:`_AdapterUnloadable`."""
         metrics, resolved = self.state.metrics, call.resolved
         for attempt in range(1, _ATTEMPTS + 1):
             lease = AsyncExitStack()
@@ -321,7 +387,10 @@ class CompletionService:
                 metrics.engine_errors.labels("adapter_retried").inc()
                 continue
             metrics.engine_errors.labels(f"status_{response.status_code // 100}xx").inc()
-            raise _upstream_error(response.status_code, content, resolved)
+            error = _upstream_error(response.status_code, content, resolved)
+            if resolved.adapter is not None and response.status_code in _ADAPTER_LOAD_FAILURES:
+                raise _AdapterUnloadable(error, reason=_ADAPTER_LOAD_FAILURES[response.status_code])
+            raise error
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _render_json(self, call: _Call, content: bytes) -> Response:
@@ -340,7 +409,7 @@ class CompletionService:
         self.state.metrics.tokens.labels("prompt").inc(prompt)
         self.state.metrics.tokens.labels("completion").inc(completion)
         annotate(prompt_tokens=prompt, completion_tokens=completion)
-        record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.public,
+        record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.served,
                                    prompt_tokens=prompt, completion_tokens=completion)
         try:
             await record()
@@ -487,8 +556,12 @@ class _EventRewriter:
         self._show_usage = show_usage
         self._show_continuous_usage = show_continuous_usage
         self._meter = _UsageMeter(choices_per_prompt=choices_per_prompt)
-        self._needle = json.dumps(resolved.engine).encode() if resolved.adapter else b""
-        self._replacement = json.dumps(resolved.public).encode()
+        if resolved.fallback:  # the base model's id may be a word the model writes: only the `model` field
+            self._needle = b'"model":' + json.dumps(resolved.engine).encode()
+            self._replacement = b'"model":' + json.dumps(resolved.public).encode()
+        else:
+            self._needle = json.dumps(resolved.engine).encode() if resolved.adapter else b""
+            self._replacement = json.dumps(resolved.public).encode()
         self._buffer = b""
         self._sources = b'"sources": ' + json.dumps(sources).encode() if sources is not None else b""
 

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.naming import AdapterRef
-from adapters.registry import AdapterRecord, Fence, VersionMeta
+from adapters.registry import AdapterRecord, Fence, Serving, Split, UnknownVersion, VersionMeta
 from adapters.store import ObjectMissing, StoreUnavailable
 from adapters.training.jobs import FINISHED, STATUSES, Job, JobEvent, new_file_id
 from gateway.app import create_app
@@ -123,10 +123,10 @@ class FakeTenants:
     _key_ids: int = field(default=0, init=False, repr=False)
 
     def add(self, tenant_id: str, *, name: str | None = None, key: str | None = None, rpm: int | None = None,
-            tpm: int | None = None, max_concurrency: int | None = None) -> Tenant:
+            tpm: int | None = None, max_concurrency: int | None = None, fallback_to_base: bool = False) -> Tenant:
         """Seed a live tenant (with ``key`` as one of its API keys)."""
         tenant = Tenant(id=tenant_id, name=name or tenant_id, created=1, rpm=rpm, tpm=tpm,
-                        max_concurrency=max_concurrency, uid=secrets.token_hex(8))
+                        max_concurrency=max_concurrency, uid=secrets.token_hex(8), fallback_to_base=fallback_to_base)
         self.tenants[tenant_id] = tenant
         if key is not None:
             self._new_key(tenant_id, name="seeded", secret=key)
@@ -153,12 +153,14 @@ class FakeTenants:
         owner = self.keys.get(key)
         return owner[0] if owner is not None and self.is_live(owner[0]) else None
 
-    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None]) -> Tenant | None:
+    async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None],
+                     fallback_to_base: bool = False) -> Tenant | None:
         self.calls.append("create")
         if tenant_id in self.tenants:
             return None
         tenant = Tenant(id=tenant_id, name=name, created=int(time.time()), uid=secrets.token_hex(8),
-                        rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"))
+                        rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"),
+                        fallback_to_base=fallback_to_base)
         self.tenants[tenant_id] = tenant
         return tenant
 
@@ -241,14 +243,26 @@ class FakeRegistry:
     after_get: list[Callable[[], None]] = field(default_factory=list)
     """What happens right after the next :meth:`get` (a concurrent writer)."""
 
-    def add(self, tenant: str, name: str, versions: Sequence[int] = (1,), *, active: int | None = 1) -> None:
+    def add(self, tenant: str, name: str, versions: Sequence[int] = (1,), *, active: int | None = 1,
+            canary: Split | None = None) -> None:
         """Seed an adapter with these versions (:func:`version_meta`), replacing what it had."""
-        self.records[(tenant, name)] = AdapterRecord(tenant, name, active, {v: version_meta(v) for v in versions})
+        self.records[(tenant, name)] = AdapterRecord(tenant, name, active, {v: version_meta(v) for v in versions},
+                                                     canary=canary)
         self.counters[(tenant, name)] = max(self.counters.get((tenant, name), 0), *versions)
 
     async def active_meta(self, tenant: str, name: str) -> VersionMeta | None:
         record = self.records.get((tenant, name))
         return record.active_meta if record else None
+
+    async def serving(self, tenant: str, name: str) -> Serving | None:
+        record = self.records.get((tenant, name))
+        active = record.active_meta if record else None
+        if record is None or active is None:
+            return None
+        split = record.canary
+        if split is None or split.version not in record.versions:
+            return Serving(active=active)
+        return Serving(active=active, canary=record.versions[split.version], percent=split.percent)
 
     async def get(self, tenant: str, name: str) -> AdapterRecord | None:
         self.gets += 1
@@ -270,16 +284,19 @@ class FakeRegistry:
             return False
         old = self.records.get((tenant, name))
         active = meta.version if activate else old.active if old else None
+        canary = None if activate or old is None else old.canary  # activating ends a split
         self.records[(tenant, name)] = AdapterRecord(tenant, name, active,
-                                                     {**(old.versions if old else {}), meta.version: meta})
+                                                     {**(old.versions if old else {}), meta.version: meta}, canary)
         return True
 
-    async def activate(self, tenant: str, name: str, version: int) -> VersionMeta | None:
+    async def activate(self, tenant: str, name: str, version: int, *, canary: Split | None = None) -> AdapterRecord:
         record = self.records.get((tenant, name))
-        if record is None or version not in record.versions:
-            return None
-        self.records[(tenant, name)] = dataclasses.replace(record, active=version)
-        return record.versions[version]
+        for wanted in (version, *([canary.version] if canary else [])):
+            if record is None or wanted not in record.versions:
+                raise UnknownVersion(wanted)
+        assert record is not None
+        self.records[(tenant, name)] = dataclasses.replace(record, active=version, canary=canary)
+        return self.records[(tenant, name)]
 
     async def delete(self, tenant: str, name: str) -> list[VersionMeta]:
         record = self.records.pop((tenant, name), None)
@@ -538,11 +555,12 @@ class FakeFiles:
 class FakeJobs:
     """:class:`gateway.fine_tuning.Jobs` in memory: ``jobs`` in creation order, ``event_log[job id]`` oldest first (a
     test adds them, and moves jobs with :meth:`finish`). ``unreachable_for``: the next calls to
-    :meth:`counts_by_status` fail as if Redis were down."""
+    :meth:`counts_by_status` fail as if Redis were down; ``counted`` is set once one has answered."""
 
     jobs: list[Job] = field(default_factory=list)
     event_log: dict[str, list[JobEvent]] = field(default_factory=dict)
     unreachable_for: int = 0
+    counted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _find(self, tenant: str, job_id: str) -> Job | None:
         return next((j for j in self.jobs if j.id == job_id and j.tenant == tenant), None)
@@ -601,6 +619,7 @@ class FakeJobs:
         if self.unreachable_for > 0:
             self.unreachable_for -= 1
             raise RedisConnectionError("Redis is down")
+        self.counted.set()
         return {s: sum(1 for j in self.jobs if j.status == s) for s in STATUSES}
 
 
