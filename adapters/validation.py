@@ -4,8 +4,10 @@ Nothing here trusts the upload: the safetensors file is parsed by hand (no torch
 size and offset is bounds-checked before use, weights are read in chunks, and every failure is an
 ``InvalidAdapterError`` or ``AdapterTooLargeError`` whose message names the file, tensor or limit.
 
-What PEFT (0.21) writes, and so what is accepted: ``adapter_config.json``, ``adapter_model.safetensors``
-and a ``README.md`` model card (accepted, not kept). Tensor names carry no adapter name:
+What PEFT (0.21) writes, and so what is accepted: ``adapter_config.json`` and ``adapter_model.safetensors``.
+Whatever else a ``save_pretrained`` or trainer output folder holds beside them (tokenizer files, the ``README.md``
+model card, trainer state, ``checkpoint-*/`` folders, ...) is a side file: listed in :data:`SIDE_FILES`, accepted,
+never opened and never kept (:func:`sort_files`). Tensor names carry no adapter name:
 ``base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_A.weight`` (and ``lora_B``). A
 name with ``.default.weight`` is refused: vLLM would not recognise it as a LoRA weight.
 
@@ -14,6 +16,7 @@ CPU-bound and blocking: callers on the event loop run it through ``asyncio.to_th
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -21,7 +24,7 @@ import re
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeGuard
@@ -33,7 +36,6 @@ from adapters.basemodel import BaseModelSpec
 from adapters.errors import AdapterErrorCode, AdapterTooLargeError, InvalidAdapterError, shown, shown_list
 from adapters.layout import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 
-IGNORED_FILES = ("README.md",)  # PEFT writes it; accepted and dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -74,40 +76,115 @@ class AdapterInfo:
     """Config plus weights."""
 
 
+@dataclass(frozen=True, slots=True)
+class SideFile:
+    """A file that PEFT, the transformers ``Trainer``, a tokenizer or git leaves beside an adapter's two files."""
+
+    pattern: str
+    """An ``fnmatch`` pattern of a name in the adapter's folder; ending in ``/``: a folder, ignored whole."""
+    what: str
+
+
+SIDE_FILES: tuple[SideFile, ...] = (
+    SideFile("README.md", "model card"),
+    *(SideFile(name, "tokenizer file") for name in (
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+        "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+        "chat_template.jinja", "chat_template.json")),
+    SideFile("training_args.bin", "trainer arguments (a pickle: never opened)"),
+    *(SideFile(name, "trainer state") for name in (
+        "trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state.pth",
+        "rng_state_*.pth", "all_results.json", "train_results.json", "eval_results.json")),
+    SideFile("checkpoint-*/", "trainer checkpoint"),
+    SideFile("runs/", "TensorBoard logs"),
+    *(SideFile(name, "git metadata") for name in (".gitattributes", ".gitignore", ".git/")),
+)
+"""What an upload may carry beside the adapter and is dropped unread: the folders ``save_pretrained`` and the
+``Trainer`` write, as they are. Anything not listed here or in ``ADAPTER_FILES`` is refused."""
+
+
+def side_file(path: str) -> str | None:
+    """How an ignored side file is reported (``README.md``, ``checkpoint-500/``), or None when ``path`` is not one.
+
+    ``path`` is relative to the adapter's folder, ``/``-separated; a trailing ``/`` names a folder. Files match
+    at the folder's top only; a side folder's whole content matches."""
+    parts = path.split("/")
+    for depth, part in enumerate(parts[:-1]):
+        if any(fnmatch.fnmatchcase(part + "/", s.pattern) for s in SIDE_FILES if s.pattern.endswith("/")):
+            return "/".join(parts[:depth + 1]) + "/"
+    if len(parts) == 1 and any(fnmatch.fnmatchcase(path, s.pattern) for s in SIDE_FILES):
+        return path
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FileSet:
+    kept: list[str]
+    """The adapter's own files (``ADAPTER_FILES``)."""
+    ignored: list[str]
+    """The side files found, as :func:`side_file` reports them, sorted, each once."""
+
+
+def sort_files(paths: Iterable[str]) -> FileSet:
+    """Split an upload's files (paths relative to its folder) into the adapter's and the ignored side files;
+    refuse pickle weights, a missing required file, or any other file."""
+    kept: set[str] = set()
+    ignored: set[str] = set()
+    for path in paths:
+        reported = side_file(path)
+        if reported is not None:
+            ignored.add(reported)
+        else:
+            kept.add(path)
+    check_file_set(kept)
+    return FileSet(kept=sorted(kept), ignored=sorted(ignored))
+
+
+_CONVERT_HINT = ("convert them: load the adapter with PEFT (PeftModel.from_pretrained(base_model, folder)) and "
+                 "save it with model.save_pretrained(out_folder, safe_serialization=True)")
+
+
 def check_file_set(names: Iterable[str]) -> None:
-    """Refuse pickle weights, a missing required file, or any file an adapter does not have."""
+    """Refuse pickle weights, a missing required file, or any file an adapter does not have (side files
+    removed already: :func:`sort_files`)."""
     present = set(names)
     pickled = sorted(n for n in present if n.lower().endswith(PICKLE_SUFFIXES))
     if pickled:
         raise InvalidAdapterError(
-            f"{shown_list(pickled)}: only safetensors weights ({WEIGHTS_FILE}) are accepted; "
-            "pickle-based formats (.bin, .pt, .pth, .ckpt) can run code when loaded",
+            f"{shown_list(pickled)}: only safetensors weights ({WEIGHTS_FILE}) are accepted; pickle-based formats "
+            f"(.bin, .pt, .pth, .ckpt) can run code when loaded, so they are never opened here; {_CONVERT_HINT}",
             code=AdapterErrorCode.UNSAFE_WEIGHTS_FORMAT)
     missing = [n for n in ADAPTER_FILES if n not in present]
     if missing:
         raise InvalidAdapterError(f"the adapter is missing {' and '.join(missing)}",
                                   code=AdapterErrorCode.MISSING_ADAPTER_FILE)
-    unexpected = sorted(present - set(ADAPTER_FILES) - set(IGNORED_FILES))
+    unexpected = sorted(present - set(ADAPTER_FILES))
     if unexpected:
         raise InvalidAdapterError(
-            f"unexpected file {shown_list(unexpected)}: an adapter holds only "
-            f"{' and '.join(ADAPTER_FILES)} (and optionally {', '.join(IGNORED_FILES)})",
-            code=AdapterErrorCode.UNEXPECTED_ADAPTER_FILE)
+            f"unexpected file {shown_list(unexpected)}: an adapter holds {' and '.join(ADAPTER_FILES)}; known "
+            "side files (tokenizer files, README.md, trainer state, checkpoint-*/ folders, ...) are ignored, "
+            "any other file is refused", code=AdapterErrorCode.UNEXPECTED_ADAPTER_FILE)
 
 
-def validate_adapter_dir(path: Path, *, base: BaseModelSpec, max_rank: int, max_bytes: int) -> AdapterInfo:
-    """Check the adapter in folder ``path`` against ``base`` and the server's limits."""
+def validate_adapter_dir(path: Path, *, base: BaseModelSpec, max_rank: int, max_bytes: int,
+                         served_bases: Sequence[str] = ()) -> AdapterInfo:
+    """Check the adapter in folder ``path`` against ``base`` and the server's limits (side files in ``path`` are
+    skipped). ``served_bases``: the ids of the base models this server serves, named when the adapter does not
+    fit ``base``, beside the base model the adapter says it was made for."""
     sizes = _file_sizes(path, max_bytes=max_bytes)
     config_bytes = _read_config_bytes(path / CONFIG_FILE)
-    config = _parse_config(config_bytes, base=base, max_rank=max_rank)
-    hasher = hashlib.sha256(config_bytes)
-    with (path / WEIGHTS_FILE).open("rb") as f:
-        reader = _HashingReader(f, hasher)
-        tensors = _read_header(reader, file_size=sizes[WEIGHTS_FILE], base=base)
-        lora = _check_names(tensors, base=base, config=config)
-        _check_pairs(lora)
-        _check_shapes(lora, base=base, config=config)
-        _check_values(reader, tensors)
+    try:
+        config = _parse_config(config_bytes, base=base, max_rank=max_rank)
+        hasher = hashlib.sha256(config_bytes)
+        with (path / WEIGHTS_FILE).open("rb") as f:
+            reader = _HashingReader(f, hasher)
+            tensors = _read_header(reader, file_size=sizes[WEIGHTS_FILE], base=base)
+            lora = _check_names(tensors, base=base, config=config)
+            _check_pairs(lora)
+            _check_shapes(lora, base=base, config=config)
+            _check_values(reader, tensors)
+    except _NotForThisBase as e:
+        raise InvalidAdapterError(f"{e.message}. {base_mismatch(config_bytes, served_bases)}", code=e.code) from e
     return AdapterInfo(
         rank=config.rank,
         alpha=config.alpha,
@@ -117,11 +194,34 @@ def validate_adapter_dir(path: Path, *, base: BaseModelSpec, max_rank: int, max_
     )
 
 
+class _NotForThisBase(InvalidAdapterError):
+    """The adapter does not fit the served base model's layers, modules or shapes (raised inside this module only:
+    :func:`validate_adapter_dir` adds which base the adapter was made for and which Banyan serves)."""
+
+
+def base_mismatch(config_bytes: bytes, served_bases: Sequence[str]) -> str:
+    """Why a shape or module mismatch usually happens, in the user's terms: the base model the adapter's config
+    names (``base_model_name_or_path``) and the one(s) served. Only shapes decide: a different name whose shapes
+    fit is accepted (fine-tunes and renamed copies of a base keep its shapes)."""
+    try:
+        made_for = json.loads(config_bytes).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        made_for = None
+    served = ", ".join(shown(b) for b in served_bases) or "its configured base model"
+    said = (f"This adapter was made for base model {shown(made_for)} (base_model_name_or_path in {CONFIG_FILE})"
+            if isinstance(made_for, str) and made_for else
+            f"{CONFIG_FILE} does not say which base model this adapter was made for (no base_model_name_or_path)")
+    return (f"{said}; Banyan serves {served}. Adapters are checked against the served base model's layers and "
+            "tensor shapes (names alone are not compared): train or export the adapter on a served base model")
+
+
 # -- 1. the files ----------------------------------------------------------------------------------
 
 
 def _file_sizes(path: Path, *, max_bytes: int) -> dict[str, int]:
     entries = {entry.name: entry.lstat() for entry in path.iterdir()}
+    entries = {name: st for name, st in entries.items()
+               if side_file(name + "/" if stat.S_ISDIR(st.st_mode) else name) is None}
     check_file_set(entries)
     for name, st in entries.items():
         if not stat.S_ISREG(st.st_mode):
@@ -281,7 +381,7 @@ def _resolve_targets(config: Mapping[str, Any], *, modules: list[_Module], base:
 
 
 def _unknown_targets(message: str, base: BaseModelSpec) -> InvalidAdapterError:
-    return InvalidAdapterError(
+    return _NotForThisBase(
         f"{CONFIG_FILE}: {message}; the base model's modules are {', '.join(sorted(base.modules))}",
         code=AdapterErrorCode.UNKNOWN_TARGET_MODULE)
 
@@ -317,11 +417,12 @@ def _layers_to_transform(config: Mapping[str, Any], base: BaseModelSpec) -> froz
                             f"got {_json(raw)}")
     outside = sorted({i for i in layers if not 0 <= i < base.num_layers})
     if outside:
-        raise _config_error(f"layers_to_transform includes layer {outside[0]}, but the base model has "
-                            f"{base.num_layers} layers (0-{base.num_layers - 1})")
+        raise _NotForThisBase(f"{CONFIG_FILE}: layers_to_transform includes layer {outside[0]}, but the base model "
+                              f"has {base.num_layers} layers (0-{base.num_layers - 1})",
+                              code=AdapterErrorCode.INVALID_ADAPTER_CONFIG)
     pattern = config.get("layers_pattern")
     if pattern not in (None, "", [], "layers") and not (isinstance(pattern, list) and "layers" in pattern):
-        raise InvalidAdapterError(
+        raise _NotForThisBase(
             f"{CONFIG_FILE}: layers_pattern {shown(str(pattern))} does not match the base model's layers "
             "('layers')", code=AdapterErrorCode.UNSUPPORTED_LORA_FEATURE)
     return frozenset(layers)
@@ -568,21 +669,24 @@ def _lora_tensor(t: _Tensor, *, base: BaseModelSpec, config: _LoraConfig) -> _Lo
     layer, parent, leaf, kind = int(match[1]), match[2], match[3], match[4]
     if layer >= base.num_layers:
         raise _tensor_error(t, f"is for layer {layer}, but the base model has {base.num_layers} layers "
-                               f"(0-{base.num_layers - 1})")
+                               f"(0-{base.num_layers - 1})", of_base=True)
     if leaf not in base.modules:
         raise _tensor_error(t, f"is for module {shown(leaf)}, which the base model does not have (its "
-                               f"modules are {', '.join(sorted(base.modules))})")
+                               f"modules are {', '.join(sorted(base.modules))})", of_base=True)
     if parent != base.parents[leaf]:
         raise _tensor_error(t, f"puts {leaf} under {shown(parent)}, but the base model has it under "
-                               f"{shown(base.parents[leaf])}")
+                               f"{shown(base.parents[leaf])}", of_base=True)
     if (layer, leaf) not in config.ranks:
         raise _tensor_error(t, f"is for layer {layer} {leaf}, which {CONFIG_FILE}'s target_modules does not "
                                "select")
     return _LoraTensor(t, layer, leaf, kind)
 
 
-def _tensor_error(t: _Tensor, message: str, *,
-                  code: str = AdapterErrorCode.UNEXPECTED_TENSOR) -> InvalidAdapterError:
+def _tensor_error(t: _Tensor, message: str, *, code: str = AdapterErrorCode.UNEXPECTED_TENSOR,
+                  of_base: bool = False) -> InvalidAdapterError:
+    """``of_base``: the tensor does not fit the base model (rather than being malformed)."""
+    if of_base:
+        return _NotForThisBase(f"{WEIGHTS_FILE}: tensor {shown(t.name)} {message}", code=code)
     return _weights_error(f"tensor {shown(t.name)} {message}", code)
 
 
@@ -607,7 +711,14 @@ def _check_shapes(lora: list[_LoraTensor], *, base: BaseModelSpec, config: _Lora
         if t.tensor.shape != expected:
             raise _tensor_error(t.tensor, f"has shape {list(t.tensor.shape)}, expected {list(expected)} "
                                           f"(lora_{t.kind} of {t.leaf}: {why})",
-                                code=AdapterErrorCode.TENSOR_SHAPE_MISMATCH)
+                                code=AdapterErrorCode.TENSOR_SHAPE_MISMATCH,
+                                of_base=_rank_fits(t, rank))
+
+
+def _rank_fits(t: _LoraTensor, rank: int) -> bool:
+    """Whether a tensor of the wrong shape has the right rank: then the base model's side is what does not fit."""
+    shape = t.tensor.shape
+    return len(shape) == 2 and shape[0 if t.kind == "A" else 1] == rank
 
 
 # -- 6. values -------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapters.basemodel import BaseModelSpec
+from adapters.basemodel import BaseModelSpec, ModuleShape
 from adapters.errors import AdapterError, AdapterTooLargeError, InvalidAdapterError
 from adapters.layout import CONFIG_FILE, WEIGHTS_FILE
-from adapters.validation import AdapterInfo, check_file_set, validate_adapter_dir
+from adapters.validation import SIDE_FILES, AdapterInfo, check_file_set, side_file, sort_files, validate_adapter_dir
 from gateway.dev.demo_model import LORA_TARGETS
 
 PREFIX = "base_model.model.model.layers"
@@ -162,8 +162,51 @@ def test_an_unknown_file_is_named() -> None:
     assert caught.value.code == "unexpected_adapter_file"
 
 
-def test_the_peft_readme_is_accepted() -> None:
-    check_file_set(["adapter_config.json", "adapter_model.safetensors", "README.md"])
+def test_a_trainer_output_folder_keeps_the_adapter_and_lists_its_side_files() -> None:
+    files = sort_files(["adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json",
+                        "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "training_args.bin",
+                        ".gitattributes", "trainer_state.json", "rng_state_1.pth", "checkpoint-500/optimizer.pt",
+                        "checkpoint-500/adapter_model.safetensors", "checkpoint-1000/scheduler.pt", "runs/x/events"])
+    assert files.kept == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files.ignored == [".gitattributes", "README.md", "chat_template.jinja", "checkpoint-1000/",
+                             "checkpoint-500/", "rng_state_1.pth", "runs/", "special_tokens_map.json", "tokenizer.json",
+                             "tokenizer_config.json", "trainer_state.json", "training_args.bin"]
+
+
+@pytest.mark.parametrize(("path", "reported"), [
+    ("README.md", "README.md"), ("merges.txt", "merges.txt"), ("optimizer.pt", "optimizer.pt"),
+    ("checkpoint-7/", "checkpoint-7/"), ("checkpoint-7/rng_state.pth", "checkpoint-7/"), (".git/HEAD", ".git/"),
+    ("docs/README.md", None),  # side files are known at the folder's top only
+    ("readme.md", None), ("adapter_model.bin", None), ("notes.txt", None), ("checkpoint/", None),
+])
+def test_side_files_come_from_the_registry(path: str, reported: str | None) -> None:
+    assert side_file(path) == reported
+
+
+def test_every_registry_entry_names_what_it_is() -> None:
+    assert all(entry.pattern and entry.what for entry in SIDE_FILES)
+    assert len({entry.pattern for entry in SIDE_FILES}) == len(SIDE_FILES)
+
+
+def test_pickle_weights_only_are_refused_with_how_to_convert() -> None:
+    with pytest.raises(InvalidAdapterError) as caught:
+        sort_files(["adapter_config.json", "adapter_model.bin", "README.md", "tokenizer.json"])
+    assert caught.value.code == "unsafe_weights_format"
+    assert "adapter_model.bin" in caught.value.message and "safe_serialization=True" in caught.value.message
+
+
+def test_an_unknown_file_beside_side_files_is_still_refused() -> None:
+    with pytest.raises(InvalidAdapterError, match=r"'notes\.txt'.*side files") as caught:
+        sort_files(["adapter_config.json", "adapter_model.safetensors", "README.md", "notes.txt"])
+    assert caught.value.code == "unexpected_adapter_file"
+
+
+def test_a_folder_on_disk_validates_with_its_side_files_left_alone(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    (adapter_dir / "tokenizer.json").write_text("{}")
+    (adapter_dir / "training_args.bin").write_bytes(b"\x80\x04K\x01.")
+    (adapter_dir / "checkpoint-3").mkdir()
+    (adapter_dir / "checkpoint-3" / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
+    assert validate(adapter_dir, demo_spec).rank == 8
 
 
 def test_a_symlinked_file_is_refused(adapter_dir: Path, demo_spec: BaseModelSpec, tmp_path: Path) -> None:
@@ -434,3 +477,50 @@ def test_non_finite_bf16_weights_are_refused(adapter_dir: Path, demo_spec: BaseM
     inf_bf16 = struct.pack("<H", 0x7F80)
     write_safetensors(adapter_dir / WEIGHTS_FILE, header, data[:begin] + inf_bf16 + data[begin + 2:])
     assert Q_A in rejection(adapter_dir, demo_spec, code="non_finite_weights")
+
+
+# -- a base model that does not fit ----------------------------------------------------------------
+
+
+def _base_refusal(adapter_dir: Path, spec: BaseModelSpec, *, code: str) -> str:
+    with pytest.raises(InvalidAdapterError) as caught:
+        validate_adapter_dir(adapter_dir, base=spec, max_rank=MAX_RANK, max_bytes=MAX_BYTES,
+                             served_bases=["banyan-demo"])
+    assert caught.value.code == code, caught.value.message
+    return caught.value.message
+
+
+def test_an_adapter_for_a_bigger_base_says_which_base_it_was_made_for(adapter_dir: Path,
+                                                                      demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, base_model_name_or_path="meta-llama/Llama-3.1-8B")
+    smaller = BaseModelSpec(num_layers=demo_spec.num_layers, parents=demo_spec.parents,
+                            modules={**demo_spec.modules, "q_proj": ModuleShape(96, 128)})
+    message = _base_refusal(adapter_dir, smaller, code="tensor_shape_mismatch")
+    assert "q_proj" in message and "expected" in message  # what does not fit, as before
+    assert "made for base model 'meta-llama/Llama-3.1-8B'" in message and "Banyan serves 'banyan-demo'" in message
+    assert "names alone are not compared" in message
+
+
+def test_a_layer_the_base_lacks_explains_the_mismatch_without_a_base_name(adapter_dir: Path,
+                                                                         demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, base_model_name_or_path=None)
+    one_layer = BaseModelSpec(num_layers=1, modules=demo_spec.modules, parents=demo_spec.parents)
+    message = _base_refusal(adapter_dir, one_layer, code="unexpected_tensor")
+    assert "layer 1" in message and "does not say which base model" in message and "'banyan-demo'" in message
+
+
+def test_an_unknown_target_module_explains_the_mismatch(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, target_modules=["c_attn"], base_model_name_or_path="gpt2")
+    message = _base_refusal(adapter_dir, demo_spec, code="unknown_target_module")
+    assert "c_attn" in message and "made for base model 'gpt2'" in message
+
+
+def test_a_different_base_name_is_not_fatal_when_the_shapes_fit(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, base_model_name_or_path="someone/a-fine-tune-of-the-demo-model")
+    assert validate(adapter_dir, demo_spec).rank == 8
+
+
+def test_a_wrong_rank_is_the_adapter_own_fault_not_the_base(adapter_dir: Path, demo_spec: BaseModelSpec) -> None:
+    edit_config(adapter_dir, r=4, lora_alpha=8)
+    message = _base_refusal(adapter_dir, demo_spec, code="tensor_shape_mismatch")
+    assert "rank 4" in message and "made for base model" not in message
