@@ -39,12 +39,15 @@ class FileRecord:
     filename: str
     purpose: str
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def to_json(self, *, order: int) -> str:
+        """``order``: when it was stored, finer than ``created_at`` (seconds), for listing newest first."""
+        return json.dumps({**asdict(self), "order": order})
 
     @classmethod
-    def from_json(cls, raw: builtins.bytes | str) -> FileRecord:  # `bytes` is a field here
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: builtins.bytes | str) -> tuple[int, FileRecord]:  # `bytes` is a field here
+        """The stored order and the record."""
+        fields = json.loads(raw)
+        return int(fields.pop("order", 0)), cls(**fields)
 
 
 class TooManyFiles(Exception):
@@ -112,7 +115,8 @@ class FileStore:
             await self._store.put_file(key, staged)
         try:
             outcome = int(await self._record(keys=[_files_key(tenant), guard.key],
-                                             args=[record.id, record.to_json(), max_files, *guard.args()]))
+                                             args=[record.id, record.to_json(order=time.time_ns()), max_files,
+                                                   *guard.args()]))
         except BaseException:
             await self._store.delete_prefix(key)
             raise
@@ -123,12 +127,12 @@ class FileStore:
 
     async def get(self, tenant: str, file_id: str) -> FileRecord | None:
         raw = await self._redis.hget(_files_key(tenant), file_id)
-        return FileRecord.from_json(raw) if raw is not None else None
+        return FileRecord.from_json(raw)[1] if raw is not None else None
 
     async def list_files(self, tenant: str) -> list[FileRecord]:
         """Newest first."""
-        records = [FileRecord.from_json(v) for v in (await self._redis.hgetall(_files_key(tenant))).values()]
-        return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
+        stored = [FileRecord.from_json(v) for v in (await self._redis.hgetall(_files_key(tenant))).values()]
+        return [record for _, record in sorted(stored, key=lambda s: (s[0], s[1].id), reverse=True)]
 
     async def content(self, tenant: str, file_id: str) -> bytes | None:
         if await self.get(tenant, file_id) is None:
