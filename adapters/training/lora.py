@@ -5,6 +5,10 @@ per JSONL line. Each conversation is rendered with the base model's own chat tem
 assistant turns only (what the adapter should say), never the system or user text. Training is seeded:
 the same examples, settings and base model give the same adapter. The result is a PEFT adapter folder
 (``adapter_config.json`` + ``adapter_model.safetensors``) that Banyan's upload accepts.
+
+Training can start from an existing adapter (its rank, alpha and target modules are kept) and can be stopped
+between steps (``should_stop``); :func:`evaluate_loss` scores a base model, with or without an adapter, on
+held-out examples with the same loss (mean over assistant tokens), so two versions can be compared.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 ChatMessages = list[dict[str, str]]
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop between two steps (``should_stop``, or a progress callback raising it)."""
+
+
+class NoTrainableTokens(ValueError):
+    """No example has an assistant token within the length limit: there is nothing to learn."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class TrainingResult:
     last_loss: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    trained_tokens: int = 0
+    """Tokens of every batch trained on (padding not counted): what a job reports as ``trained_tokens``."""
 
 
 def parse_chat_jsonl(text: str, *, source: str = "<examples>") -> list[ChatMessages]:
@@ -145,27 +159,53 @@ def _collate(encoded: Sequence[EncodedChat], *, pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _load_tokenizer_and_model(base_model: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad
+
+
+def _encode_all(tokenizer: Any, examples: Sequence[ChatMessages], *, max_length: int) -> list[EncodedChat]:
+    encoded = [encode_chat(tokenizer, m, max_length=max_length) for m in examples]
+    if not any(label != IGNORE_INDEX for e in encoded for label in e.labels):
+        raise NoTrainableTokens(f"no assistant tokens within the first {max_length} tokens of any example")
+    return encoded
+
+
 def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
                config: LoraTrainingConfig = LoraTrainingConfig(),
-               progress: Callable[[TrainingStep], None] | None = None) -> TrainingResult:
+               progress: Callable[[TrainingStep], None] | None = None,
+               init_adapter: Path | None = None,
+               should_stop: Callable[[], bool] | None = None) -> TrainingResult:
     """Train a LoRA adapter for the Hugging Face model folder ``base_model`` on ``examples``; write it to
-    ``out`` (created) and return where and how the loss went."""
+    ``out`` (created) and return where and how the loss went.
+
+    ``init_adapter``: a PEFT adapter folder to continue training from (its rank, alpha and target modules are
+    kept; ``config``'s are ignored), so a tenant's adapter can be retrained on new data. ``should_stop`` is
+    asked before every step; when it says yes, :class:`TrainingStopped` is raised and nothing is written."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     if not examples:
         raise ValueError("no examples to train on")
     started = time.monotonic()
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    encoded = [encode_chat(tokenizer, m, max_length=config.max_length) for m in examples]
-    if not any(label != IGNORE_INDEX for e in encoded for label in e.labels):
-        raise ValueError(f"no assistant tokens within the first {config.max_length} tokens of any example")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32), lora)
+    tokenizer, base = _load_tokenizer_and_model(base_model)
+    encoded = _encode_all(tokenizer, examples, max_length=config.max_length)
+    pad_id = _pad_id(tokenizer)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
+    else:
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=0.0)
@@ -174,8 +214,11 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, config.steps - warmup)))))
     losses: list[float] = []
+    tokens = 0
     for step, indices in enumerate(_batches(len(encoded), batch_size=config.batch_size, steps=config.steps,
                                             seed=config.seed), start=1):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(f"stopped before step {step} of {config.steps}")
         batch = _collate([encoded[i] for i in indices], pad_id=pad_id)
         loss = model(**batch).loss
         loss.backward()
@@ -183,6 +226,7 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        tokens += int(batch["attention_mask"].sum())
         if progress is not None:
             progress(TrainingStep(step=step, steps=config.steps, loss=losses[-1],
                                   elapsed_s=time.monotonic() - started))
@@ -190,4 +234,31 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     return TrainingResult(path=out, steps=config.steps, first_loss=losses[0], last_loss=losses[-1],
-                          seconds=time.monotonic() - started, losses=losses)
+                          seconds=time.monotonic() - started, losses=losses, trained_tokens=tokens)
+
+
+def evaluate_loss(base_model: Path, adapter_dir: Path | None, examples: Sequence[ChatMessages], *,
+                  max_length: int = 512, batch_size: int = 8) -> float:
+    """The mean loss per assistant token of ``examples`` on the base model, or with the adapter in
+    ``adapter_dir``: the number :func:`train_lora` lowers, so two versions of an adapter compare on it (lower
+    is better). Every assistant token weighs the same, whatever batch or example it is in."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer, model = _load_tokenizer_and_model(base_model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    encoded = _encode_all(tokenizer, examples, max_length=max_length)
+    pad_id = _pad_id(tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = _collate(encoded[start:start + batch_size], pad_id=pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]  # token t is predicted at position t - 1
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(losses)
+            count += int((labels != IGNORE_INDEX).sum())
+    return total / count

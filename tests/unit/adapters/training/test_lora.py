@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from adapters.training.lora import (
     IGNORE_INDEX,
     LoraTrainingConfig,
+    TrainingStopped,
     encode_chat,
+    evaluate_loss,
     load_chat_jsonl,
     parse_chat_jsonl,
     train_lora,
@@ -113,3 +115,54 @@ def test_training_learns_and_writes_an_adapter_banyan_accepts(demo_base_path: Pa
     first, second = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a", "b"))
     assert again.losses == result.losses
     assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+
+
+def _pirate(questions: tuple[str, ...] = ("Hi", "Who are you?", "What time is it?")) -> list[Any]:
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": "Arr, matey!"}] for q in questions]
+
+
+def test_evaluate_loss_scores_the_assistant_tokens_lower_with_a_trained_adapter(demo_base_path: Path,
+                                                                                tmp_path: Path) -> None:
+    config = LoraTrainingConfig(rank=4, alpha=8, learning_rate=1e-2, steps=8, batch_size=2, seed=3)
+    result = train_lora(demo_base_path, _pirate(), tmp_path / "a", config=config)
+    held_out = _pirate(("Ahoy there?",))
+    base = evaluate_loss(demo_base_path, None, held_out)
+    tuned = evaluate_loss(demo_base_path, tmp_path / "a", held_out)
+    assert tuned < base * 0.7, (tuned, base)
+    assert evaluate_loss(demo_base_path, tmp_path / "a", held_out, batch_size=1) == pytest.approx(tuned, rel=1e-5)
+    # the mean over tokens is what training reported for the examples it saw, give or take the last step
+    assert evaluate_loss(demo_base_path, tmp_path / "a", _pirate()) < result.first_loss
+
+
+def test_training_continues_from_an_adapter_and_keeps_its_shape(demo_base_path: Path, tmp_path: Path) -> None:
+    first = train_lora(demo_base_path, _pirate(), tmp_path / "a",
+                       config=LoraTrainingConfig(rank=4, alpha=8, learning_rate=1e-2, steps=8, batch_size=2))
+    again = train_lora(demo_base_path, _pirate(), tmp_path / "b", init_adapter=tmp_path / "a",
+                       config=LoraTrainingConfig(rank=16, alpha=32, learning_rate=1e-3, steps=2, batch_size=2))
+    assert again.first_loss < first.first_loss * 0.7, (again.losses, first.losses)
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+def _tokenizer_of(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_trained_tokens_count_every_batch_without_padding(demo_base_path: Path, tmp_path: Path) -> None:
+    examples = _pirate(("Hi", "A much longer question, padded in its batch?"))
+    lengths = [len(encode_chat(_tokenizer_of(demo_base_path), m, max_length=512).input_ids) for m in examples]
+    result = train_lora(demo_base_path, examples, tmp_path / "a",
+                        config=LoraTrainingConfig(rank=2, alpha=4, steps=3, batch_size=2))
+    assert result.trained_tokens == 3 * sum(lengths)  # each step sees both examples once
+
+
+def test_training_stops_between_steps_when_asked(demo_base_path: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+    with pytest.raises(TrainingStopped):
+        train_lora(demo_base_path, _pirate(), tmp_path / "a", progress=lambda s: seen.append(s.step),
+                   should_stop=lambda: len(seen) >= 2,
+                   config=LoraTrainingConfig(rank=2, alpha=4, steps=10, batch_size=2))
+    assert seen == [1, 2]
+    assert not (tmp_path / "a").exists()
