@@ -35,6 +35,7 @@ from adapters.training.jobs import (
 from adapters.training.lora import ChatMessages, parse_chat_jsonl
 from gateway.errors import AuthError, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, RateLimited
 from gateway.fine_tuning.files import FileRecord, FileRefused, TooManyFiles
+from gateway.fine_tuning.from_documents import examples_from_documents
 from gateway.fine_tuning.protocol import (
     EventList,
     EventOut,
@@ -259,8 +260,6 @@ async def _examples_of(state: AppState, tenant: str, file_id: str, *, param: str
 
 async def _document_examples(state: AppState, tenant: str, collection: str | None, *,
                              seed: int) -> list[ChatMessages]:
-    from gateway.fine_tuning.from_documents import examples_from_documents  # TEMP until it lands
-
     documents = await state.documents.export(tenant, collection=collection)
     try:
         made = await asyncio.to_thread(examples_from_documents, documents, tokens=state.tokens, seed=seed)
