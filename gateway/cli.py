@@ -1,4 +1,5 @@
-"""The ``banyan`` command: ``banyan dev`` (the whole stack on this machine) and ``banyan serve``."""
+"""The ``banyan`` command: ``banyan dev`` (the whole stack on this machine), ``banyan serve`` (the gateway) and
+``banyan trainer`` (a fine-tuning worker)."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def run_dev(args: argparse.Namespace) -> int:
         admin_key = settings.admin_key.get_secret_value()
 
         async def after_start(server: uvicorn.Server) -> None:
-            _say(f"[5/5] gateway listening on {url}")
+            background.append(asyncio.create_task(stack.supervise_trainer()))
+            _say(f"[6/6] gateway listening on {url}")
             if generated:
                 _say(f"admin key (generated; set BANYAN_ADMIN_KEY to choose one): {admin_key}")
             if args.empty:
@@ -229,6 +231,19 @@ async def _finish_demo_adapters(child: Child, *, model: DevModel, model_path: Pa
     _say_adapters(settings, key, list(ready))
 
 
+def run_trainer(_: argparse.Namespace) -> int:
+    from adapters.training.settings import TrainerSettings
+    from adapters.training.worker import main as trainer_main
+
+    try:
+        settings = TrainerSettings()
+    except ValidationError as e:
+        print(f"banyan trainer: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    return trainer_main(settings)
+
+
 def run_serve(_: argparse.Namespace) -> int:
     try:
         settings = Settings()
@@ -252,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.set_defaults(func=run_dev)
     serve = sub.add_parser("serve", help="run the gateway against external Redis, S3 and engines")
     serve.set_defaults(func=run_serve)
+    trainer = sub.add_parser("trainer", help="run a fine-tuning worker: trains the jobs queued in Redis into new "
+                                             "adapter versions (any number of workers share the queue)")
+    trainer.set_defaults(func=run_trainer)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -169,6 +169,8 @@ class Worker:
                 await self.run_once()
                 failures = 0
             except (RedisError, OSError, StoreError) as e:
+                if self._stop_requested:
+                    break
                 wait = _RETRY_S[min(failures, len(_RETRY_S) - 1)]
                 failures += 1
                 self._group_ready = False  # the queue may have been lost with its server (a restart)

@@ -1,4 +1,4 @@
-"""Child processes of the local stack: Valkey with the search module, the S3 server, the vLLM engine.
+"""Child processes of the local stack: Valkey with the search module, the S3 server, the vLLM engine, the trainer.
 
 Each child runs in its own process group (so the engine's own workers go with it) and is asked to die
 with its parent; :meth:`Children.stop_all` stops every group it started, by process id, TERM then KILL.
@@ -96,6 +96,11 @@ class Children:
             if child.name == name and child.process.poll() is None:
                 return child
         raise KeyError(name)
+
+    def forget(self, child: Child) -> None:
+        """Stop tracking a child that has exited (it was waited for: its id may belong to another process now)."""
+        if child in self.started:
+            self.started.remove(child)
 
     def send_signal(self, child: Child, sig: signal.Signals) -> None:
         """Send ``sig`` to the child's whole process group (SIGSTOP/SIGCONT pause and resume it)."""

@@ -2,16 +2,19 @@
 
 Steps (a progress line each): Valkey with the search module, the S3 server (moto), the base model of
 the chosen dev model (:mod:`gateway.dev.models`; written once under ``<data dir>/models/<id>/`` and reused),
-the vLLM engine on the CPU with LoRA and Banyan's S3 resolver. The gateway itself runs in the calling process
+the vLLM engine on the CPU with LoRA and Banyan's S3 resolver, one fine-tuning worker (``banyan trainer``,
+restarted by :meth:`DevStack.supervise_trainer` whenever it exits). The gateway itself runs in the calling process
 (see ``gateway.cli``). The URLs of the running stack are written to ``<data dir>/stack.json``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,13 +23,20 @@ from pydantic import SecretStr
 
 from adapters.store import S3ObjectStore, S3Settings, s3_config
 from gateway.dev.models import DevModel
-from gateway.dev.processes import Children, free_port, http_ok, redis_ok
+from gateway.dev.processes import Child, Children, free_port, http_ok, redis_ok
 from gateway.settings import Settings
 
 Progress = Callable[[str], None]
 
 DEV_S3_ACCESS_KEY_ID = "banyan-dev"
 DEV_S3_SECRET_ACCESS_KEY = "banyan-dev-secret"
+DEV_TRAINER_THREADS = 1
+"""torch threads of ``banyan dev``'s trainer (unless ``BANYAN_TRAINER_THREADS`` is set): the engine shares the
+cores."""
+TRAINER_RESTART_WAITS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""How long the supervisor waits before restarting an exited trainer: longer after each quick exit."""
+TRAINER_STEADY_S = 60.0
+"""A trainer that ran this long before exiting is restarted after the shortest wait again."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class StackInfo:
     model_path: str
     engine_api_key: str
     """The key the engine expects (``Authorization: Bearer``; its /health and /metrics need none)."""
+    trainer_metrics_url: str
+    """The training worker's /metrics (it keeps its port across restarts)."""
 
 
 def search_module() -> Path:
@@ -70,6 +82,9 @@ class DevStack:
         given = settings.engine_api_key.get_secret_value() if settings.engine_api_key else ""
         self.engine_api_key = given or "bek_" + secrets.token_urlsafe(24)
         """The engine's API key: ``BANYAN_ENGINE_API_KEY`` if set, else a new one each run."""
+        self.trainer: Child | None = None
+        self._trainer_started = 0.0
+        self._trainer_command: tuple[list[str], dict[str, str]] | None = None
 
     def start(self) -> Settings:
         """Start the services; return the settings the gateway should run with."""
@@ -78,13 +93,15 @@ class DevStack:
         s3 = self.start_s3()
         model_path = self.build_model()
         engine_url = self.start_engine(model_path, s3)
+        trainer_metrics_url = self.start_trainer(model_path, s3, redis_url=redis_url)
         settings = self.settings.model_copy(update={
             "redis_url": redis_url, "engine_urls": [engine_url], "base_model_config": model_path / "config.json",
             "engine_api_key": SecretStr(self.engine_api_key), **s3.model_dump(),
         })
         info = StackInfo(gateway_url=f"http://{settings.host}:{settings.port}", redis_url=redis_url,
                          s3_endpoint_url=str(s3.s3_endpoint_url), s3_bucket=s3.s3_bucket, engine_url=engine_url,
-                         base_model=settings.base_model, model_path=str(model_path), engine_api_key=self.engine_api_key)
+                         base_model=settings.base_model, model_path=str(model_path), engine_api_key=self.engine_api_key,
+                         trainer_metrics_url=trainer_metrics_url)
         path = self.data_dir / "stack.json"
         path.touch()
         path.chmod(0o600)  # it holds the engine's key
@@ -99,7 +116,7 @@ class DevStack:
         In memory only, unless ``persist_dir``: then every write is in its append-only file there before it is
         acknowledged (as a production Redis would persist), and a restart with the same folder reads it back."""
         port = port or free_port()
-        self.progress(f"[1/5] starting Valkey with the search module on 127.0.0.1:{port}")
+        self.progress(f"[1/6] starting Valkey with the search module on 127.0.0.1:{port}")
         persistence = ["--appendonly", "no"]
         if persist_dir is not None:
             persist_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +132,7 @@ class DevStack:
         """Start moto (on ``port``, default a free one); return the S3 settings group of the stack (its URL, the
         bucket made, dev credentials). Moto keeps objects in memory only: a restart starts empty."""
         port = port or free_port()
-        self.progress(f"[2/5] starting the S3 server (moto) on 127.0.0.1:{port}")
+        self.progress(f"[2/6] starting the S3 server (moto) on 127.0.0.1:{port}")
         child = self.children.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                            str(port)])
         url = f"http://127.0.0.1:{port}"
@@ -126,7 +143,7 @@ class DevStack:
 
     def build_model(self) -> Path:
         path = self.settings.models_dir.resolve() / self.settings.base_model
-        self.progress(f"[3/5] base model `{self.settings.base_model}` ({self.model.summary}) at {path}")
+        self.progress(f"[3/6] base model `{self.settings.base_model}` ({self.model.summary}) at {path}")
         return self.model.build(path, self.progress)
 
     def start_engine(self, model_path: Path, s3: S3Settings, *, port: int | None = None) -> str:
@@ -135,7 +152,7 @@ class DevStack:
         of ``--api-key``, to keep it out of the process list); its resolver plugin sends it to its own engine."""
         port = port or free_port()
         s = self.settings
-        self.progress(f"[4/5] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
+        self.progress(f"[4/6] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
                       f"(about {self.model.engine_start_s} s)")
         env = {
             **os.environ,
@@ -166,6 +183,59 @@ class DevStack:
         self.children.wait_ready(child, http_ok(url + "/health"), timeout=self.model.engine_timeout_s,
                                  progress=self.progress)
         return url
+
+
+    def start_trainer(self, model_path: Path, s3: S3Settings, *, redis_url: str) -> str:
+        """Start one fine-tuning worker (``banyan trainer``) on the stack's Redis, object store and base model; return
+        its metrics URL once it answers there."""
+        s = self.settings
+        port = free_port()
+        log = self.children.log_dir / "trainer.log"
+        self.progress(f"[5/6] starting one training worker (banyan trainer; log {log})")
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            **s3.s3_env(),
+            "BANYAN_REDIS_URL": redis_url,
+            "BANYAN_BASE_MODEL": s.base_model,
+            "BANYAN_BASE_MODEL_PATH": str(model_path),
+            "BANYAN_MAX_LORA_RANK": str(s.max_lora_rank),
+            "BANYAN_MAX_ADAPTER_BYTES": str(s.max_adapter_bytes),
+            "BANYAN_TRAINER_METRICS_PORT": str(port),
+            "BANYAN_TRAINER_METRICS_HOST": "127.0.0.1",
+            "BANYAN_TRAINER_THREADS": os.environ.get("BANYAN_TRAINER_THREADS", str(DEV_TRAINER_THREADS)),
+        }
+        self._trainer_command = ([sys.executable, "-m", "gateway.cli", "trainer"], env)
+        url = f"http://127.0.0.1:{port}/metrics"
+        child = self._spawn_trainer()
+        self.children.wait_ready(child, http_ok(url), timeout=120, progress=self.progress)
+        return url
+
+    def _spawn_trainer(self) -> Child:
+        assert self._trainer_command is not None, "start_trainer first"
+        command, env = self._trainer_command
+        self.trainer = self.children.spawn("trainer", command, env=env, cwd=self.data_dir)
+        self._trainer_started = time.monotonic()
+        return self.trainer
+
+    async def supervise_trainer(self, *, poll_s: float = 1.0) -> None:
+        """Start the trainer again whenever it exits, until cancelled (waits grow after quick exits, up to 30 s).
+        Runs on the thread that started the stack (a child dies with the thread that started it)."""
+        quick_exits = 0
+        while True:
+            await asyncio.sleep(poll_s)
+            child = self.trainer
+            if child is None or child.process.poll() is None:
+                continue
+            ran = time.monotonic() - self._trainer_started
+            quick_exits = 0 if ran >= TRAINER_STEADY_S else quick_exits + 1
+            wait = TRAINER_RESTART_WAITS_S[min(max(quick_exits - 1, 0), len(TRAINER_RESTART_WAITS_S) - 1)]
+            self.progress(f"the training worker exited (code {child.process.returncode}) after {ran:.0f} s; "
+                          f"starting it again in {wait:.0f} s (log {child.log_path})")
+            await asyncio.sleep(wait)
+            self.children.forget(child)
+            self._spawn_trainer()
 
 
 def dev_s3_settings(endpoint_url: str, *, bucket: str, region: str = "us-east-1") -> S3Settings:

@@ -83,7 +83,7 @@ def test_banyan_dev_serves_the_real_model_grounded_and_with_trained_adapters(tmp
         dev.wait_ready(timeout=READY_TIMEOUT_S)
         text = dev.output_text()
         assert re.search(r"admin key \(generated", text)
-        for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
             assert step in text
         assert dev.info["base_model"] == model.base_model == "smollm2-135m-instruct"
         ready = httpx.get(f"{dev.url}/readyz", timeout=10)

@@ -59,4 +59,4 @@ def test_an_unknown_model_in_the_environment_stops_before_starting_anything(
     assert main(["dev"]) == 2
     captured = capsys.readouterr()
     assert "unknown dev model 'bogus'" in captured.err
-    assert "[1/5]" not in captured.out
+    assert "[1/6]" not in captured.out
