@@ -3,6 +3,9 @@
 Members are streamed out in chunks into a fresh folder under ``dest``; only regular files and
 folders are accepted, every path must stay inside that folder, and sizes are enforced on the bytes
 actually written, not on what the archive declares. On any failure nothing is left in ``dest``.
+
+Known side files of a PEFT or trainer output folder (:data:`adapters.validation.SIDE_FILES`) are skipped
+unread, never written, and reported; they still count towards the member and decompression bounds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
 from adapters.errors import AdapterErrorCode, AdapterTooLargeError, InvalidAdapterError, shown
+from adapters.layout import ADAPTER_FILES
+from adapters.validation import side_file
 
 _CHUNK_BYTES = 64 * 1024
 _TAR_OVERHEAD_BYTES = 1024 * 1024
@@ -62,10 +67,17 @@ class _Budget:
     total: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    folder: Path
+    """The folder that holds the files: the archive's root, or its single top folder."""
+    ignored: list[str]
+    """The side files skipped, relative to ``folder`` as :func:`adapters.validation.side_file` reports them."""
+
+
 def extract_archive(archive: Path, dest: Path, *, filename: str, max_member_bytes: int,
-                    max_total_bytes: int, max_members: int = 16) -> Path:
-    """Unpack ``archive`` (the upload called ``filename``) under ``dest`` and return the folder that
-    holds the files: the archive's root, or its single top folder.
+                    max_total_bytes: int, max_members: int = 256) -> Extracted:
+    """Unpack ``archive`` (the upload called ``filename``) under ``dest``; known side files are skipped.
 
     The files go into a new private folder inside ``dest`` (``dest`` may already hold other things,
     such as the archive itself). Raises ``InvalidAdapterError`` or ``AdapterTooLargeError``, after
@@ -74,15 +86,53 @@ def extract_archive(archive: Path, dest: Path, *, filename: str, max_member_byte
     fmt = _format_for(filename)
     dest.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="extract-", dir=dest))
+    skipped: list[tuple[str, ...]] = []
     try:
         with archive.open("rb") as raw:
             _check_magic(raw, fmt=fmt, filename=filename)
             files = _extract_all(raw, root, fmt=fmt, filename=filename, max_members=max_members,
-                                 budget=_Budget(max_member_bytes, max_total_bytes))
-        return _content_folder(root, files, filename=filename)
+                                 budget=_Budget(max_member_bytes, max_total_bytes), skipped=skipped)
+        files = _drop_side_folders(root, files, skipped=skipped)
+        folder = _content_folder(root, files, filename=filename)
+        return Extracted(folder=folder, ignored=_reported(skipped, top=None if folder == root else folder.name))
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def _is_side_file(parts: tuple[str, ...], *, folder: bool) -> bool:
+    """Whether a member is a side file, relative to the archive's root or to a top folder holding everything
+    (not known while streaming): a side file under either, unless it is an adapter file under the other."""
+    relatives = [parts, parts[1:]] if len(parts) > 1 else [parts]
+    if any(len(rel) == 1 and rel[0] in ADAPTER_FILES and not folder for rel in relatives):
+        return False
+    return any(side_file("/".join(rel) + ("/" if folder else "")) is not None for rel in relatives)
+
+
+def _drop_side_folders(root: Path, files: list[tuple[str, ...]], *,
+                       skipped: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """With files at the archive's root, the root is the adapter's folder: files in its side folders (a trainer's
+    ``checkpoint-*/`` holds adapter files too, so they were written) are removed and reported."""
+    if not any(len(parts) == 1 for parts in files):
+        return files
+    kept = []
+    for parts in files:
+        reported = side_file("/".join(parts)) if len(parts) > 1 else None
+        if reported is None:
+            kept.append(parts)
+            continue
+        shutil.rmtree(root / reported, ignore_errors=True)
+        skipped.append(parts)
+    return kept
+
+
+def _reported(skipped: list[tuple[str, ...]], *, top: str | None) -> list[str]:
+    reported = set()
+    for parts in skipped:
+        rel = parts[1:] if top is not None and len(parts) > 1 and parts[0] == top else parts
+        path = "/".join(rel)
+        reported.add(side_file(path) or side_file(path + "/") or path)
+    return sorted(reported)
 
 
 def _format_for(filename: str) -> _Format:
@@ -104,8 +154,9 @@ def _check_magic(raw: BinaryIO, *, fmt: _Format, filename: str) -> None:
 
 
 def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_members: int,
-                 budget: _Budget) -> list[tuple[str, ...]]:
-    """Write every member under ``root``; return the relative parts of the files written."""
+                 budget: _Budget, skipped: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Write every member under ``root`` but side files (appended to ``skipped``); return the relative parts of
+    the files written."""
     files: list[tuple[str, ...]] = []
     current = ""
     try:
@@ -117,7 +168,7 @@ def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_
                     raise InvalidAdapterError(
                         f"{shown(filename)} holds more than {max_members} members; an adapter needs only "
                         "a few files", code=AdapterErrorCode.INVALID_ARCHIVE)
-                written = _extract_entry(entry, root, budget=budget)
+                written = _extract_entry(entry, root, budget=budget, skipped=skipped)
                 if written is not None:
                     files.append(written)
     except _TooManyMembers as e:
@@ -130,12 +181,16 @@ def _extract_all(raw: BinaryIO, root: Path, *, fmt: _Format, filename: str, max_
     return files
 
 
-def _extract_entry(entry: _Entry, root: Path, *, budget: _Budget) -> tuple[str, ...] | None:
+def _extract_entry(entry: _Entry, root: Path, *, budget: _Budget,
+                   skipped: list[tuple[str, ...]]) -> tuple[str, ...] | None:
     if entry.kind not in (_FILE, _FOLDER):
         raise InvalidAdapterError(f"archive member {shown(entry.name)} is {entry.kind}; only regular files "
                                   "and folders are accepted", code=AdapterErrorCode.UNSAFE_ARCHIVE_MEMBER)
     parts = _safe_parts(entry.name)
     if not parts or _is_os_clutter(parts):
+        return None
+    if _is_side_file(parts, folder=entry.kind == _FOLDER):
+        skipped.append(parts)
         return None
     target = root.joinpath(*parts)
     if not target.resolve().is_relative_to(root.resolve()):

@@ -206,3 +206,132 @@ class S3ObjectStore:
 
     async def ping(self) -> None:
         await asyncio.to_thread(self._call, "head_bucket", Bucket=self.bucket)
+
+
+# -- import sources: an adapter folder read from an S3-compatible location ---------------------------------------
+
+_SOURCE_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                  "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"})
+_SOURCE_MISSING_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound"})
+
+
+class SourceError(Exception):
+    """An import source could not be read (missing, denied, unreachable, too many objects); the message says which in
+    the API user's terms and never holds a credential."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceCredentials:
+    """Credentials for reading one import source, given with the request: used for that copy only, never stored or
+    logged (the secrets stay :class:`SecretStr`, so a repr or a log line shows ``**********``)."""
+
+    access_key_id: str
+    secret_access_key: SecretStr
+    session_token: SecretStr | None = None
+    endpoint_url: str | None = None
+    """Default: the gateway's own S3 endpoint."""
+    region: str | None = None
+    """Default: the gateway's S3 region."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceObject:
+    key: str
+    relative: str
+    """The key below the source's prefix: the file's path in the adapter's folder."""
+    size: int
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> (bucket, prefix); the prefix is a folder (a ``/`` is added if missing), or
+    ``""`` for the whole bucket. ValueError when ``url`` is not one."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not bucket:
+        raise ValueError("an S3 location looks like s3://bucket/prefix/")
+    return bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+class S3Source:
+    """One adapter folder in an S3-compatible bucket, read with the gateway's S3 endpoint and credentials or the
+    request's own (a client of its own either way: :class:`SourceCredentials` never reach the gateway's client).
+
+    Blocking (boto3): call it through ``asyncio.to_thread``. botocore errors become :class:`SourceError`."""
+
+    def __init__(self, client: Any, *, url: str) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_s3_url(url)
+        self._client = client
+
+    @classmethod
+    def open(cls, url: str, *, default: S3Config, credentials: SourceCredentials | None) -> S3Source:
+        """A reader of ``url``. A fresh boto3 session each time: boto3's default session is not thread-safe."""
+        import boto3
+        from botocore.config import Config
+
+        if credentials is None:
+            keys: dict[str, str | None] = {"aws_access_key_id": default.access_key_id,
+                                           "aws_secret_access_key": default.secret_access_key}
+        else:
+            keys = {"aws_access_key_id": credentials.access_key_id,
+                    "aws_secret_access_key": _reveal(credentials.secret_access_key),
+                    "aws_session_token": _reveal(credentials.session_token)}
+        endpoint = credentials.endpoint_url if credentials and credentials.endpoint_url else default.endpoint_url
+        region = credentials.region if credentials and credentials.region else default.region
+        try:
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint, region_name=region, **keys,
+                config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+        except ValueError as e:  # botocore refuses a malformed endpoint URL
+            raise SourceError("the endpoint_url of the credentials is not a valid URL") from e
+        return cls(client, url=url)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            return getattr(self._client, method)(**kwargs)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in _SOURCE_MISSING_BUCKET_CODES and method == "list_objects_v2":
+                raise SourceError(f"bucket {self.bucket!r} of {self.url} does not exist") from e
+            if code in _SOURCE_DENIED_CODES:
+                raise SourceError(f"access to {self.url} was denied ({code}): check the credentials") from e
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise SourceError(f"{kwargs.get('Key', '')!r} disappeared from {self.url} while it was read") from e
+            raise SourceError(f"the storage refused reading {self.url} ({code or 'no error code'})") from e
+        except NoCredentialsError as e:
+            raise SourceError(f"no credentials to read {self.url}: give `credentials`") from e
+        except BotoCoreError as e:
+            raise SourceError(f"the storage endpoint of {self.url} could not be reached") from e
+
+    def list(self, *, max_objects: int) -> list[SourceObject]:
+        """The objects below the prefix (folder markers left out); SourceError when there are none or more than
+        ``max_objects``: a source is one adapter's folder."""
+        page = self._call("list_objects_v2", Bucket=self.bucket, Prefix=self.prefix, MaxKeys=max_objects)
+        if page.get("IsTruncated"):
+            raise SourceError(f"{self.url} holds more than {max_objects:,} objects; point source at one adapter's "
+                              "folder")
+        objects = [SourceObject(key=o["Key"], relative=o["Key"][len(self.prefix):], size=int(o.get("Size", 0)))
+                   for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        if not objects:
+            raise SourceError(f"there is nothing at {self.url}")
+        return objects
+
+    def download(self, obj: SourceObject, dest: Path, *, max_bytes: int) -> int:
+        """Copy one object to ``dest``, reading at most ``max_bytes`` (:class:`OverflowError` beyond: the object
+        grew since it was listed, or lies about its size); the bytes written."""
+        from botocore.exceptions import BotoCoreError
+
+        body = self._call("get_object", Bucket=self.bucket, Key=obj.key)["Body"]
+        written = 0
+        try:
+            with body, dest.open("wb") as out:
+                while chunk := body.read(1024 * 1024):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise OverflowError(obj.relative)
+                    out.write(chunk)
+        except BotoCoreError as e:
+            raise SourceError(f"reading {obj.relative!r} from {self.url} failed midway") from e
+        return written

@@ -15,12 +15,13 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from adapters.basemodel import BaseModelSpec
+from adapters.imports import ImportRunner, ImportStore
 from adapters.registry import AdapterRegistry
 from adapters.store import ObjectStore, S3ObjectStore, s3_config
 from adapters.training.jobs import JobStore
 from gateway import errors, ops
 from gateway.admin.api_router import router as admin_router
-from gateway.admin.service import sweep_abandoned_uploads
+from gateway.admin.service import resume_imports_forever, sweep_abandoned_uploads
 from gateway.documents.api_router import router as documents_router
 from gateway.engine import EnginePool
 from gateway.fine_tuning.api_router import router as fine_tuning_router
@@ -77,6 +78,9 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         tokens=tokens,
         files=FileStore(redis, store),
         jobs=JobStore(redis),
+        imports=ImportRunner(ImportStore(redis, retention_s=settings.import_retention_s),
+                             concurrency=settings.import_concurrency, lease_s=settings.import_lease_s,
+                             poll_s=settings.import_poll_s),
     )
 
 
@@ -120,12 +124,16 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweep_uploads_forever(app_state))
         watcher = asyncio.create_task(_watch_engines_forever(app_state))
         job_counter = asyncio.create_task(_count_jobs_forever(app_state))
+        importer = asyncio.create_task(resume_imports_forever(app_state))  # unfinished bulk imports nobody runs
         try:
             yield
         finally:
             sweeper.cancel()
             watcher.cancel()
             job_counter.cancel()
+            importer.cancel()
+            if app_state.imports is not None:
+                await app_state.imports.aclose()  # their leases given back: another gateway resumes them at once
             await app_state.engines.aclose()
             await app_state.store.aclose()
             await app_state.documents.aclose()

@@ -55,6 +55,17 @@ class Settings(S3Settings):
     upload_sweep_after_s: float = Field(default=900.0, gt=0)
     """Files of an upload not recorded this long after it began are removed (the writer died)."""
     max_adapter_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_import_items: int = Field(default=10_000, ge=1)
+    """Most items one bulk import (`POST /admin/imports`) may carry (400 above it)."""
+    import_concurrency: int = Field(default=4, ge=1, le=64)
+    """Adapters one gateway imports at once, across all bulk imports it runs."""
+    import_lease_s: float = Field(default=30.0, ge=1.0)
+    """A bulk import's runner renews its lease every third of this; another gateway resumes the import once the
+    lease lapses (its runner died)."""
+    import_poll_s: float = Field(default=15.0, gt=0)
+    """How often a gateway looks for unfinished bulk imports nobody runs."""
+    import_retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    """How long a finished bulk import's record and per-item results stay readable."""
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(default=16, ge=1)
     """Most prompts one `/v1/completions` request may carry (400 `param: prompt` above it)."""

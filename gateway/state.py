@@ -28,6 +28,7 @@ from retrieval.service import Documents
 
 if TYPE_CHECKING:
     from adapters.basemodel import BaseModelSpec
+    from adapters.imports import ImportRunner
 
 
 class Pinger(Protocol):
@@ -61,3 +62,5 @@ class AppState:
     """Requests in flight and the shutdown drain (:mod:`gateway.health`)."""
     readiness: Readiness = field(default_factory=Readiness)
     """The cached readiness check of ``/readyz``."""
+    imports: ImportRunner | None = None
+    """Bulk adapter imports (``/admin/imports``); None in a state built without Redis (they answer 503)."""

@@ -3,9 +3,10 @@ returns."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import UploadFile as FormFile
 
 from gateway.admin import protocol as wire
 from gateway.admin import service
@@ -55,18 +56,31 @@ async def revoke_key(tenant_id: str, key_id: str, state: StateDep) -> wire.Delet
 
 
 @router.post("/tenants/{tenant_id}/adapters", status_code=201)
-async def upload_adapter(
-    tenant_id: str,
-    state: StateDep,
-    name: Annotated[str, Form()],
-    files: Annotated[list[UploadFile] | None, File()] = None,
-    archive: Annotated[UploadFile | None, File()] = None,
-    activate: Annotated[bool, Form()] = True,
-) -> wire.AdapterVersionOut:
-    uploaded = [service.UploadedFile(f.filename or "", f.file) for f in files or []]
-    packed = service.UploadedFile(archive.filename or "", archive.file) if archive else None
-    return await service.upload_adapter(state, tenant_id, name=name, files=uploaded, archive=packed,
-                                        activate=activate)
+async def upload_adapter(tenant_id: str, request: Request, state: StateDep) -> wire.AdapterUploadOut:
+    """Multipart: the adapter's files or archive. JSON: an import from an S3 location. The content type decides."""
+    if wire.is_json(request.headers.get("content-type")):
+        body = wire.parse_body(wire.AdapterSourceIn, await request.body())
+        return await service.import_adapter(state, tenant_id, body=body)
+    async with request.form() as form:
+        fields = wire.parse_body(wire.AdapterUploadForm, {k: v for k, v in form.multi_items() if isinstance(v, str)})
+        uploaded = [service.UploadedFile(f.filename or "", f.file) for f in form.getlist("files")
+                    if isinstance(f, FormFile)]
+        archive = form.get("archive")
+        packed = service.UploadedFile(archive.filename or "", archive.file) if isinstance(archive, FormFile) else None
+        return await service.upload_adapter(state, tenant_id, name=fields.name, files=uploaded, archive=packed,
+                                            activate=fields.activate, base_model=fields.base_model)
+
+
+@router.post("/imports", status_code=202)
+async def create_import(body: wire.ImportIn, state: StateDep) -> wire.ImportOut:
+    return await service.create_import(state, body)
+
+
+@router.get("/imports/{import_id}")
+async def get_import(import_id: str, state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     after: Annotated[int, Query(ge=-1)] = -1,
+                     status: Annotated[Literal["failed"] | None, Query()] = None) -> wire.ImportOut:
+    return await service.get_import(state, import_id, after=after, limit=limit, failed_only=status == "failed")
 
 
 @router.get("/tenants/{tenant_id}/adapters")

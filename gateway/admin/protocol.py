@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from adapters.naming import ID_PATTERN
 
@@ -94,6 +95,114 @@ class CanaryOut(BaseModel):
     version: int
     percent: int
     """Of the adapter's requests, the share served by ``version``; the rest go to the active version."""
+
+
+class AdapterUploadOut(AdapterVersionOut):
+    """The answer to an upload or an import: the version stored, the base model it was checked against, and the side
+    files that came with it and were ignored."""
+
+    base_model: str
+    ignored_files: list[str]
+
+
+S3_URL_PATTERN = r"^s3://[A-Za-z0-9][A-Za-z0-9._-]{1,254}(/.*)?$"
+
+
+class SourceCredentialsIn(BaseModel):
+    """Credentials for the copy from `source` only: never stored, never logged."""
+
+    model_config = ConfigDict(extra="forbid")
+    access_key_id: str = Field(min_length=1, max_length=256)
+    secret_access_key: SecretStr = Field(min_length=1, max_length=1024)
+    session_token: SecretStr | None = Field(default=None, max_length=8192)
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://", max_length=1024)
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,64}$")
+
+
+class AdapterSourceIn(BaseModel):
+    """`POST /admin/tenants/{id}/adapters` with a JSON body: import the adapter folder at `source`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=ID_PATTERN)
+    source: str = Field(pattern=S3_URL_PATTERN, max_length=1024)
+    activate: bool = True
+    base_model: str | None = Field(default=None, max_length=256)
+    credentials: SourceCredentialsIn | None = None
+
+
+class AdapterUploadForm(BaseModel):
+    """The plain fields of the multipart upload (its files are read apart)."""
+
+    name: str
+    activate: bool = True
+    base_model: str | None = Field(default=None, max_length=256)
+
+
+class ImportItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(pattern=ID_PATTERN)
+    name: str = Field(pattern=ID_PATTERN)
+    source: str = Field(pattern=S3_URL_PATTERN, max_length=1024)
+    activate: bool = True
+    base_model: str | None = Field(default=None, max_length=256)
+
+
+class ImportIn(BaseModel):
+    """`POST /admin/imports`: many adapters from S3 at once (their number is bounded by the settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[ImportItemIn] = Field(min_length=1)
+    credentials: SourceCredentialsIn | None = None
+
+
+class ImportCounts(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+
+
+class ImportItemOut(BaseModel):
+    index: int
+    tenant: str
+    name: str
+    source: str
+    status: Literal["pending", "running", "succeeded", "failed"]
+    version: int | None = None
+    active: bool | None = None
+    error: dict[str, Any] | None = None
+    """The OpenAI error object of a failed item."""
+
+
+class ImportOut(BaseModel):
+    id: str
+    object: str = "adapter.import"
+    status: Literal["in_progress", "completed", "interrupted"]
+    created: int
+    finished: int | None
+    credentials: Literal["gateway", "request"]
+    """Whose credentials read the sources; `request`: kept only in memory by the gateway that received the import."""
+    counts: ImportCounts
+    data: list[ImportItemOut] = Field(default_factory=list)
+    """One page of items, by index (`after`, `limit`; `status=failed` for the failed ones only)."""
+    has_more: bool = False
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], raw: bytes | dict[str, Any]) -> M:
+    """A body parsed into ``model``; invalid input is the same 400 a route's own body would give."""
+    try:
+        return model.model_validate_json(raw) if isinstance(raw, bytes) else model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False,
+                                              include_input=False)) from e
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 class AdapterOut(BaseModel):

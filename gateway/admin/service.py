@@ -4,24 +4,31 @@ Each takes the app state and what its route parsed, raises the gateway's errors,
 model the route sends. Records become wire models in one way only: the ``_*_out`` functions at the end,
 field by field.
 
-An upload goes: stage the files on local disk (archives extracted safely) -> validate hard against
-the base model -> allocate a version -> publish it (:func:`adapters.layout.publish_version`: the files,
-the manifest last, then the version recorded in Redis, the commit point). Any failure before the commit
-removes what was written, so a rejected or failed upload leaves nothing behind.
+An upload goes: stage the files on local disk (archives extracted safely, known side files of a PEFT or trainer
+output folder skipped) -> validate hard against the base model -> allocate a version -> publish it
+(:func:`adapters.layout.publish_version`: the files, the manifest last, then the version recorded in Redis, the
+commit point). Any failure before the commit removes what was written, so a rejected or failed upload leaves
+nothing behind. An import stages the files from an S3 location instead (:class:`adapters.store.S3Source`), then
+goes the same way; a bulk import runs many of those in the background (:mod:`adapters.imports`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from adapters.archive import extract_archive
+from adapters.basemodel import BaseModelSpec
+from adapters.errors import AdapterTooLargeError
+from adapters.imports import ImportItem, ImportRecord, ImportRunner, ItemDone, ItemFailed, LeaseLost
 from adapters.layout import (
     ADAPTER_FILES,
     CommitRefused,
@@ -32,25 +39,42 @@ from adapters.layout import (
 )
 from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, Split, UnknownVersion, VersionMeta
-from adapters.validation import check_file_set, validate_adapter_dir
+from adapters.store import S3Source, SourceCredentials, SourceError, s3_config
+from adapters.validation import sort_files, validate_adapter_dir
 from gateway.admin.protocol import (
     AdapterOut,
+    AdapterSourceIn,
+    AdapterUploadOut,
     AdapterVersionOut,
     CanaryIn,
     CanaryOut,
     Deleted,
+    ImportCounts,
+    ImportIn,
+    ImportItemOut,
+    ImportOut,
     KeyCreate,
     KeyCreated,
     KeyOut,
     ListOut,
+    SourceCredentialsIn,
     TenantCreate,
     TenantOut,
     TenantPatch,
     UsageCounts,
     UsageOut,
 )
-from gateway.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound
+from gateway.errors import (
+    BanyanError,
+    Conflict,
+    DependencyUnavailable,
+    InvalidAdapter,
+    InvalidRequest,
+    NotFound,
+    translate,
+)
 from gateway.fine_tuning.service import delete_tenant_data
+from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import KeyInfo, Tenant
 from gateway.usage import Counts
@@ -58,12 +82,24 @@ from gateway.usage import Counts
 log = logging.getLogger("banyan.admin")
 
 _COPY_CHUNK = 1024 * 1024
+_MAX_SOURCE_OBJECTS = 1000
+"""Most objects an import source may hold: a source is one adapter's folder (side files included)."""
+_IMPORT_ID = re.compile(r"^imp_[0-9a-f]{24}$")
+
+Note = Callable[[AdapterRef], Awaitable[None]]
+"""Told the reference of a version about to be published (a bulk import records it: nothing is imported twice)."""
 
 
 @dataclass(frozen=True, slots=True)
 class UploadedFile:
     filename: str
     file: BinaryIO
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    folder: Path
+    ignored: list[str]
 
 
 # -- tenants -----------------------------------------------------------------------------------------
@@ -187,40 +223,145 @@ async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Delet
 
 
 async def upload_adapter(state: AppState, tenant_id: str, *, name: str, files: list[UploadedFile],
-                         archive: UploadedFile | None, activate: bool) -> AdapterVersionOut:
+                         archive: UploadedFile | None, activate: bool,
+                         base_model: str | None = None) -> AdapterUploadOut:
     """Stage, validate and publish one uploaded adapter version (committed only while this tenant is live)."""
     tenant = await _require_tenant(state, tenant_id)
-    if not is_valid_id(name):
-        raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
+    _check_name(name)
     if bool(files) == bool(archive):
         raise InvalidAdapter(f"Send the adapter either as `files` ({' and '.join(ADAPTER_FILES)}) or as one "
                              "`archive`, not both or neither.", param="files")
-    if state.base_spec is None:
-        raise InvalidRequest("This gateway has no base model configuration to check adapters against "
-                             "(set BANYAN_BASE_MODEL_CONFIG).")
-    settings = state.settings
+    _check_base_model(state, base_model)
+    _base_spec(state)
     with tempfile.TemporaryDirectory(prefix="banyan-upload-") as tmp:
-        folder = await asyncio.to_thread(_stage, Path(tmp), files, archive, max_bytes=settings.max_adapter_bytes)
-        info = await asyncio.to_thread(validate_adapter_dir, folder, base=state.base_spec,
-                                       max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes)
-        version = await state.adapters.allocate_version(tenant_id, name)
-        meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank, alpha=info.alpha,
-                           target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
-        ref = AdapterRef(tenant_id, name, version, meta.uid)
-        try:
-            await publish_version(state.store, state.adapters, ref=ref, folder=folder, meta=meta, activate=activate,
-                                  fence=state.tenants.fence(tenant))
-        except CommitRefused as e:
-            state.metrics.adapter_uploads.labels("failed").inc()
-            raise Conflict(f"Tenant `{tenant_id}` was deleted while the adapter was uploading; nothing was stored.",
-                           param="tenant_id") from e
-        except BaseException:
-            state.metrics.adapter_uploads.labels("failed").inc()
-            raise
+        staged = await asyncio.to_thread(_stage, Path(tmp), files, archive,
+                                         max_bytes=state.settings.max_adapter_bytes)
+        return await _store_version(state, tenant, name=name, staged=staged, activate=activate)
+
+
+async def import_adapter(state: AppState, tenant_id: str, *, body: AdapterSourceIn) -> AdapterUploadOut:
+    """Copy the adapter folder at ``body.source`` (side files skipped, bounded like an upload), then store it as an
+    upload. The request's credentials, if any, serve this copy only."""
+    return await _import_from(state, tenant_id, name=body.name, source=body.source, activate=body.activate,
+                              base_model=body.base_model, credentials=_credentials(body.credentials))
+
+
+async def _import_from(state: AppState, tenant_id: str, *, name: str, source: str, activate: bool,
+                       base_model: str | None, credentials: SourceCredentials | None,
+                       note: Note | None = None) -> AdapterUploadOut:
+    tenant = await _require_tenant(state, tenant_id)
+    _check_name(name)
+    _check_base_model(state, base_model)
+    _base_spec(state)
+    with tempfile.TemporaryDirectory(prefix="banyan-import-") as tmp:
+        staged = await asyncio.to_thread(_fetch, Path(tmp), source, settings=state.settings, credentials=credentials)
+        return await _store_version(state, tenant, name=name, staged=staged, activate=activate, note=note)
+
+
+async def _store_version(state: AppState, tenant: Tenant, *, name: str, staged: _Staged, activate: bool,
+                         note: Note | None = None) -> AdapterUploadOut:
+    """Validate the staged adapter and publish it as a new version of ``name``."""
+    settings = state.settings
+    info = await asyncio.to_thread(validate_adapter_dir, staged.folder, base=_base_spec(state),
+                                   max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
+                                   served_bases=[settings.base_model])
+    version = await state.adapters.allocate_version(tenant.id, name)
+    meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank, alpha=info.alpha,
+                       target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
+    ref = AdapterRef(tenant.id, name, version, meta.uid)
+    try:
+        if note is not None:
+            await note(ref)
+        await publish_version(state.store, state.adapters, ref=ref, folder=staged.folder, meta=meta,
+                              activate=activate, fence=state.tenants.fence(tenant))
+    except CommitRefused as e:
+        state.metrics.adapter_uploads.labels("failed").inc()
+        raise Conflict(f"Tenant `{tenant.id}` was deleted while the adapter was uploading; nothing was stored.",
+                       param="tenant_id") from e
+    except BaseException:
+        state.metrics.adapter_uploads.labels("failed").inc()
+        raise
     state.metrics.adapter_uploads.labels("stored").inc()
     if activate and settings.prefetch_on_activate:
         state.engines.warm(ref.engine_name)
-    return _version_out(name, meta, active=version if activate else None)
+    stored = _version_out(name, meta, active=version if activate else None)
+    return AdapterUploadOut(**stored.model_dump(), base_model=settings.base_model, ignored_files=staged.ignored)
+
+
+# -- bulk imports ------------------------------------------------------------------------------------
+
+
+class _ImportWorker:
+    """One bulk import item is one import (:func:`_import_from`); whatever stops it becomes the item's error."""
+
+    def __init__(self, state: AppState) -> None:
+        self._state = state
+
+    async def run(self, item: ImportItem, *, credentials: SourceCredentials | None, note: Note) -> ItemDone:
+        try:
+            out = await _import_from(self._state, item.tenant, name=item.name, source=item.source,
+                                     activate=item.activate, base_model=item.base_model, credentials=credentials,
+                                     note=note)
+        except LeaseLost:
+            raise
+        except BanyanError as e:
+            raise ItemFailed(e.body()["error"]) from e
+        except Exception as e:
+            error = translate(e)
+            if type(error) is BanyanError:  # none of ours: a bug, logged like an unhandled request error
+                log.exception("an import item failed unexpectedly")
+            raise ItemFailed(error.body()["error"]) from e
+        return ItemDone(version=out.version, active=out.active)
+
+    async def landed(self, ref: AdapterRef) -> bool:
+        return await self._state.adapters.is_recorded(ref)
+
+
+async def create_import(state: AppState, body: ImportIn) -> ImportOut:
+    """Record a bulk import and start running it here (its credentials, if any, stay in this process's memory)."""
+    runner = _importer(state)
+    if len(body.items) > state.settings.max_import_items:
+        raise InvalidRequest(f"An import takes at most {state.settings.max_import_items:,} items; this one has "
+                             f"{len(body.items):,}. Split it.", param="items")
+    _base_spec(state)
+    items = [ImportItem(tenant=i.tenant, name=i.name, source=i.source, activate=i.activate, base_model=i.base_model)
+             for i in body.items]
+    record = await runner.submit(items, _ImportWorker(state), credentials=_credentials(body.credentials))
+    return _import_out(record)
+
+
+async def get_import(state: AppState, import_id: str, *, after: int, limit: int, failed_only: bool) -> ImportOut:
+    runner = _importer(state)
+    record = await runner.store.get(import_id) if _IMPORT_ID.match(import_id) else None
+    if record is None:
+        raise NotFound(f"Import `{import_id}` does not exist.", param="import_id")
+    page = await runner.store.page(import_id, after=after, limit=limit, failed_only=failed_only)
+    out = _import_out(record)
+    out.data = [ImportItemOut(index=index, tenant=item.tenant, name=item.name, source=item.source,
+                              status=result.status, version=result.version,
+                              active=result.active if result.status == "succeeded" else None, error=result.error)
+                for index, item, result in page.items]
+    out.has_more = page.has_more
+    return out
+
+
+async def resume_imports_forever(state: AppState) -> None:
+    """Take over the unfinished bulk imports nobody runs (their gateway stopped), now and every few seconds."""
+    if state.imports is not None:
+        await state.imports.resume_forever(_ImportWorker(state))
+
+
+def _importer(state: AppState) -> ImportRunner:
+    if state.imports is None:
+        raise DependencyUnavailable("Bulk imports are not available on this gateway.")
+    return state.imports
+
+
+def _import_out(record: ImportRecord) -> ImportOut:
+    return ImportOut(id=record.id, status=record.status, created=record.created, finished=record.finished,
+                     credentials=record.credentials,
+                     counts=ImportCounts(total=record.total, succeeded=record.succeeded, failed=record.failed,
+                                         pending=record.pending))
 
 
 async def sweep_abandoned_uploads(state: AppState, *, older_than_s: float) -> int:
@@ -273,22 +414,83 @@ async def _delete_adapter_everywhere(state: AppState, tenant_id: str, name: str)
         await state.adapters.clear_pending(ref)
 
 
-def _stage(tmp: Path, files: list[UploadedFile], archive: UploadedFile | None, *, max_bytes: int) -> Path:
-    """The uploaded files in one local folder (an archive extracted safely). Blocking."""
+def _check_name(name: str) -> None:
+    if not is_valid_id(name):
+        raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
+
+
+def _base_spec(state: AppState) -> BaseModelSpec:
+    if state.base_spec is None:
+        raise InvalidRequest("This gateway has no base model configuration to check adapters against "
+                             "(set BANYAN_BASE_MODEL_CONFIG).")
+    return state.base_spec
+
+
+def _check_base_model(state: AppState, base_model: str | None) -> None:
+    """A ``base_model`` given must be one this gateway serves (for now its one base model)."""
+    served = state.settings.base_model
+    if base_model is not None and base_model != served:
+        raise InvalidRequest(f"Base model `{base_model}` is not served here; Banyan serves `{served}`.",
+                             param="base_model")
+
+
+def _credentials(given: SourceCredentialsIn | None) -> SourceCredentials | None:
+    if given is None:
+        return None
+    return SourceCredentials(access_key_id=given.access_key_id, secret_access_key=given.secret_access_key,
+                             session_token=given.session_token, endpoint_url=given.endpoint_url, region=given.region)
+
+
+def _stage(tmp: Path, files: list[UploadedFile], archive: UploadedFile | None, *, max_bytes: int) -> _Staged:
+    """The uploaded files in one local folder (an archive extracted safely), side files left out. Blocking."""
     if archive is not None:
         packed = tmp / "upload.archive"
         _copy(archive.file, packed)
-        return extract_archive(packed, tmp / "extracted", filename=archive.filename, max_member_bytes=max_bytes,
-                               max_total_bytes=max_bytes)
-    names = [Path(f.filename).name for f in files]
-    if len(set(names)) != len(names):
+        extracted = extract_archive(packed, tmp / "extracted", filename=archive.filename,
+                                    max_member_bytes=max_bytes, max_total_bytes=max_bytes)
+        return _Staged(folder=extracted.folder, ignored=extracted.ignored)
+    paths = [_relative(f.filename) for f in files]
+    sorted_files = sort_files(paths)
+    kept = [(upload, path) for upload, path in zip(files, paths, strict=True) if path in sorted_files.kept]
+    if len(kept) != len(sorted_files.kept):
         raise InvalidAdapter("The same file was sent twice.", param="files")
-    check_file_set(names)
     folder = tmp / "files"
     folder.mkdir()
-    for upload, filename in zip(files, names, strict=True):
-        _copy(upload.file, folder / filename)
-    return folder
+    for upload, path in kept:
+        _copy(upload.file, folder / path)
+    return _Staged(folder=folder, ignored=sorted_files.ignored)
+
+
+def _relative(filename: str) -> str:
+    """An uploaded file's name as a path in the adapter's folder (a client may send ``checkpoint-5/x``), without
+    anything that could leave it: only the plain names matter, and side folders are recognised by their name."""
+    parts = [p for p in filename.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) if parts else filename
+
+
+def _fetch(tmp: Path, source: str, *, settings: Settings, credentials: SourceCredentials | None) -> _Staged:
+    """The adapter's files at ``source`` in one local folder, side files left out, within the upload's byte bound.
+    Blocking (boto3)."""
+    max_bytes = settings.max_adapter_bytes
+    try:
+        reader = S3Source.open(source, default=s3_config(settings), credentials=credentials)
+        objects = reader.list(max_objects=_MAX_SOURCE_OBJECTS)
+        found = sort_files(o.relative for o in objects)
+        wanted = [o for o in objects if o.relative in found.kept]
+        if sum(o.size for o in wanted) > max_bytes:
+            raise AdapterTooLargeError(f"the adapter's files at {source} total {sum(o.size for o in wanted):,} "
+                                       f"bytes, over the {max_bytes:,}-byte limit")
+        folder = tmp / "files"
+        folder.mkdir()
+        budget = max_bytes
+        for obj in wanted:
+            budget -= reader.download(obj, folder / obj.relative, max_bytes=budget)
+    except SourceError as e:
+        raise InvalidRequest(f"Cannot import from `source`: {e}.", param="source") from e
+    except OverflowError as e:
+        raise AdapterTooLargeError(f"the adapter's files at {source} grew over the {max_bytes:,}-byte limit while "
+                                   "they were read") from e
+    return _Staged(folder=folder, ignored=found.ignored)
 
 
 def _copy(source: BinaryIO, dest: Path) -> None:

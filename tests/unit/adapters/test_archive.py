@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.archive import extract_archive
+from adapters.archive import Extracted, extract_archive
 from adapters.basemodel import BaseModelSpec
 from adapters.errors import AdapterError, AdapterTooLargeError, InvalidAdapterError
 from adapters.validation import validate_adapter_dir
@@ -67,9 +67,10 @@ def refusal(archive: Path, dest: Path, *, filename: str, code: str,
     return caught.value.message
 
 
-def assert_extracted(folder: Path, dest: Path) -> None:
-    assert folder.is_relative_to(dest)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == FILES
+def assert_extracted(extracted: Extracted, dest: Path, *, ignored: tuple[str, ...] = ()) -> None:
+    assert extracted.folder.is_relative_to(dest)
+    assert {p.name: p.read_bytes() for p in extracted.folder.iterdir()} == FILES
+    assert extracted.ignored == sorted(ignored)
 
 
 # -- good archives ----------------------------------------------------------------------------------
@@ -89,9 +90,9 @@ def test_tar_gz_with_folder_entries(tmp_path: Path) -> None:
     top.type = tarfile.DIRTYPE
     files = [tar_file(n, d) for n, d in adapter_members("my-adapter/")]
     archive = tar_gz(tmp_path / "upload", [(top, None), *files])
-    folder = extract_archive(archive, tmp_path / "out", filename="a.tar.gz", **LIMITS)
-    assert folder.name == "my-adapter"
-    assert_extracted(folder, tmp_path / "out")
+    extracted = extract_archive(archive, tmp_path / "out", filename="a.tar.gz", **LIMITS)
+    assert extracted.folder.name == "my-adapter"
+    assert_extracted(extracted, tmp_path / "out")
 
 
 @pytest.mark.parametrize("folder", ["", "my-adapter/"])
@@ -110,8 +111,7 @@ def test_macos_clutter_is_skipped(tmp_path: Path) -> None:
 
 def test_dest_may_already_hold_the_upload(tmp_path: Path) -> None:
     archive = zip_archive(tmp_path / "upload.zip", adapter_members())
-    folder = extract_archive(archive, tmp_path, filename="a.zip", **LIMITS)
-    assert_extracted(folder, tmp_path)
+    assert_extracted(extract_archive(archive, tmp_path, filename="a.zip", **LIMITS), tmp_path)
     assert archive.exists()
 
 
@@ -120,9 +120,42 @@ def test_a_real_adapter_survives_the_round_trip(peft_adapter: Path, demo_spec: B
     archive = tmp_path / "upload"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(peft_adapter, arcname="my-adapter")
-    folder = extract_archive(archive, tmp_path / "out", filename="my-adapter.tar.gz", **LIMITS)
+    folder = extract_archive(archive, tmp_path / "out", filename="my-adapter.tar.gz", **LIMITS).folder
     info = validate_adapter_dir(folder, base=demo_spec, max_rank=16, max_bytes=MiB)
     assert info.rank == 8
+
+
+# -- PEFT and trainer output folders as they are -----------------------------------------------------
+
+SIDE = [("README.md", b"# card"), ("tokenizer.json", b"{}"), ("training_args.bin", b"\x80\x04K\x01."),
+        (".gitattributes", b"*"), ("checkpoint-5/optimizer.pt", b"\x80\x04K\x01."),
+        ("checkpoint-5/adapter_config.json", b"{}"), ("checkpoint-5/adapter_model.safetensors", b"old")]
+SIDE_REPORTED = (".gitattributes", "README.md", "checkpoint-5/", "tokenizer.json", "training_args.bin")
+
+
+@pytest.mark.parametrize("folder", ["", "output/"])
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_side_files_are_skipped_unread_and_reported(folder: str, fmt: str, tmp_path: Path) -> None:
+    members = [*adapter_members(folder), *((folder + n, d) for n, d in SIDE)]
+    archive = (zip_archive(tmp_path / "upload", members) if fmt == "zip"
+               else tar_gz(tmp_path / "upload", [tar_file(n, d) for n, d in members]))
+    extracted = extract_archive(archive, tmp_path / "out", filename=f"a.{fmt}", **LIMITS)
+    assert_extracted(extracted, tmp_path / "out", ignored=SIDE_REPORTED)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == sorted(FILES)
+
+
+def test_an_archive_of_one_checkpoint_folder_is_that_adapter(tmp_path: Path) -> None:
+    members = [*adapter_members("checkpoint-5/"), ("checkpoint-5/optimizer.pt", b"x"), ("README.md", b"#")]
+    extracted = extract_archive(zip_archive(tmp_path / "upload", members), tmp_path / "out", filename="a.zip",
+                                **LIMITS)
+    assert_extracted(extracted, tmp_path / "out", ignored=("README.md", "optimizer.pt"))
+
+
+def test_pickle_weights_in_an_archive_are_kept_for_the_file_check_to_refuse(tmp_path: Path) -> None:
+    members = [("adapter_config.json", b"{}"), ("adapter_model.bin", b"\x80\x04K\x01."), ("README.md", b"#")]
+    extracted = extract_archive(zip_archive(tmp_path / "upload", members), tmp_path / "out", filename="a.zip",
+                                **LIMITS)
+    assert sorted(p.name for p in extracted.folder.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
 
 
 # -- formats ----------------------------------------------------------------------------------------
@@ -210,8 +243,8 @@ def test_a_zip_symlink_is_refused(tmp_path: Path) -> None:
 
 
 def test_too_many_members_are_refused(tmp_path: Path) -> None:
-    archive = zip_archive(tmp_path / "upload", [(f"f{i}.txt", b"x") for i in range(17)])
-    assert "16" in refusal(archive, tmp_path / "out", filename="a.zip", code="invalid_archive")
+    archive = zip_archive(tmp_path / "upload", [(f"f{i}.txt", b"x") for i in range(257)])
+    assert "256" in refusal(archive, tmp_path / "out", filename="a.zip", code="invalid_archive")
 
 
 # -- sizes ------------------------------------------------------------------------------------------
@@ -243,12 +276,12 @@ def test_a_zip_with_a_huge_entry_count_is_refused_before_its_directory_is_read(t
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert "30,000 members" in message and "16" in message
+    assert "30,000 members" in message and "256" in message
     assert peak < 256 * 1024  # zipfile would hold 30,000 ZipInfo objects (tens of MiB)
 
 
 def test_a_zip_whose_end_record_understates_its_entries_is_refused(tmp_path: Path) -> None:
-    archive = _many_entries(tmp_path / "upload", 3000)
+    archive = _many_entries(tmp_path / "upload", 8000)
     raw = bytearray(archive.read_bytes())
     struct.pack_into("<HH", raw, len(raw) - 22 + 8, 2, 2)  # the end record now claims 2 entries
     archive.write_bytes(bytes(raw))
