@@ -10,7 +10,18 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from adapters.store import ObjectMissing, S3Config, S3ObjectStore, S3Settings, StoreUnavailable, s3_config
+from adapters.store import (
+    ObjectMissing,
+    S3Config,
+    S3ObjectStore,
+    S3Settings,
+    S3Source,
+    SourceCredentials,
+    SourceError,
+    StoreUnavailable,
+    parse_s3_url,
+    s3_config,
+)
 
 S3_ENV_NAMES = {"BANYAN_S3_ENDPOINT_URL", "BANYAN_S3_BUCKET", "BANYAN_S3_REGION", "BANYAN_S3_ACCESS_KEY_ID",
                 "BANYAN_S3_SECRET_ACCESS_KEY"}
@@ -107,3 +118,76 @@ async def test_a_new_event_loop_gets_its_own_client(tmp_path: Path) -> None:
     await store.get_file("k", tmp_path / "b")
     assert store._downloads() is not first
     assert (tmp_path / "b").read_bytes() == b"x"
+
+
+# -- import sources ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def source_bucket(no_s3_env: pytest.MonkeyPatch) -> Any:
+    """An in-process S3 (moto) holding bucket ``src`` with one adapter folder and its side files."""
+    import boto3
+    from moto import mock_aws
+
+    no_s3_env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    no_s3_env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="src")
+        for key, body in {"team/a/adapter_config.json": b"{}", "team/a/adapter_model.safetensors": b"w" * 100,
+                          "team/a/checkpoint-1/optimizer.pt": b"p", "team/a/": b"", "team/ab/other.txt": b"x"}.items():
+            client.put_object(Bucket="src", Key=key, Body=body)
+        yield client
+
+
+GATEWAY_S3 = S3Config(bucket="banyan", access_key_id="testing", secret_access_key="testing")
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("s3://src/team/a/", ("src", "team/a/")), ("s3://src/team/a", ("src", "team/a/")), ("s3://src", ("src", "")),
+    ("s3://src/", ("src", "")),
+])
+def test_an_s3_url_is_a_bucket_and_a_folder(url: str, expected: tuple[str, str]) -> None:
+    assert parse_s3_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["https://src/a/", "s3:///a/", "src/a"])
+def test_other_urls_are_not_sources(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_s3_url(url)
+
+
+def test_a_source_lists_its_folder_only_and_downloads_within_a_bound(source_bucket: Any, tmp_path: Path) -> None:
+    source = S3Source.open("s3://src/team/a", default=GATEWAY_S3, credentials=None)
+    objects = {o.relative: o.size for o in source.list(max_objects=10)}
+    assert objects == {"adapter_config.json": 2, "adapter_model.safetensors": 100, "checkpoint-1/optimizer.pt": 1}
+    weights = next(o for o in source.list(max_objects=10) if o.relative == "adapter_model.safetensors")
+    assert source.download(weights, tmp_path / "w", max_bytes=100) == 100
+    with pytest.raises(OverflowError):
+        source.download(weights, tmp_path / "w2", max_bytes=99)
+
+
+@pytest.mark.parametrize(("url", "max_objects", "words"), [
+    ("s3://nope/a/", 10, "does not exist"), ("s3://src/empty/", 10, "nothing at"),
+    ("s3://src/team/a/", 2, "more than 2"),
+])
+def test_a_source_that_cannot_be_read_says_why(url: str, max_objects: int, words: str, source_bucket: Any) -> None:
+    with pytest.raises(SourceError, match=words):
+        S3Source.open(url, default=GATEWAY_S3, credentials=None).list(max_objects=max_objects)
+
+
+def test_request_credentials_make_a_client_of_their_own(source_bucket: Any) -> None:
+    given = SourceCredentials(access_key_id="AKIA-theirs", secret_access_key=SecretStr("zz-secret-99"),
+                              session_token=SecretStr("qq-token-77"), region="eu-west-1")
+    source = S3Source.open("s3://src/team/a/", default=GATEWAY_S3, credentials=given)
+    credentials = source._client._request_signer._credentials
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == ("AKIA-theirs", "zz-secret-99",
+                                                                                   "qq-token-77")
+    assert source._client.meta.region_name == "eu-west-1"
+    assert "zz-secret-99" not in repr(given) and "qq-token-77" not in repr(given)
+
+
+def test_an_unreachable_endpoint_is_a_source_error() -> None:
+    given = SourceCredentials(access_key_id="k", secret_access_key=SecretStr("s"), endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(SourceError, match="could not be reached"):
+        S3Source.open("s3://src/a/", default=GATEWAY_S3, credentials=given).list(max_objects=10)
