@@ -19,6 +19,9 @@ from gateway.dev.demo_model import build_adapter
 from gateway.dev.launcher import DevProcess, launch_dev
 
 CACHE_MAX_BYTES = 12 * 1024 * 1024
+TRAINER_LEASE_S = 10
+"""The trainers' lease in the session stack: short, so a job whose worker is killed is taken over within seconds
+(test_trainer.py); long enough that a worker on this busy machine renews (every third) in time."""
 
 
 @dataclass
@@ -60,7 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     # Small bounds, so that the adapter tests also exercise eviction (gateway unloads, disk cache bound).
     dev = launch_dev(tmp_path_factory.mktemp("stack"), admin_key="adm_test_" + secrets.token_hex(12), extra_env={
         "BANYAN_LORA_CACHE_MAX_BYTES": str(CACHE_MAX_BYTES), "BANYAN_ENGINE_RESIDENT_ADAPTERS": "24",
-        "BANYAN_LOG_LEVEL": "info"})  # the access log lines, checked by test_logs.py
+        "BANYAN_LOG_LEVEL": "info",  # the access log lines, checked by test_logs.py
+        "BANYAN_TRAINER_LEASE_S": str(TRAINER_LEASE_S)})
     try:
         yield RunningStack(**vars(dev.wait_ready()))
     finally:
