@@ -146,6 +146,21 @@ def test_files_and_jobs_are_invisible_to_other_tenants(stack: RunningStack, admi
     assert [j.id for j in owner.fine_tuning.jobs.list().data] == [job.id]
 
 
+def test_deleting_a_tenant_removes_its_files_and_jobs(stack: RunningStack, admin: httpx.Client,
+                                                      tenant: TenantHandle) -> None:
+    client = tenant.client()
+    uploaded = client.files.create(file=("train.jsonl", _jsonl(FACTS[:4])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=stack.info["base_model"], training_file=uploaded.id, suffix="gone",
+                                         hyperparameters={"n_epochs": 1})
+    client.fine_tuning.jobs.cancel(job.id)
+    assert stack.s3_keys(f"files/{tenant.id}/") != []
+    assert admin.delete(f"/admin/tenants/{tenant.id}").status_code == 200
+    assert stack.s3_keys(f"files/{tenant.id}/") == []
+    redis = stack.redis()
+    assert redis.keys(f"banyan:files:{tenant.id}") == [] and redis.keys(f"banyan:ft:*{tenant.id}*") == []
+    assert redis.exists(f"banyan:ft:job:{job.id}") == 0
+
+
 # -- jobs end to end (the stack's trainer worker) ----------------------------------------------------
 
 
@@ -196,6 +211,10 @@ def test_if_better_keeps_the_active_version_when_the_new_one_is_worse(stack: Run
     detail = admin.get(f"/admin/tenants/{trainee.id}/adapters/rooms").json()
     assert (detail["active_version"], [v["version"] for v in detail["versions"]]) == (1, [1, 2])
     assert any("not activated" in e.message for e in _events(client, job.id))
+    deadline = time.monotonic() + 60  # the gateway's gauge is refreshed every 15 s
+    while stack.gateway_metric("banyan_fine_tuning_jobs", status="succeeded") < 2:
+        assert time.monotonic() < deadline, "banyan_fine_tuning_jobs{status=succeeded} never counted the jobs"
+        time.sleep(1.0)
 
 
 def test_a_running_job_is_cancelled_and_makes_no_version(stack: RunningStack, admin: httpx.Client,
