@@ -13,10 +13,12 @@ import boto3
 import httpx
 import pytest
 
+from adapters.registry import split_bucket
 from tests.integration.conftest import RunningStack, TenantHandle, make_tenant, upload
 
-REQUESTS = 600
-"""Distinct users asked once each: the canary's share of them has a standard deviation of 1.6 points at 20 %."""
+REQUESTS = 1000
+"""Distinct users asked once each: the canary's share of them has a standard deviation of 1.3 points at 20 %, so
+a share more than 5 points off is a broken split (about once in 10^4 runs by chance)."""
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,8 @@ def test_a_canary_at_20_percent_gets_20_percent_of_users_each_on_one_version(
     assert set(versions) == {"1", "2"}
     share = versions["2"] / REQUESTS
     assert abs(share - 0.20) <= 0.05, versions
+    # Each user's version is the one the documented bucket (a hash of tenant, adapter and user) gives.
+    assert all((v == "2") == (split_bucket(ranker.id, "ranker", u) < 20) for u, (v, _) in served.items())
     # The header tells the truth: each version wrote its own (greedy) text, every time.
     texts = {version: {text for v, text in served.values() if v == version} for version in versions}
     assert all(len(t) == 1 for t in texts.values()) and texts["1"] != texts["2"], texts
