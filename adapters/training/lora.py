@@ -167,6 +167,13 @@ def _load_tokenizer_and_model(base_model: Path) -> tuple[Any, Any]:
     return tokenizer, AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
 
 
+def _device(device: str | None) -> str:
+    """``device``, or the first GPU when there is one, else the CPU."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _pad_id(tokenizer: Any) -> int:
     pad: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pad
@@ -183,13 +190,15 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
                config: LoraTrainingConfig = LoraTrainingConfig(),
                progress: Callable[[TrainingStep], None] | None = None,
                init_adapter: Path | None = None,
-               should_stop: Callable[[], bool] | None = None) -> TrainingResult:
+               should_stop: Callable[[], bool] | None = None,
+               device: str | None = None) -> TrainingResult:
     """Train a LoRA adapter for the Hugging Face model folder ``base_model`` on ``examples``; write it to
     ``out`` (created) and return where and how the loss went.
 
     ``init_adapter``: a PEFT adapter folder to continue training from (its rank, alpha and target modules are
     kept; ``config``'s are ignored), so a tenant's adapter can be retrained on new data. ``should_stop`` is
-    asked before every step; when it says yes, :class:`TrainingStopped` is raised and nothing is written."""
+    asked before every step; when it says yes, :class:`TrainingStopped` is raised and nothing is written.
+    ``device``: where to train (a torch device; default the first GPU if there is one, else the CPU)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -206,6 +215,8 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)
+    where = _device(device)
+    model.to(where)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=0.0)
@@ -219,7 +230,7 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
                                             seed=config.seed), start=1):
         if should_stop is not None and should_stop():
             raise TrainingStopped(f"stopped before step {step} of {config.steps}")
-        batch = _collate([encoded[i] for i in indices], pad_id=pad_id)
+        batch = {k: v.to(where) for k, v in _collate([encoded[i] for i in indices], pad_id=pad_id).items()}
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -238,7 +249,7 @@ def train_lora(base_model: Path, examples: Sequence[ChatMessages], out: Path, *,
 
 
 def evaluate_loss(base_model: Path, adapter_dir: Path | None, examples: Sequence[ChatMessages], *,
-                  max_length: int = 512, batch_size: int = 8) -> float:
+                  max_length: int = 512, batch_size: int = 8, device: str | None = None) -> float:
     """The mean loss per assistant token of ``examples`` on the base model, or with the adapter in
     ``adapter_dir``: the number :func:`train_lora` lowers, so two versions of an adapter compare on it (lower
     is better). Every assistant token weighs the same, whatever batch or example it is in."""
@@ -248,13 +259,15 @@ def evaluate_loss(base_model: Path, adapter_dir: Path | None, examples: Sequence
     tokenizer, model = _load_tokenizer_and_model(base_model)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+    where = _device(device)
+    model.to(where)
     model.eval()
     encoded = _encode_all(tokenizer, examples, max_length=max_length)
     pad_id = _pad_id(tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = _collate(encoded[start:start + batch_size], pad_id=pad_id)
+            batch = {k: v.to(where) for k, v in _collate(encoded[start:start + batch_size], pad_id=pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]  # token t is predicted at position t - 1
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),

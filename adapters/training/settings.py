@@ -44,6 +44,9 @@ class TrainerSettings(S3Settings):
     """Serve Prometheus metrics on this port; 0: no metrics server."""
     trainer_metrics_host: str = "0.0.0.0"
     """The address the metrics server listens on (``banyan dev``: loopback)."""
+    trainer_device: str = ""
+    """The torch device to train on (``cuda``, ``cuda:1``, ``cpu``); empty: the first GPU if there is one, else the
+    CPU."""
     trainer_threads: int = Field(default=2, ge=0)
     """torch's CPU threads (0: torch's own default, one per core). Small by default: on a shared CPU the
     engine needs the cores; on a GPU they matter little."""

@@ -383,7 +383,8 @@ class Worker:
         def work() -> TrainingResult:
             try:
                 return self._train(self.base_path, examples, out, config=config, progress=progress,
-                                   init_adapter=init, should_stop=run.stop.is_set)
+                                   init_adapter=init, should_stop=run.stop.is_set,
+                                   device=self.settings.trainer_device or None)
             finally:
                 loop.call_soon_threadsafe(steps.put_nowait, None)
 
@@ -483,10 +484,11 @@ class Worker:
                                    "version is not activated", level="warn")
             return False
         await self._check(run)
-        length = self.settings.trainer_max_length
-        new = await asyncio.to_thread(self._evaluate, self.base_path, out, compare, max_length=length)
+        length, device = self.settings.trainer_max_length, self.settings.trainer_device or None
+        new = await asyncio.to_thread(self._evaluate, self.base_path, out, compare, max_length=length, device=device)
         await self._check(run)
-        old = await asyncio.to_thread(self._evaluate, self.base_path, active_dir, compare, max_length=length)
+        old = await asyncio.to_thread(self._evaluate, self.base_path, active_dir, compare, max_length=length,
+                                      device=device)
         better = new < old
         verdict = "activated" if better else "not activated (the active version does as well or better)"
         await self._event(job, f"Held-out loss on {len(compare)} examples: new version {new:.4f}, active version "

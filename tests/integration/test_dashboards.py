@@ -1,15 +1,15 @@
 """The Grafana dashboards in ``deploy/grafana/dashboards`` work against a real stack.
 
 A real Prometheus (Debian's ``prometheus``, installed here when missing) scrapes the session stack's
-gateway and engine every second while light traffic runs through the gateway: a tenant, adapter
+gateway, engine and training worker every second while light traffic runs through the gateway: a tenant, adapter
 uploads (enough to make the engine's disk cache evict), chat and completions with and without
-streaming, rag requests, documents, ``/v1/retrieve``, 401s, 404s, 429s (a tenant limited to one request
-per minute) and an engine refusal. The traffic
+streaming, rag requests, documents, ``/v1/retrieve``, a fine-tuning job, 401s, 404s, 429s (a tenant limited to
+one request per minute) and an engine refusal. The traffic
 runs in two rounds with scrapes between them, so that every counter has moved inside the rate
 window. Then every query of every panel (Grafana variables substituted the way Grafana does) is
 evaluated through Prometheus' HTTP API and must return a finite value (a rate: above 0, unless it is
 one the traffic must not cause), and every metric a dashboard names must be exposed by the gateway or
-the engine.
+the engine or the trainer.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class Prometheus:
         values: list[str] = response.json()["data"]
         return values
 
-    def wait_for_scrapes_after(self, moment: float, *, jobs: int = 2, timeout: float = 60) -> None:
+    def wait_for_scrapes_after(self, moment: float, *, jobs: int = 3, timeout: float = 60) -> None:
         """Until every job has been scraped (successfully) after ``moment`` (a Unix time)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -152,11 +152,13 @@ class Prometheus:
 def _prometheus_config(stack: RunningStack) -> str:
     gateway = stack.url.removeprefix("http://")
     engine = stack.info["engine_url"].removeprefix("http://")
+    trainer = stack.info["trainer_metrics_url"].removeprefix("http://").removesuffix("/metrics")
     return (
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n"
         f"  - job_name: banyan-gateway\n    static_configs:\n      - targets: ['{gateway}']\n"
         f"  - job_name: vllm\n    static_configs:\n      - targets: ['{engine}']\n"
+        f"  - job_name: banyan-trainer\n    static_configs:\n      - targets: ['{trainer}']\n"
     )
 
 
@@ -213,6 +215,7 @@ class Traffic:
         base = self.stack.info["base_model"]
         admin = self.admin
         name = f"dash-{number}"
+        self.fine_tune(number)
         assert upload(admin, self.tenant.id, name, self.adapter).status_code == 201
         with self.tenant.http() as http:
             for model in (name, base):
@@ -259,6 +262,22 @@ class Traffic:
         assert admin.delete(f"/admin/tenants/{self.tenant.id}/adapters/{name}").status_code == 200
 
 
+    def fine_tune(self, number: int) -> None:
+        """A small fine-tuning job run to its end by the stack's trainer (its metrics and the jobs gauge move)."""
+        client = self.tenant.client()
+        lines = "".join(json.dumps({"messages": [{"role": "user", "content": f"Round {number}, question {i}?"},
+                                                 {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+                        for i in range(4))
+        uploaded = client.files.create(file=("dash.jsonl", lines.encode()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=self.stack.info["base_model"], training_file=uploaded.id,
+                                             suffix=f"dash-ft-{number}", hyperparameters={"n_epochs": 2})
+        deadline = time.monotonic() + 600
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"fine-tuning job still {job.status}"
+            time.sleep(0.5)
+        assert job.status == "succeeded", job.error
+
+
 def _fill_count(stack: RunningStack, filler: Path) -> int:
     """Uploads of ``filler`` that overflow the engine's adapter disk cache (the session stack bounds it)."""
     size = sum(f.stat().st_size for f in filler.iterdir() if f.is_file())
@@ -282,7 +301,7 @@ def _wait_idle(stack: RunningStack, *, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def loaded(stack: RunningStack, admin: httpx.Client, peft_adapters: dict[str, Path], prometheus: Prometheus,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    """Prometheus, after two rounds of traffic each followed by scrapes of both targets."""
+    """Prometheus, after two rounds of traffic each followed by scrapes of every target."""
     filler = build_adapter(stack.model_path, tmp_path_factory.mktemp("filler") / "big", seed=77, rank=16)
     tenant = make_tenant(stack, admin, prefix="dash")
     limited = make_tenant(stack, admin, prefix="dash-rpm")
@@ -356,8 +375,8 @@ def test_dashboards_and_panels_exist() -> None:
 
 def test_every_metric_a_dashboard_names_is_exposed(loaded: Prometheus, stack: RunningStack) -> None:
     exposed: set[str] = set()
-    for url in (stack.url, stack.info["engine_url"]):
-        for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+    for url in (stack.url + "/metrics", stack.info["engine_url"] + "/metrics", stack.info["trainer_metrics_url"]):
+        for line in httpx.get(url, timeout=30).text.splitlines():
             if line.startswith("# TYPE "):
                 exposed.add(line.split()[2])
             elif line and not line.startswith("#"):
@@ -365,11 +384,11 @@ def test_every_metric_a_dashboard_names_is_exposed(loaded: Prometheus, stack: Ru
     named = _named_metrics()
     assert any(n.startswith("banyan_") for n in named) and any(n.startswith("vllm:") for n in named)
     missing = sorted(named - exposed)
-    assert not missing, f"dashboards name metrics that neither the gateway nor the engine exposes: {missing}"
+    assert not missing, f"dashboards name metrics that no gateway, engine or trainer exposes: {missing}"
     for target in _targets():
         assert _METRIC_RE.search(target.expr), f"{target.panel}: no metric in {target.expr}"
 
 
-def test_prometheus_scraped_both_targets(loaded: Prometheus) -> None:
+def test_prometheus_scraped_every_target(loaded: Prometheus) -> None:
     jobs = {r["metric"]["job"]: r["value"][1] for r in loaded.query("up")}
-    assert jobs == {"banyan-gateway": "1", "vllm": "1"}
+    assert jobs == {"banyan-gateway": "1", "vllm": "1", "banyan-trainer": "1"}

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from adapters.resolver import ResolverSettings
+from adapters.training.settings import TrainerSettings
 from gateway.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -43,15 +44,17 @@ def _compose() -> dict[str, Any]:
 
 
 def _known_setting(name: str) -> bool:
-    """A ``BANYAN_*`` variable that the gateway's or the resolver's settings read."""
+    """A ``BANYAN_*`` variable that the gateway's, the resolver's or the trainer's settings read."""
     field = name.removeprefix("BANYAN_").lower()
-    return name.startswith("BANYAN_") and (field in Settings.model_fields or field in ResolverSettings.model_fields)
+    return name.startswith("BANYAN_") and any(field in s.model_fields for s in (Settings, ResolverSettings,
+                                                                                TrainerSettings))
 
 
 def test_the_deploy_tree_has_every_piece() -> None:
     expected = ["prometheus/prometheus.yml", "grafana/provisioning/datasources/prometheus.yml",
                 "grafana/provisioning/dashboards/banyan.yml", "docker-compose.yml", "docker/Dockerfile.gateway",
-                "docker/Dockerfile.engine", *(f"grafana/dashboards/{n}.json"
+                "docker/Dockerfile.engine", "docker/Dockerfile.trainer", "k8s/trainer.yaml",
+                *(f"grafana/dashboards/{n}.json"
                                               for n in ("gateway", "adapters", "retrieval", "engine"))]
     missing = [p for p in expected if not (DEPLOY / p).is_file()]
     assert not missing, missing
@@ -70,7 +73,7 @@ def test_every_json_file_parses(path: Path) -> None:
 
 def test_compose_has_the_services_and_keeps_the_engine_private() -> None:
     services = _compose()["services"]
-    assert {"gateway", "engine", "redis", "minio", "prometheus", "grafana"} <= set(services)
+    assert {"gateway", "engine", "trainer", "redis", "minio", "prometheus", "grafana"} <= set(services)
     engine = services["engine"]
     assert "ports" not in engine, "the engine must not publish a port"
     assert engine.get("network_mode") != "host"
@@ -91,7 +94,7 @@ def test_compose_has_the_services_and_keeps_the_engine_private() -> None:
 
 def test_compose_settings_are_ones_the_code_reads() -> None:
     services = _compose()["services"]
-    for name in ("gateway", "engine"):
+    for name in ("gateway", "engine", "trainer"):
         unknown = [k for k in services[name]["environment"] if k.startswith("BANYAN_") and not _known_setting(k)]
         assert not unknown, f"{name}: {unknown}"
 
@@ -165,7 +168,7 @@ def test_k8s_engines_are_private() -> None:
 
 def test_k8s_pods_are_scraped_and_settings_are_known() -> None:
     docs = _k8s()
-    for name in ("banyan-gateway", "banyan-engine"):
+    for name in ("banyan-gateway", "banyan-engine", "banyan-trainer"):
         workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and
                         d["metadata"]["name"] == name)
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -333,3 +336,91 @@ def test_only_the_gateway_reaches_the_engine_api_and_the_scraper_only_metrics() 
     proxy = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "banyan-engine-metrics-proxy")
     conf = proxy["data"]["default.conf"]
     assert "listen 9100" in conf and "location = /metrics" in conf and "location / { return 404; }" in conf
+
+
+# -- the trainer workers (#14) -------------------------------------------------------------------------------
+
+
+def _trainer_env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_compose_trainer_trains_on_the_gpu_on_the_engines_model_and_is_private() -> None:
+    services = _compose()["services"]
+    trainer, engine = services["trainer"], services["engine"]
+    assert "ports" not in trainer and trainer.get("network_mode") != "host"
+    env = trainer["environment"]
+    assert env["BANYAN_REDIS_URL"] == services["gateway"]["environment"]["BANYAN_REDIS_URL"]
+    assert env["BANYAN_BASE_MODEL"] == services["gateway"]["environment"]["BANYAN_BASE_MODEL"]
+    for name in ("BANYAN_S3_ENDPOINT_URL", "BANYAN_S3_BUCKET", "BANYAN_S3_ACCESS_KEY_ID",
+                 "BANYAN_S3_SECRET_ACCESS_KEY"):
+        assert env[name] == engine["environment"][name], name
+    assert "BANYAN_ADMIN_KEY" not in env and "BANYAN_ENGINE_API_KEY" not in env  # it needs neither
+    model_mount = next(v for v in engine["volumes"] if v.endswith(":/models/base:ro"))  # the engine's model folder
+    assert model_mount.replace(":/models/base:", f":{env['BANYAN_BASE_MODEL_PATH']}:") in trainer["volumes"]
+    assert [str(p) for p in trainer["expose"]] == [env["BANYAN_TRAINER_METRICS_PORT"]]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d.get("capabilities", []) for d in devices)
+    build = trainer["build"]
+    dockerfile = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM .*VLLM_IMAGE", text, re.MULTILINE)  # torch + transformers as the engine has them
+    assert re.search(r"pip install \"peft[^\"]*\" \.", text), "the trainer image installs PEFT and Banyan"
+    assert 'ENTRYPOINT ["banyan", "trainer"]' in text and "USER banyan" in text
+
+
+def test_k8s_trainer_is_a_gpu_deployment_with_only_the_secrets_it_needs() -> None:
+    docs = _k8s()
+    trainer = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "banyan-trainer")
+    pod = trainer["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"].get("nvidia.com/gpu")
+    assert "envFrom" not in container, "the trainer names the settings and secrets it needs"
+    env = _trainer_env(container)
+    assert all(_known_setting(k) for k in env if k.startswith("BANYAN_")), env
+    secrets = {v["secretKeyRef"]["key"] for v in env.values() if isinstance(v, dict) and "secretKeyRef" in v}
+    assert secrets == {"BANYAN_REDIS_URL", "BANYAN_S3_ACCESS_KEY_ID", "BANYAN_S3_SECRET_ACCESS_KEY"}
+    annotations = trainer["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == env["BANYAN_TRAINER_METRICS_PORT"] == "9200"
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == env["BANYAN_BASE_MODEL_PATH"])
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["persistentVolumeClaim"]["claimName"] == "banyan-models"  # the engines'
+    assert pod["terminationGracePeriodSeconds"] >= 30 and not pod.get("hostNetwork")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "banyan-config")
+    refs = {v["configMapKeyRef"]["key"] for v in env.values() if isinstance(v, dict) and "configMapKeyRef" in v}
+    assert refs <= set(config["data"]), refs - set(config["data"])
+
+
+def test_trainers_reach_only_redis_the_object_store_and_dns_and_redis_admits_them() -> None:
+    docs = _k8s()
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    trainer = next(p for p in policies.values()
+                   if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "banyan-trainer")
+    assert set(trainer["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    [ingress] = trainer["spec"]["ingress"]
+    assert [p["port"] for p in ingress["ports"]] == [9200] and "namespaceSelector" in ingress["from"][0]
+    egress_ports = {p["port"] for rule in trainer["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {6379, 443, 9000, 53}
+    to_redis = next(r for r in trainer["spec"]["egress"] if r["ports"][0]["port"] == 6379)
+    assert to_redis["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "banyan-redis"}}}]
+    redis = policies["banyan-redis-private"]
+    admitted = {f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for rule in redis["spec"]["ingress"]
+                for f in rule["from"]}
+    assert admitted == {"banyan-gateway", "banyan-trainer"}
+
+
+def test_prometheus_scrapes_the_trainers() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
+    port = _compose()["services"]["trainer"]["environment"]["BANYAN_TRAINER_METRICS_PORT"]
+    assert f"trainer:{port}" in targets
+
+
+def test_the_adapters_dashboard_has_a_fine_tuning_row() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "adapters.json").read_text())
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Fine-tuning" in rows
+    exprs = " ".join(t["expr"] for p in _panels(dashboard) for t in p.get("targets", []))
+    for metric in ("banyan_fine_tuning_jobs", "banyan_trainer_jobs_total", "banyan_trainer_tokens_total",
+                   "banyan_trainer_job_duration_seconds_bucket", "banyan_trainer_steps_total", "banyan_trainer_busy"):
+        assert metric + "{" in exprs, metric
