@@ -47,7 +47,7 @@ class TrainerSettings(S3Settings):
     trainer_device: str = ""
     """The torch device to train on (``cuda``, ``cuda:1``, ``cpu``); empty: the first GPU if there is one, else the
     CPU."""
-    trainer_threads: int = Field(default=2, ge=0)
+    trainer_threads: int = Field(default=1, ge=0)
     """torch's CPU threads (0: torch's own default, one per core). Small by default: on a shared CPU the
     engine needs the cores; on a GPU they matter little."""
     trainer_name: str = ""
