@@ -46,8 +46,9 @@ PLAIN_WORDINGS = 4
 """Question wordings per fact without context."""
 CONTEXT_BUDGET_TOKENS = 1024
 """The context's budget in base-model tokens (the gateway's default ``rag`` budget)."""
-PASSAGE_WORDS = 120
-"""A passage (what a retrieved chunk would hold) is the fact's sentence and its neighbours up to this many words."""
+PASSAGE_WORDS = 60
+"""A passage (what a retrieved chunk would hold) is the fact's sentence and its neighbours up to this many words:
+short, because a grounded example's length sets its whole batch's (padded) cost in training time and memory."""
 
 Example = list[dict[str, str]]
 
@@ -476,7 +477,7 @@ def _grounded(fact: Fact, questions: Sequence[str], *, facts: Sequence[Fact], ol
                        fact.sentence))
     if others:
         scenes.append(([own, *(_as_passage(o.passage, o.document, o.document.timestamp)
-                               for o in rng.sample(others, min(2, len(others))))], own, fact.sentence))
+                               for o in rng.sample(others, min(1, len(others))))], own, fact.sentence))
     changed = _changed(fact, rng=rng)
     if changed is not None:
         sentence, passage_text = changed
