@@ -47,14 +47,9 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _NOTHING: AbstractContextManager[None] = nullcontext()
 
 
-@dataclass(frozen=True, slots=True)
-class _Incoming:
-    request_id: str
-    traceparent: str | None
-    tracestate: str | None
-
-
-_incoming: ContextVar[_Incoming | None] = ContextVar("banyan_incoming_request", default=None)
+_incoming: ContextVar[tuple[str, str | None, str | None] | None] = ContextVar("banyan_incoming_request", default=None)
+"""The request id, ``traceparent`` and ``tracestate`` of the request being served (a plain tuple: this runs on every
+request, tracing on or off)."""
 
 
 @dataclass(slots=True)
@@ -63,6 +58,9 @@ class RequestSpan:
 
     span: trace.Span | None = None
     token: Token[otel_context.Context] | None = None
+
+
+_NO_SPAN = RequestSpan()
 
 
 class Tracing:
@@ -101,9 +99,9 @@ class Tracing:
         state_header = headers.get(b"tracestate")
         traceparent = parent_header.decode("latin-1") if parent_header else None
         tracestate = state_header.decode("latin-1") if state_header else None
-        _incoming.set(_Incoming(request_id=request_id, traceparent=traceparent, tracestate=tracestate))
+        _incoming.set((request_id, traceparent, tracestate))
         if self._tracer is None:
-            return RequestSpan()
+            return _NO_SPAN
         carrier = {k: v for k, v in (("traceparent", traceparent), ("tracestate", tracestate)) if v}
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         span = self._tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER,
@@ -146,14 +144,16 @@ class Tracing:
         the client's own ``traceparent`` passed through)."""
         incoming = _incoming.get()
         headers: dict[str, str] = {}
-        if incoming is not None:
-            headers["X-Request-Id"] = incoming.request_id
+        if incoming is None:
+            return headers
+        request_id, traceparent, tracestate = incoming
+        headers["X-Request-Id"] = request_id
         if self._tracer is not None:
             _PROPAGATOR.inject(headers)
-        elif incoming is not None and incoming.traceparent:
-            headers["traceparent"] = incoming.traceparent
-            if incoming.tracestate:
-                headers["tracestate"] = incoming.tracestate
+        elif traceparent:
+            headers["traceparent"] = traceparent
+            if tracestate:
+                headers["tracestate"] = tracestate
         return headers
 
     def shutdown(self) -> None:
