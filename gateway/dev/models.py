@@ -22,6 +22,7 @@ ModelBuilder = Callable[[Path, Progress], Path]
 """Writes the model's Hugging Face folder at the path once (later calls reuse it) and returns it."""
 
 DEFAULT_DEV_MODEL = "smollm2"
+TEMPLATES_DIR = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ class DevModel:
     engine_start_s: int
     """About how long the engine takes to be ready on a 2-core machine (printed)."""
     engine_timeout_s: float
+    chat_template: str | None = None
+    """A chat template (a file in ``gateway/dev/data/``) the engine uses instead of the model's own: one that
+    renders tools and tool calls, in the hermes style."""
+    tool_call_parser: str | None = None
+    """vLLM's parser of the model's tool calls (``--tool-call-parser``); with it, ``tool_choice: "auto"`` works."""
+
+    def engine_args(self) -> list[str]:
+        """The engine's command-line flags for this model's chat template and tool calls."""
+        args = ["--chat-template", str(TEMPLATES_DIR / self.chat_template)] if self.chat_template else []
+        if self.tool_call_parser:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
+        return args
 
 
 def _build_smollm2(path: Path, progress: Progress) -> Path:
@@ -62,12 +75,14 @@ DEV_MODELS: dict[str, DevModel] = {
             # Measured on 2 cores: about 2 s a step alone, several times that beside a busy engine; 30 steps
             # of 4 give both adapters their voice (see the README for the times).
             config=LoraTrainingConfig(rank=8, alpha=16, learning_rate=1e-3, steps=30, batch_size=4, seed=0)),
-        max_model_len=4096, kv_cache_gib=2, engine_start_s=60, engine_timeout_s=600.0),
+        max_model_len=4096, kv_cache_gib=2, engine_start_s=60, engine_timeout_s=600.0,
+        chat_template="smollm2_tools.jinja", tool_call_parser="hermes"),
     "tiny": DevModel(
         name="tiny", base_model="banyan-demo",
         summary="the tiny deterministic demo model (random weights)", build=_build_tiny,
         demo_adapters=RandomDemoAdapters(seeds={"demo-support": 1, "demo-pirate": 2}),
-        max_model_len=4096, kv_cache_gib=1, engine_start_s=30, engine_timeout_s=300.0),
+        max_model_len=4096, kv_cache_gib=1, engine_start_s=30, engine_timeout_s=300.0,
+        chat_template="tiny_tools.jinja", tool_call_parser="hermes"),
 }
 
 

@@ -3,7 +3,9 @@
 Steps (a progress line each): Valkey with the search module, the S3 server (moto), the base model of
 the chosen dev model (:mod:`gateway.dev.models`; written once under ``<data dir>/models/<id>/`` and reused),
 the vLLM engine on the CPU with LoRA and Banyan's S3 resolver, one fine-tuning worker (``banyan trainer``,
-restarted by :meth:`DevStack.supervise_trainer` whenever it exits). The gateway itself runs in the calling process
+restarted by :meth:`DevStack.supervise_trainer` whenever it exits). With several dev models
+(``--model smollm2,tiny``), each is built and gets an engine of its own, the gateway serves them as several base
+models (the first the default) and the trainer trains all of them. The gateway itself runs in the calling process
 (see ``gateway.cli``). The URLs of the running stack are written to ``<data dir>/stack.json``.
 """
 
@@ -15,16 +17,16 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import SecretStr
 
 from adapters.store import S3ObjectStore, S3Settings, s3_config
-from gateway.dev.models import DevModel
+from gateway.dev.models import DevModel, dev_model
 from gateway.dev.processes import Child, Children, free_port, http_ok, redis_ok
-from gateway.settings import Settings
+from gateway.settings import BaseModelEntry, Settings
 
 Progress = Callable[[str], None]
 
@@ -52,6 +54,8 @@ class StackInfo:
     """The key the engine expects (``Authorization: Bearer``; its /health and /metrics need none)."""
     trainer_metrics_url: str
     """The training worker's /metrics (it keeps its port across restarts)."""
+    bases: list[dict[str, str]]
+    """Every served base model, the default first: ``{"id", "engine_url", "model_path"}``."""
 
 
 def search_module() -> Path:
@@ -71,11 +75,13 @@ def valkey_binary() -> str:
 class DevStack:
     """Starts (and stops) the services the gateway needs on this machine."""
 
-    def __init__(self, settings: Settings, *, model: DevModel, progress: Progress = print) -> None:
-        """``settings.base_model`` and ``settings.max_model_len`` are what the engine serves (see
-        :func:`dev_settings`)."""
+    def __init__(self, settings: Settings, *, model: DevModel, more_models: Sequence[DevModel] = (),
+                 progress: Progress = print) -> None:
+        """``settings.base_model`` and ``settings.max_model_len`` are what the engine of ``model`` (the default base)
+        serves (see :func:`dev_settings`); each of ``more_models`` is served too, as a base model of its own."""
         self.settings = settings
         self.model = model
+        self.models = [model, *more_models]
         self.progress = progress
         self.data_dir = settings.data_dir.resolve()
         self.children = Children(self.data_dir / "logs")
@@ -91,17 +97,25 @@ class DevStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url = self.start_valkey()
         s3 = self.start_s3()
-        model_path = self.build_model()
-        engine_url = self.start_engine(model_path, s3)
-        trainer_metrics_url = self.start_trainer(model_path, s3, redis_url=redis_url)
-        settings = self.settings.model_copy(update={
+        paths = {self._base_id(m): self.build_model(m) for m in self.models}
+        urls = {self._base_id(m): self.start_engine(paths[self._base_id(m)], s3, model=m) for m in self.models}
+        model_path, engine_url = paths[self.settings.base_model], urls[self.settings.base_model]
+        trainer_metrics_url = self.start_trainer(model_path, s3, redis_url=redis_url, more_bases={
+            self._base_id(m): paths[self._base_id(m)] for m in self.models[1:]})
+        update: dict[str, object] = {
             "redis_url": redis_url, "engine_urls": [engine_url], "base_model_config": model_path / "config.json",
             "engine_api_key": SecretStr(self.engine_api_key), **s3.model_dump(),
-        })
+        }
+        if len(self.models) > 1:
+            update["base_models"] = [BaseModelEntry(id=base, config=paths[base], engine_urls=[urls[base]])
+                                     for base in paths]
+        settings = self.settings.model_copy(update=update)
         info = StackInfo(gateway_url=f"http://{settings.host}:{settings.port}", redis_url=redis_url,
                          s3_endpoint_url=str(s3.s3_endpoint_url), s3_bucket=s3.s3_bucket, engine_url=engine_url,
                          base_model=settings.base_model, model_path=str(model_path), engine_api_key=self.engine_api_key,
-                         trainer_metrics_url=trainer_metrics_url)
+                         trainer_metrics_url=trainer_metrics_url,
+                         bases=[{"id": base, "engine_url": url, "model_path": str(paths[base])}
+                                for base, url in urls.items()])
         path = self.data_dir / "stack.json"
         path.touch()
         path.chmod(0o600)  # it holds the engine's key
@@ -141,23 +155,36 @@ class DevStack:
         S3ObjectStore(s3_config(s3)).ensure_bucket_sync()
         return s3
 
-    def build_model(self) -> Path:
-        path = self.settings.models_dir.resolve() / self.settings.base_model
-        self.progress(f"[3/6] base model `{self.settings.base_model}` ({self.model.summary}) at {path}")
-        return self.model.build(path, self.progress)
+    def _base_id(self, model: DevModel) -> str:
+        """The base model id ``model`` is served as: the settings' for the default model (``BANYAN_BASE_MODEL`` may
+        rename it), its own for the others."""
+        return self.settings.base_model if model is self.model else model.base_model
 
-    def start_engine(self, model_path: Path, s3: S3Settings, *, port: int | None = None) -> str:
-        """Start the vLLM engine (on ``port``, default a free one) serving ``model_path``; return its URL. It
-        refuses its API (``/v1/*``) without :attr:`engine_api_key` (given as ``VLLM_API_KEY``, the environment form
-        of ``--api-key``, to keep it out of the process list); its resolver plugin sends it to its own engine."""
+    def build_model(self, model: DevModel | None = None) -> Path:
+        """Write (once) the folder of ``model`` (default: the default one) and return it."""
+        model = model or self.model
+        base = self._base_id(model)
+        path = self.settings.models_dir.resolve() / base
+        self.progress(f"[3/6] base model `{base}` ({model.summary}) at {path}")
+        return model.build(path, self.progress)
+
+    def start_engine(self, model_path: Path, s3: S3Settings, *, port: int | None = None,
+                     model: DevModel | None = None) -> str:
+        """Start a vLLM engine (on ``port``, default a free one) serving ``model_path`` as ``model`` (default: the
+        default model); return its URL. It refuses its API (``/v1/*``) without :attr:`engine_api_key` (given as
+        ``VLLM_API_KEY``, the environment form of ``--api-key``, to keep it out of the process list); its resolver
+        plugin sends it to its own engine, and refuses adapter versions bound to another base model."""
         port = port or free_port()
         s = self.settings
-        self.progress(f"[4/6] starting the vLLM engine on the CPU on 127.0.0.1:{port} "
-                      f"(about {self.model.engine_start_s} s)")
+        model = model or self.model
+        base = self._base_id(model)
+        name = "engine" if model is self.model else f"engine-{model.name}"
+        self.progress(f"[4/6] starting the vLLM engine for `{base}` on the CPU on 127.0.0.1:{port} "
+                      f"(about {model.engine_start_s} s; log {self.children.log_dir / (name + '.log')})")
         env = {
             **os.environ,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(self.model.kv_cache_gib)),
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(model.kv_cache_gib)),
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
@@ -166,28 +193,31 @@ class DevStack:
             "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
             "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
             "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
+            "BANYAN_ENGINE_BASE_MODEL": base,
             "VLLM_API_KEY": self.engine_api_key,
             "BANYAN_ENGINE_API_KEY": self.engine_api_key,
         }
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_path), "--served-model-name", s.base_model,
+            "--model", str(model_path), "--served-model-name", base,
             "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(s.max_model_len),
+            "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", str(s.max_model_len if model is self.model else model.max_model_len),
             "--gpu-memory-utilization", "0.3",
             "--enable-lora", "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_cpu_loras),
-            "--max-lora-rank", str(s.max_lora_rank),
+            "--max-lora-rank", str(s.max_lora_rank), *model.engine_args(),
         ]
-        child = self.children.spawn("engine", cmd, env=env, cwd=self.data_dir)
+        child = self.children.spawn(name, cmd, env=env, cwd=self.data_dir)
         url = f"http://127.0.0.1:{port}"
-        self.children.wait_ready(child, http_ok(url + "/health"), timeout=self.model.engine_timeout_s,
+        self.children.wait_ready(child, http_ok(url + "/health"), timeout=model.engine_timeout_s,
                                  progress=self.progress)
         return url
 
 
-    def start_trainer(self, model_path: Path, s3: S3Settings, *, redis_url: str) -> str:
-        """Start one fine-tuning worker (``banyan trainer``) on the stack's Redis, object store and base model; return
-        its metrics URL once it answers there."""
+    def start_trainer(self, model_path: Path, s3: S3Settings, *, redis_url: str,
+                      more_bases: dict[str, Path] | None = None) -> str:
+        """Start one fine-tuning worker (``banyan trainer``) on the stack's Redis, object store and base model (and
+        ``more_bases``: id -> folder); return its metrics URL once it answers there."""
         s = self.settings
         port = free_port()
         log = self.children.log_dir / "trainer.log"
@@ -206,6 +236,9 @@ class DevStack:
             "BANYAN_TRAINER_METRICS_HOST": "127.0.0.1",
             "BANYAN_TRAINER_THREADS": os.environ.get("BANYAN_TRAINER_THREADS", str(DEV_TRAINER_THREADS)),
         }
+        if more_bases:
+            env["BANYAN_TRAINER_BASES"] = ",".join(f"{base}={path}" for base, path in
+                                                   {s.base_model: model_path, **more_bases}.items())
         self._trainer_command = ([sys.executable, "-m", "gateway.cli", "trainer"], env)
         url = f"http://127.0.0.1:{port}/metrics"
         child = self._spawn_trainer()
@@ -243,6 +276,17 @@ def dev_s3_settings(endpoint_url: str, *, bucket: str, region: str = "us-east-1"
     return S3Settings(s3_endpoint_url=endpoint_url, s3_bucket=bucket, s3_region=region,
                       s3_access_key_id=SecretStr(DEV_S3_ACCESS_KEY_ID),
                       s3_secret_access_key=SecretStr(DEV_S3_SECRET_ACCESS_KEY))
+
+
+def dev_models(names: str) -> list[DevModel]:
+    """The dev models of ``--model`` / ``BANYAN_DEV_MODEL``: one name, or several separated by commas (the first
+    is the default base model); a ``ValueError`` naming the choices otherwise."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    if not chosen:
+        raise ValueError("no dev model named")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"a dev model is named twice in {names!r}")
+    return [dev_model(n) for n in chosen]
 
 
 def dev_settings(settings: Settings, model: DevModel) -> Settings:
