@@ -7,15 +7,55 @@ environment. Every field maps to a ``BANYAN_<FIELD>`` environment variable.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from adapters.store import S3Settings
+
+
+class BaseModelEntry(BaseModel):
+    """One served base model (an entry of ``BANYAN_BASE_MODELS``): its id (the engines' served model name, what
+    clients send as ``model``), its Hugging Face folder (``config.json``, which adapter uploads are checked against,
+    and ``tokenizer.json``, which ``rag`` budgets count in), and the engines that serve it (a pool of its own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")
+    config: Path | None = None
+    """The model's ``config.json`` or its folder; without it, uploads for this base are refused."""
+    tokenizer: Path | None = None
+    """Its ``tokenizer.json``; default: the one beside ``config``."""
+    engine_urls: list[str] = Field(min_length=1)
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+
+def read_base_models_file(path: Path) -> list[Any]:
+    """The list of bases in a ``BANYAN_BASE_MODELS_FILE``: JSON, or YAML for ``.yaml``/``.yml`` (either a list, or
+    ``{"base_models": [...]}``)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if isinstance(data, dict) and "base_models" in data:
+        data = data["base_models"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path.name} must hold a list of base models (or {{\"base_models\": [...]}})")
+    return data
 
 
 class Settings(S3Settings):
@@ -42,6 +82,13 @@ class Settings(S3Settings):
     base_model_config: Path | None = None
     """The base model's Hugging Face ``config.json`` (or its folder): adapter uploads are checked
     against its module names and dimensions."""
+
+    base_models: list[BaseModelEntry] | None = None
+    """Several base models, each with its own engine pool (JSON: ``[{"id", "config", "engine_urls", "tokenizer"?}]``);
+    the first is the default. Without it (and without ``base_models_file``), the one base of ``base_model``,
+    ``base_model_config``, ``base_model_tokenizer`` and ``engine_urls`` is served."""
+    base_models_file: Path | None = None
+    """The same list in a small JSON or YAML file."""
 
     max_lora_rank: int = Field(default=16, ge=1, le=512)
     max_loras: int = Field(default=8, ge=1)
@@ -77,6 +124,24 @@ class Settings(S3Settings):
     concurrency_lease_s: float = Field(default=60.0, ge=1.0)
     """How long a request's concurrency lease lives unless its replica renews it (every third of it): the slots
     of a replica that died mid-request come back after this long."""
+    usage_hourly_retention_s: int = Field(default=31 * 86400, ge=3600)
+    """How long hourly usage buckets stay readable after their hour ends (``GET .../usage?bucket_width=1h``)."""
+    usage_daily_retention_s: int = Field(default=400 * 86400, ge=86400)
+    """How long daily usage buckets stay readable after their day ends (``bucket_width=1d``)."""
+    usage_max_users_per_bucket: int = Field(default=100, ge=0, le=10_000)
+    """Distinct request ``user`` values a tenant's usage bucket names; further users' requests count with
+    ``user: null``."""
+    max_user_chars: int = Field(default=256, ge=1, le=4096)
+    """Longest ``user`` field of a request (400 `param: user` above it)."""
+    admin_usage_max_rows: int = Field(default=1000, ge=1)
+    """Most tenant buckets one page of ``GET /admin/usage`` holds (``has_more``/``next_page`` beyond)."""
+
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, validation_alias="otel_exporter_otlp_endpoint")
+    """OpenTelemetry's standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (no ``BANYAN_`` prefix; OTLP over HTTP, spans go to
+    ``<endpoint>/v1/traces``): when set, each request's stages are traced and exported. Unset (the default), no
+    tracing SDK is set up at all."""
+    otel_service_name: str = Field(default="banyan-gateway", validation_alias="otel_service_name", min_length=1)
+    """OpenTelemetry's standard ``OTEL_SERVICE_NAME``: the ``service.name`` of the exported spans."""
 
     max_document_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest document text (UTF-8 bytes) `POST /v1/documents` accepts (413 above it)."""
@@ -100,6 +165,14 @@ class Settings(S3Settings):
     """Chunks embedded per batch (each batch runs in a worker thread)."""
     retrieval_index: str = Field(default="banyan-chunks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     """Name of the Redis search index over the chunks of every tenant (created at start-up if absent)."""
+    embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=256)
+    """The id of the retrieval embedder as ``POST /v1/embeddings`` names it (its ``model``, and the model its usage
+    is recorded against)."""
+    max_embedding_inputs: int = Field(default=256, ge=1, le=2048)
+    """Most texts one ``POST /v1/embeddings`` request may carry (400 `param: input` above it)."""
+    max_embedding_input_chars: int = Field(default=8192, ge=1)
+    """Longest text (characters) ``POST /v1/embeddings`` tokenizes; a text within it may still be over the
+    embedder's window in tokens (also 400)."""
 
     max_training_file_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     """Largest training file `POST /v1/files` accepts (413 above it)."""
@@ -149,7 +222,40 @@ class Settings(S3Settings):
                     raise ValueError(f"{name} {weakness}; generate one, e.g. `openssl rand -hex 24`")
         if not self.engine_urls:
             raise ValueError("BANYAN_ENGINE_URLS needs at least one engine URL")
+        self._load_bases()
         return self
+
+    def _load_bases(self) -> None:
+        """Read ``base_models_file``, check the bases (unique ids, an engine each), and make ``base_model`` the
+        default base's id (the code that speaks of "the" base model means the default one)."""
+        if self.base_models_file is not None:
+            if self.base_models is not None:
+                raise ValueError("set BANYAN_BASE_MODELS or BANYAN_BASE_MODELS_FILE, not both")
+            try:
+                raw = read_base_models_file(self.base_models_file)
+                self.base_models = [BaseModelEntry.model_validate(entry) for entry in raw]
+            except (OSError, ValueError, ValidationError) as e:
+                raise ValueError(f"BANYAN_BASE_MODELS_FILE {self.base_models_file}: {e}") from e
+        if self.base_models is None:
+            return
+        if not self.base_models:
+            raise ValueError("BANYAN_BASE_MODELS needs at least one base model")
+        ids = [b.id for b in self.base_models]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"BANYAN_BASE_MODELS names a base model more than once: {', '.join(repeated)}")
+        if "base_model" in self.model_fields_set and self.base_model != ids[0]:
+            raise ValueError(f"BANYAN_BASE_MODEL ({self.base_model}) is not the first (default) entry of "
+                             f"BANYAN_BASE_MODELS ({ids[0]}); leave it unset")
+        self.base_model = ids[0]
+
+    @property
+    def bases(self) -> list[BaseModelEntry]:
+        """The served base models, the default first: ``base_models``, or the one base of the single-base fields."""
+        if self.base_models:
+            return list(self.base_models)
+        return [BaseModelEntry(id=self.base_model, config=self.base_model_config, tokenizer=self.base_model_tokenizer,
+                               engine_urls=self.engine_urls)]
 
     @property
     def models_dir(self) -> Path:
