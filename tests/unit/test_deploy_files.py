@@ -81,6 +81,7 @@ def test_compose_has_the_services_and_keeps_the_engine_private() -> None:
     assert str(engine["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]) == "True"
     assert "127.0.0.1" in engine["environment"]["BANYAN_ENGINE_SELF_URL"]
     assert "--enable-lora" in engine["command"]
+    assert _tool_calls_enabled(engine["command"])
     devices = engine["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in devices)
     gateway = services["gateway"]
@@ -90,6 +91,20 @@ def test_compose_has_the_services_and_keeps_the_engine_private() -> None:
     for service in ("gateway", "engine"):
         build = services[service]["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve().is_file(), build
+
+
+def _tool_calls_enabled(args: list[str]) -> bool:
+    """The engine's arguments turn on ``tool_choice: "auto"`` with a parser (vLLM refuses it otherwise)."""
+    return "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "hermes"
+
+
+def test_engine_image_and_k8s_engines_parse_tool_calls() -> None:
+    text = (DEPLOY / "docker" / "Dockerfile.engine").read_text()
+    assert '"--enable-auto-tool-choice", "--tool-call-parser", "hermes"' in text
+    docs = [d for p in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    engine = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "banyan-engine")
+    container = next(c for c in engine["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm")
+    assert _tool_calls_enabled(container["args"])
 
 
 def test_compose_settings_are_ones_the_code_reads() -> None:
