@@ -8,6 +8,7 @@ OpenAI shape); retrieval itself never sees a request body.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,9 +46,14 @@ class ChatGrounder:
         raise InvalidRequest("`rag` needs a last user message with text to retrieve for.", param="messages")
 
     def prompt_tokens(self, body: dict[str, Any], tokens: TokenCounter) -> int:
+        """The messages' text, and the JSON of the ``tools`` and of the assistants' ``tool_calls`` (a tool-calling
+        chat template writes both into the prompt)."""
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        text = "\n".join(_message_text(m.get("content")) for m in messages)
-        return tokens.count(text) + _TOKENS_PER_MESSAGE * (len(messages) + 1)
+        parts = [_message_text(m.get("content")) for m in messages]
+        parts += [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")]
+        if body.get("tools"):
+            parts.append(json.dumps(body["tools"]))
+        return tokens.count("\n".join(parts)) + _TOKENS_PER_MESSAGE * (len(messages) + 1)
 
     def apply(self, body: dict[str, Any], context: str) -> None:
         messages = list(body["messages"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gateway.errors import InvalidRequest
@@ -42,6 +44,16 @@ def test_prompt_tokens_count_every_message_and_the_template() -> None:
     # "abc\nde" and 8 a message plus 8 for the reply's header
     assert ChatGrounder().prompt_tokens(body, CharTokens()) == 6 + 8 * 3
     assert PromptGrounder().prompt_tokens({"prompt": "hello"}, CharTokens()) == 5 + 8
+
+
+def test_prompt_tokens_count_tools_and_tool_calls() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
+    body = {"tools": tools, "messages": [{"role": "user", "content": "de"},
+                                         {"role": "assistant", "content": None, "tool_calls": calls},
+                                         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+    text = "\n".join(["de", "", "sunny", json.dumps(calls), json.dumps(tools)])
+    assert ChatGrounder().prompt_tokens(body, CharTokens()) == len(text) + 8 * 4
 
 
 def test_chat_context_goes_into_the_system_message() -> None:
