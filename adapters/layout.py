@@ -70,13 +70,20 @@ class Manifest:
     sha256: str
     version: int
     size_bytes: int
+    base_model: str | None = None
+    """The base model the version was validated against: an engine serving another one refuses it (None: written
+    before versions were bound to a base; any engine loads it)."""
 
     @classmethod
     def of(cls, ref: AdapterRef, meta: VersionMeta) -> Manifest:
-        return cls(uid=ref.uid, sha256=meta.sha256, version=ref.version, size_bytes=meta.size_bytes)
+        return cls(uid=ref.uid, sha256=meta.sha256, version=ref.version, size_bytes=meta.size_bytes,
+                   base_model=meta.base_model)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        data = asdict(self)
+        if self.base_model is None:  # what versions without a base have always written
+            del data["base_model"]
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Manifest:
@@ -87,7 +94,9 @@ class Manifest:
         uid, sha256, version, size = (data.get(k) for k in ("uid", "sha256", "version", "size_bytes"))
         if not (isinstance(uid, str) and isinstance(sha256, str) and _is_count(version) and _is_count(size)):
             raise ValueError("a manifest has a string uid and sha256 and whole-number version and size_bytes")
-        return cls(uid=uid, sha256=sha256, version=version, size_bytes=size)
+        base_model = data.get("base_model")
+        return cls(uid=uid, sha256=sha256, version=version, size_bytes=size,
+                   base_model=base_model if isinstance(base_model, str) else None)
 
 
 def _is_count(value: object) -> TypeGuard[int]:

@@ -66,6 +66,9 @@ class VersionMeta:
     target_modules: list[str]
     size_bytes: int
     created: int
+    base_model: str | None = None
+    """The base model the version was validated against (and is served on); None in records written before
+    several bases were served: those read as the default base model."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -73,7 +76,7 @@ class VersionMeta:
     @classmethod
     def from_json(cls, raw: str | bytes) -> VersionMeta:
         data = json.loads(raw)  # keys it does not know are ignored (earlier versions wrote an empty "extra")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "base_model"})
 
 
 @dataclass(frozen=True, slots=True)

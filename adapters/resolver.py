@@ -17,6 +17,7 @@ only ones in Banyan that import vLLM, inside functions, so the rest stays import
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from adapters.cache import AdapterDiskCache, AdapterFetchError, EngineControlError
+from adapters.layout import MANIFEST_FILE, Manifest
 from adapters.naming import AdapterRef
 from adapters.store import S3ObjectStore, S3Settings, s3_config
 from adapters.vllm_patches import patch_cpu_lora_ops
@@ -49,6 +51,9 @@ class ResolverSettings(S3Settings):
     lora_failure_ttl_s: float = 30.0
     engine_self_url: str = "http://127.0.0.1:8000"
     engine_api_key: SecretStr | None = None
+    engine_base_model: str = ""
+    """The base model id this engine serves (its ``--served-model-name``): a version bound to another base (its
+    manifest's ``base_model``) is refused. Empty: not checked."""
 
 
 class HttpEngineControl:
@@ -143,7 +148,19 @@ class ResolverMetrics:
         self.evictions.labels(reason).inc()
 
 
-def _make_resolver(cache: AdapterDiskCache) -> Any:
+def made_for_another_base(folder: Path, served: str) -> str | None:
+    """The base model the version in ``folder`` was validated against when it is not ``served`` (and both are
+    known), else None. Blocking (a small file)."""
+    if not served:
+        return None
+    try:
+        manifest = Manifest.from_json((folder / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None  # the cache checked the manifest; a version without one predates the check
+    return manifest.base_model if manifest.base_model not in (None, served) else None
+
+
+def _make_resolver(cache: AdapterDiskCache, *, served: str = "") -> Any:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
@@ -160,6 +177,11 @@ def _make_resolver(cache: AdapterDiskCache) -> Any:
                 path = await cache.ensure(ref)
             except AdapterFetchError as e:  # the only error ensure() raises; vLLM answers 404 for None
                 log.warning("banyan resolver: %s%s", e, "" if e.remembered else " (transient, not remembered)")
+                return None
+            other = await asyncio.to_thread(made_for_another_base, path, served)
+            if other is not None:  # the gateway routes by base: only a misrouted request (or a bug) gets here
+                log.warning("banyan resolver: %s is bound to base model %s; this engine serves %s", lora_name,
+                            other, served)
                 return None
             log.info("banyan resolver: %s ready in %.3f s", lora_name, time.monotonic() - started)
             # vLLM assigns the integer id itself after resolution.
@@ -194,4 +216,4 @@ def register() -> None:
                              max_bytes=settings.lora_cache_max_bytes,
                              engine=HttpEngineControl(settings.engine_self_url, api_key=engine_key),
                              failure_ttl_s=settings.lora_failure_ttl_s, metrics=metrics)
-    LoRAResolverRegistry.register_resolver("banyan-s3", _make_resolver(cache))
+    LoRAResolverRegistry.register_resolver("banyan-s3", _make_resolver(cache, served=settings.engine_base_model))

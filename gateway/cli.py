@@ -110,9 +110,8 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def run_dev(args: argparse.Namespace) -> int:
     from gateway.dev.launcher import READY_LINE
-    from gateway.dev.models import dev_model
     from gateway.dev.seed import DEMO_QUESTION, PLAIN_QUESTION, seed_demo
-    from gateway.dev.stack import DevStack, dev_settings
+    from gateway.dev.stack import DevStack, dev_models, dev_settings
 
     overrides: dict[str, object] = {"mode": "dev"}
     if args.port is not None:
@@ -121,7 +120,7 @@ def run_dev(args: argparse.Namespace) -> int:
         overrides["dev_model"] = args.model
     settings = Settings(**overrides)  # type: ignore[arg-type]
     try:
-        model = dev_model(settings.dev_model)
+        model, *more_models = dev_models(settings.dev_model)
     except ValueError as e:
         print(f"banyan dev: {e}", file=sys.stderr)
         return 2
@@ -133,7 +132,7 @@ def run_dev(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level if "log_level" in settings.model_fields_set else "warning")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if started with SIGINT ignored
-    stack = DevStack(settings, model=model, progress=_say)
+    stack = DevStack(settings, model=model, more_models=more_models, progress=_say)
     background: list[asyncio.Task[None]] = []
     try:
         settings = stack.start()
@@ -161,6 +160,10 @@ def run_dev(args: argparse.Namespace) -> int:
                 _say(f"demo tenant `{seeded.tenant}`; its API key: {seeded.key}")
                 _say(f"try the base model `{settings.base_model}`:")
                 _say("  " + _curl(settings, seeded.key, settings.base_model, question=PLAIN_QUESTION))
+                for other in [b.id for b in settings.bases[1:]]:
+                    _say(f"also served: base model `{other}` (its own engine; upload adapters for it with the form "
+                         f"field base_model={other}):")
+                    _say("  " + _curl(settings, seeded.key, other, question=PLAIN_QUESTION))
                 if seeded.documents:
                     _say(f"grounded in the {seeded.documents} demo documents (the reply lists its `sources`):")
                     _say("  " + _curl(settings, seeded.key, settings.base_model, question=DEMO_QUESTION, rag=True))
@@ -261,9 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = sub.add_parser("dev", help="run the whole stack on this machine (a small model on the CPU)")
     dev.add_argument("--empty", action="store_true", help="do not seed the demo tenant")
     dev.add_argument("--port", type=int, default=None, help="gateway port (default BANYAN_PORT or 8000)")
-    dev.add_argument("--model", default=None, choices=sorted(DEV_MODELS),
-                     help="the base model: smollm2 (SmolLM2-135M-Instruct, the default) or tiny (the small "
-                          "deterministic test model); default BANYAN_DEV_MODEL or smollm2")
+    dev.add_argument("--model", default=None,
+                     help=f"the base model: {' or '.join(sorted(DEV_MODELS))} (smollm2: SmolLM2-135M-Instruct, the "
+                          "default; tiny: the small deterministic test model), or several separated by commas, each "
+                          "with an engine of its own, the first the default (smollm2,tiny); default BANYAN_DEV_MODEL "
+                          "or smollm2")
     dev.set_defaults(func=run_dev)
     serve = sub.add_parser("serve", help="run the gateway against external Redis, S3 and engines")
     serve.set_defaults(func=run_serve)

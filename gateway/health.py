@@ -112,7 +112,8 @@ class Readiness:
         async with self._lock:
             if time.monotonic() - self._checked_at >= self.ttl_s:
                 ok = await check()
-                self._failed = tuple(role for role in ROLES if not ok.get(role, False))
+                roles = (*ROLES, *(role for role in ok if role not in ROLES))  # e.g. one engine role per base
+                self._failed = tuple(role for role in roles if not ok.get(role, False))
                 self._checked_at = time.monotonic()
             return self._failed
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gateway.settings import Settings
+from gateway.settings import BaseModelEntry, Settings
 from retrieval.context import CharEstimate, TokenCounter
 
 log = logging.getLogger("banyan.tokens")
@@ -30,10 +30,10 @@ class BaseModelTokens:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def tokenizer_path(settings: Settings) -> Path | None:
-    if settings.base_model_tokenizer is not None:
-        return settings.base_model_tokenizer
-    config = settings.base_model_config
+def tokenizer_path(base: BaseModelEntry) -> Path | None:
+    if base.tokenizer is not None:
+        return base.tokenizer
+    config = base.config
     if config is None:
         return None
     folder = config if config.is_dir() else config.parent
@@ -41,9 +41,11 @@ def tokenizer_path(settings: Settings) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def base_model_tokens(settings: Settings) -> TokenCounter:
-    path = tokenizer_path(settings)
+def base_model_tokens(settings: Settings, base: BaseModelEntry | None = None) -> TokenCounter:
+    """The token counter of ``base`` (default: the default base model)."""
+    base = base or settings.bases[0]
+    path = tokenizer_path(base)
     if path is None:
-        log.warning("no tokenizer.json for the base model: rag context is budgeted by a character estimate")
+        log.warning("no tokenizer.json for base model %s: rag context is budgeted by a character estimate", base.id)
         return CharEstimate()
     return BaseModelTokens(path)

@@ -11,11 +11,13 @@ Keys (``<id>`` a job id, ``<t>`` a tenant):
 - ``banyan:ft:active:<t>`` set of the tenant's unfinished jobs (the per-tenant limit);
 - ``banyan:ft:events:<id>`` stream of the job's events, capped at about :data:`MAX_EVENTS`;
 - ``banyan:ft:counts`` hash, how many jobs are in each status (a gauge, kept by the same scripts that move jobs);
-- ``banyan:ft:queue`` stream with the consumer group ``trainers``: one entry per job to run.
+- ``banyan:ft:queue:<base>`` stream with the consumer group ``trainers``: one entry per job to run on base model
+  ``<base>`` (one queue per base model, so that a job is only ever taken by a worker that has that base).
 
-**The queue.** A job is added to the stream in the same script that stores it as ``queued``. A worker reads new
-entries with ``XREADGROUP`` (the entry is then pending for that worker) and renews its lease while it trains
-(``XCLAIM ... JUSTID`` on its own pending entry resets the entry's idle time). A worker that dies stops renewing:
+**The queue.** A job is added to its base model's stream in the same script that stores it as ``queued``. A worker
+reads new entries of the streams of the bases it trains with ``XREADGROUP`` (the entry is then pending for that
+worker) and renews its lease while it trains (``XCLAIM ... JUSTID`` on its own pending entry resets the entry's
+idle time). A worker that dies stops renewing:
 once the entry has been idle longer than the lease, the next worker's :meth:`JobStore.claim` takes it over with
 ``XAUTOCLAIM`` and runs the job again from the start (``attempts`` counts the starts). The entry is acknowledged
 and deleted when its job is done, whatever the outcome. No job is lost: it is in the stream until acknowledged.
@@ -32,7 +34,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -52,10 +54,15 @@ BASE_LEARNING_RATE = 1e-3
 MAX_EVENTS = 1000
 """Events kept per job (the oldest are trimmed first)."""
 
-QUEUE = "banyan:ft:queue"
+QUEUE_PREFIX = "banyan:ft:queue:"
 GROUP = "trainers"
 _COUNTS = "banyan:ft:counts"
 _PLAIN = frozenset({"id", "tenant", "status", "worker"})
+
+
+def queue_key(base_model: str) -> str:
+    """The queue of the jobs that train on ``base_model``."""
+    return QUEUE_PREFIX + base_model
 
 
 def new_job_id() -> str:
@@ -212,6 +219,8 @@ class Claim:
     consumer: str
     redelivered: bool
     """Taken over from a worker whose lease lapsed."""
+    queue: str
+    """The stream the entry is in (its job's base model's)."""
 
 
 # -- scripts -------------------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ class JobStore:
         already has ``max_active`` unfinished jobs."""
         score = time.time_ns() // 1_000_000
         done = await self._create(
-            keys=[_job_key(job.id), _jobs_key(job.tenant), _active_key(job.tenant), QUEUE, _COUNTS],
+            keys=[_job_key(job.id), _jobs_key(job.tenant), _active_key(job.tenant), queue_key(job.base_model), _COUNTS],
             args=[max_active, score, job.id, *_pairs(job.to_fields())])
         if int(done) < 0:
             raise ValueError(f"job {job.id} exists")
@@ -409,44 +418,52 @@ class JobStore:
 
     # -- the workers' side ---------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        """Create the consumer group (reading the queue from its start) unless it exists."""
-        try:
-            await self._redis.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+    async def ensure_group(self, bases: Sequence[str]) -> None:
+        """Create the consumer group of each base model's queue (reading it from its start) unless it exists."""
+        for base in bases:
+            try:
+                await self._redis.xgroup_create(queue_key(base), GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
-    async def claim(self, consumer: str, *, lease_s: float, block_s: float) -> Claim | None:
-        """The next entry for ``consumer``: one whose worker's lease lapsed (idle longer than ``lease_s``), else a
-        new one, waiting up to ``block_s`` for it; None when there is none."""
+    async def claim(self, consumer: str, *, bases: Sequence[str], lease_s: float, block_s: float) -> Claim | None:
+        """The next entry of the queues of ``bases`` for ``consumer``: one whose worker's lease lapsed (idle longer
+        than ``lease_s``), else a new one, waiting up to ``block_s`` for it; None when there is none."""
+        for base in bases:
+            taken = await self._take_over(queue_key(base), consumer, lease_s=lease_s)
+            if taken is not None:
+                return taken
+        read: Any = await self._redis.xreadgroup(GROUP, consumer, {queue_key(b): ">" for b in bases}, count=1,
+                                            block=max(1, int(block_s * 1000)))
+        for stream, entries in read or []:
+            for entry_id, values in entries:
+                if values:
+                    return _claim(entry_id, values, consumer, redelivered=False, queue=_text(stream))
+        return None
+
+    async def _take_over(self, queue: str, consumer: str, *, lease_s: float) -> Claim | None:
         cursor = "0-0"
         for _ in range(100):  # each round scans a bounded part of the pending list
-            answer: Any = await self._redis.xautoclaim(QUEUE, GROUP, consumer, int(lease_s * 1000),
+            answer: Any = await self._redis.xautoclaim(queue, GROUP, consumer, int(lease_s * 1000),
                                                        start_id=cursor, count=1)
             cursor, entries = _text(answer[0]), answer[1]
             for entry_id, values in entries:
                 if values:  # an entry deleted meanwhile has none
-                    return _claim(entry_id, values, consumer, redelivered=True)
+                    return _claim(entry_id, values, consumer, redelivered=True, queue=queue)
             if cursor == "0-0":
                 break
-        read: Any = await self._redis.xreadgroup(GROUP, consumer, {QUEUE: ">"}, count=1,
-                                            block=max(1, int(block_s * 1000)))
-        for _stream, entries in read or []:
-            for entry_id, values in entries:
-                if values:
-                    return _claim(entry_id, values, consumer, redelivered=False)
         return None
 
     async def renew(self, claim: Claim) -> bool:
         """Reset the lease of a claimed entry; False when it is no longer this worker's."""
-        return bool(await self._renew(keys=[QUEUE], args=[GROUP, claim.consumer, claim.entry_id]))
+        return bool(await self._renew(keys=[claim.queue], args=[GROUP, claim.consumer, claim.entry_id]))
 
     async def ack(self, claim: Claim) -> None:
         """Done with the entry, whatever became of its job."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(QUEUE, GROUP, claim.entry_id)
-            pipe.xdel(QUEUE, claim.entry_id)
+            pipe.xack(claim.queue, GROUP, claim.entry_id)
+            pipe.xdel(claim.queue, claim.entry_id)
             await pipe.execute()
 
     async def start(self, claim: Claim) -> Job | None:
@@ -492,9 +509,11 @@ class JobStore:
         return Job.from_fields(raw) if raw else None
 
 
-def _claim(entry_id: bytes | str, values: Mapping[Any, Any], consumer: str, *, redelivered: bool) -> Claim:
+def _claim(entry_id: bytes | str, values: Mapping[Any, Any], consumer: str, *, redelivered: bool,
+           queue: str) -> Claim:
     fields_ = {_text(k): _text(v) for k, v in values.items()}
-    return Claim(entry_id=_text(entry_id), job_id=fields_["job"], consumer=consumer, redelivered=redelivered)
+    return Claim(entry_id=_text(entry_id), job_id=fields_["job"], consumer=consumer, redelivered=redelivered,
+                 queue=queue)
 
 
 def _event(entry_id: bytes | str, values: Mapping[Any, Any]) -> JobEvent:

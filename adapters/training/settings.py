@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from adapters.store import S3Settings
 
@@ -27,6 +28,10 @@ class TrainerSettings(S3Settings):
     base_model_path: Path = Path("models/base")
     """The Hugging Face folder of that base model (the same weights the engines load): trained on, and its
     ``config.json`` is what results are validated against, as uploads are."""
+    trainer_bases: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    """Several base models this worker trains, as ``id=folder`` pairs separated by commas
+    (``BANYAN_TRAINER_BASES=smollm2-135m-instruct=/models/smollm2,banyan-demo=/models/tiny``); it takes jobs of
+    those bases only. Empty: the one base of ``base_model`` and ``base_model_path``."""
     trainer_lease_s: float = Field(default=60.0, gt=0)
     """A job whose worker has not renewed its lease for this long is taken over by another worker (renewed
     every third of it while training)."""
@@ -53,6 +58,26 @@ class TrainerSettings(S3Settings):
     trainer_name: str = ""
     """The worker's name in the queue and in the jobs it runs; empty: ``<hostname>-<pid>``."""
     log_level: str = "info"
+
+    @field_validator("trainer_bases", mode="before")
+    @classmethod
+    def _parse_bases(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            base, sep, folder = item.partition("=")
+            if not sep or not base.strip() or not folder.strip():
+                raise ValueError(f"BANYAN_TRAINER_BASES entries are id=folder, got {item!r}")
+            if base.strip() in pairs:
+                raise ValueError(f"BANYAN_TRAINER_BASES names {base.strip()} twice")
+            pairs[base.strip()] = folder.strip()
+        return pairs
+
+    @property
+    def bases(self) -> dict[str, Path]:
+        """The base models this worker trains, by id: their Hugging Face folders."""
+        return dict(self.trainer_bases) or {self.base_model: self.base_model_path}
 
     @model_validator(mode="after")
     def _default_rank_within_limit(self) -> TrainerSettings:

@@ -140,8 +140,9 @@ class Worker:
         self.registry = AdapterRegistry(redis)
         self.store = store
         self.metrics = metrics or TrainerMetrics()
-        self.base_path = settings.base_model_path
-        self.base_spec = BaseModelSpec.from_path(settings.base_model_path)
+        self.base_paths = settings.bases
+        """The base models this worker trains (it claims only their jobs): their folders, and their shapes."""
+        self.base_specs = {base: BaseModelSpec.from_path(path) for base, path in self.base_paths.items()}
         self._train = train
         self._evaluate = evaluate
         self._renew_every_s = renew_every_s or settings.trainer_lease_s / 3
@@ -181,9 +182,9 @@ class Worker:
         """Claim one entry (a lapsed one first, else a new one, waiting up to ``block_s``) and handle it; False
         when there was none."""
         if not self._group_ready:
-            await self.jobs.ensure_group()
+            await self.jobs.ensure_group(list(self.base_paths))
             self._group_ready = True
-        claim = await self.jobs.claim(self.name, lease_s=self.settings.trainer_lease_s,
+        claim = await self.jobs.claim(self.name, bases=list(self.base_paths), lease_s=self.settings.trainer_lease_s,
                                       block_s=self.settings.trainer_block_s if block_s is None else block_s)
         if claim is None:
             return False
@@ -280,9 +281,10 @@ class Worker:
             raise JobFailed("worker_lost", f"The job's worker was lost {lost} time{'s' if lost != 1 else ''}; it is "
                                            "not started again.")
         await self._event(job, f"Job started on worker {self.name} (attempt {job.attempts})")
-        if job.base_model != s.base_model:
-            raise JobFailed("invalid_model", f"This deployment trains adapters for `{s.base_model}`, not "
+        if job.base_model not in self.base_paths:  # only a job queued for the wrong base gets here
+            raise JobFailed("invalid_model", f"This worker trains adapters for {', '.join(self.base_paths)}, not "
                                              f"`{job.base_model}`.")
+        base_path, base_spec = self.base_paths[job.base_model], self.base_specs[job.base_model]
         if job.rank is not None and not 1 <= job.rank <= s.max_lora_rank:
             raise JobFailed("invalid_rank", f"The rank must be between 1 and {s.max_lora_rank}.")
         with tempfile.TemporaryDirectory(prefix="banyan-train-") as tmp_name:
@@ -299,7 +301,7 @@ class Worker:
                 raise _Halted
             init = await self._continued_adapter(job, tmp / "continued")
             rank = job.rank or s.trainer_default_rank
-            config = LoraTrainingConfig(rank=rank, alpha=2 * rank, target_modules=tuple(self.base_spec.modules),
+            config = LoraTrainingConfig(rank=rank, alpha=2 * rank, target_modules=tuple(base_spec.modules),
                                         learning_rate=hp.learning_rate, steps=training_steps(hp, examples=len(
                                             trained_on)), batch_size=hp.batch_size, max_length=s.trainer_max_length,
                                         seed=job.seed)
@@ -309,10 +311,10 @@ class Worker:
                                    f"(n_epochs={hp.n_epochs}, batch_size={hp.batch_size}, learning_rate="
                                    f"{hp.learning_rate:g}, rank={self._rank_of(init) or rank})")
             out = tmp / "adapter"
-            result = await self._train_in_thread(run, trained_on, out, config=config, init=init)
+            result = await self._train_in_thread(run, trained_on, out, config=config, init=init, base=base_path)
             await self._check(run)
-            info = await self._validate(out)
-            activate = await self._decide(run, out, compare, tmp / "active")
+            info = await self._validate(out, base_spec)
+            activate = await self._decide(run, out, compare, tmp / "active", base=base_path)
             await self._check(run)
             version = await self._publish(job, out, info=info, activate=activate)
         state = "activated" if activate else "not activated"
@@ -370,7 +372,7 @@ class Worker:
         return rank if isinstance(rank, int) else None
 
     async def _train_in_thread(self, run: _Run, examples: list[ChatMessages], out: Path, *,
-                               config: LoraTrainingConfig, init: Path | None) -> TrainingResult:
+                               config: LoraTrainingConfig, init: Path | None, base: Path) -> TrainingResult:
         """Train in a thread; meanwhile write each step as an event and stop when the run is halted."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[TrainingStep | None] = asyncio.Queue()
@@ -382,7 +384,7 @@ class Worker:
 
         def work() -> TrainingResult:
             try:
-                return self._train(self.base_path, examples, out, config=config, progress=progress,
+                return self._train(base, examples, out, config=config, progress=progress,
                                    init_adapter=init, should_stop=run.stop.is_set,
                                    device=self.settings.trainer_device or None)
             finally:
@@ -458,15 +460,16 @@ class Worker:
             except (RedisError, OSError) as e:  # Redis away for a moment: try again; the lease may still hold
                 log.warning("could not renew the lease", extra={"job": run.job.id, "error": type(e).__name__})
 
-    async def _validate(self, out: Path) -> Any:
+    async def _validate(self, out: Path, spec: BaseModelSpec) -> Any:
         s = self.settings
         try:
-            return await asyncio.to_thread(validate_adapter_dir, out, base=self.base_spec, max_rank=s.max_lora_rank,
+            return await asyncio.to_thread(validate_adapter_dir, out, base=spec, max_rank=s.max_lora_rank,
                                            max_bytes=s.max_adapter_bytes)
         except (InvalidAdapterError, AdapterTooLargeError) as e:
             raise JobFailed("invalid_adapter", f"The trained adapter was refused by validation: {e}") from None
 
-    async def _decide(self, run: _Run, out: Path, compare: list[ChatMessages] | None, active_dir: Path) -> bool:
+    async def _decide(self, run: _Run, out: Path, compare: list[ChatMessages] | None, active_dir: Path, *,
+                      base: Path) -> bool:
         """Whether the new version becomes active: ``always``, ``never``, or ``if_better``: when its mean loss
         per assistant token on the comparison set is lower than the active version's (no active version: yes)."""
         job = run.job
@@ -478,6 +481,11 @@ class Worker:
             return True
         if not compare:
             return True  # unreachable: if_better always has a comparison set
+        if (active.base_model or self.settings.base_model) != job.base_model:  # losses in two tokenizers' units
+            await self._event(job, f"The active version {active.version} is for another base model: the two cannot "
+                                   "be compared, and the new version is not activated (activate it, or give it a "
+                                   "canary share, with the admin API)", level="warn")
+            return False
         ref = AdapterRef(job.tenant, job.adapter, active.version, active.uid)
         if not await self._download(ref, active_dir):
             await self._event(job, f"The files of the active version {active.version} could not be read: the new "
@@ -485,10 +493,9 @@ class Worker:
             return False
         await self._check(run)
         length, device = self.settings.trainer_max_length, self.settings.trainer_device or None
-        new = await asyncio.to_thread(self._evaluate, self.base_path, out, compare, max_length=length, device=device)
+        new = await asyncio.to_thread(self._evaluate, base, out, compare, max_length=length, device=device)
         await self._check(run)
-        old = await asyncio.to_thread(self._evaluate, self.base_path, active_dir, compare, max_length=length,
-                                      device=device)
+        old = await asyncio.to_thread(self._evaluate, base, active_dir, compare, max_length=length, device=device)
         better = new < old
         verdict = "activated" if better else "not activated (the active version does as well or better)"
         await self._event(job, f"Held-out loss on {len(compare)} examples: new version {new:.4f}, active version "
@@ -498,7 +505,8 @@ class Worker:
     async def _publish(self, job: Job, out: Path, *, info: Any, activate: bool) -> int:
         version = await self.registry.allocate_version(job.tenant, job.adapter)
         meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank, alpha=info.alpha,
-                           target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
+                           target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()),
+                           base_model=job.base_model)
         ref = AdapterRef(job.tenant, job.adapter, version, meta.uid)
         fence = fence_from_dict(job.fence) if job.fence else None
         try:
@@ -544,7 +552,7 @@ async def serve(settings: TrainerSettings, *, metrics: TrainerMetrics) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("trainer ready", extra={"worker": worker.name, "base_model": settings.base_model,
+    log.info("trainer ready", extra={"worker": worker.name, "base_models": ",".join(settings.bases),
                                      "lease_s": settings.trainer_lease_s})
     try:
         await worker.run()
@@ -557,12 +565,12 @@ async def serve(settings: TrainerSettings, *, metrics: TrainerMetrics) -> None:
 def main(settings: TrainerSettings) -> int:
     """``banyan trainer``: check the base model, serve metrics (if a port is set), then take jobs until a
     signal. Logging is configured by the caller."""
-    try:
-        BaseModelSpec.from_path(settings.base_model_path)
-    except (OSError, ValueError) as e:
-        log.error("the base model folder is not usable", extra={"path": str(settings.base_model_path),
-                                                                 "error": str(e)})
-        return 2
+    for path in settings.bases.values():
+        try:
+            BaseModelSpec.from_path(path)
+        except (OSError, ValueError) as e:
+            log.error("the base model folder is not usable", extra={"path": str(path), "error": str(e)})
+            return 2
     metrics = TrainerMetrics()
     if settings.trainer_metrics_port:
         from prometheus_client import start_http_server

@@ -190,7 +190,8 @@ class DevStack:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             **s3.s3_env(),
-            "BANYAN_LORA_CACHE_DIR": str(self.data_dir / "lora-cache"),
+            "BANYAN_LORA_CACHE_DIR": str(self.data_dir / ("lora-cache" if model is self.model
+                                                          else f"lora-cache-{model.name}")),  # one per engine
             "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
             "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
             "BANYAN_ENGINE_BASE_MODEL": base,

@@ -132,6 +132,13 @@ def test_manifest_round_trip() -> None:
                                               "size_bytes": 1234}
 
 
+def test_manifest_carries_the_versions_base_model() -> None:
+    manifest = Manifest.of(REF, dataclasses.replace(META, base_model="smollm2-135m-instruct"))
+    assert manifest.base_model == "smollm2-135m-instruct"
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert json.loads(manifest.to_json())["base_model"] == "smollm2-135m-instruct"
+
+
 def test_manifest_ignores_unknown_keys() -> None:
     raw = json.dumps({"uid": "u1", "sha256": "s", "version": 1, "size_bytes": 0, "later": {"x": 1}})
     assert Manifest.from_json(raw) == Manifest(uid="u1", sha256="s", version=1, size_bytes=0)

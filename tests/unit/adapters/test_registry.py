@@ -32,6 +32,14 @@ def test_version_meta_written_by_earlier_versions_still_parses() -> None:
     assert VersionMeta.from_json(json.dumps(stored)) == META
 
 
+def test_a_version_keeps_its_base_model_and_older_records_have_none() -> None:
+    bound = dataclasses.replace(META, base_model="banyan-demo")
+    assert VersionMeta.from_json(bound.to_json()) == bound
+    older = json.loads(META.to_json())
+    del older["base_model"]  # written before versions were bound to a base: read as the default base by the gateway
+    assert VersionMeta.from_json(json.dumps(older)).base_model is None
+
+
 # -- traffic splits, against a throwaway Valkey (the registry's logic is in its scripts) -----------------
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from adapters.cache import EngineControlError
-from adapters.resolver import HttpEngineControl
+from adapters.layout import MANIFEST_FILE, Manifest
+from adapters.resolver import HttpEngineControl, made_for_another_base
 
 
 def _control(handler: httpx.MockTransport) -> HttpEngineControl:
@@ -37,3 +40,13 @@ async def test_registered_names_and_an_unreadable_answer() -> None:
     assert await control.registered() == {"base", "banyan.t.a.v1.uid000000001"}
     with pytest.raises(EngineControlError, match="unreadable"):
         await control.registered()
+
+
+def test_a_version_bound_to_another_base_is_recognised(tmp_path: Path) -> None:
+    manifest = Manifest(uid="u1", sha256="s", version=1, size_bytes=0, base_model="smollm2-135m-instruct")
+    (tmp_path / MANIFEST_FILE).write_text(manifest.to_json())
+    assert made_for_another_base(tmp_path, "banyan-demo") == "smollm2-135m-instruct"
+    assert made_for_another_base(tmp_path, "smollm2-135m-instruct") is None
+    assert made_for_another_base(tmp_path, "") is None  # the engine does not say what it serves: not checked
+    (tmp_path / MANIFEST_FILE).write_text(Manifest(uid="u1", sha256="s", version=1, size_bytes=0).to_json())
+    assert made_for_another_base(tmp_path, "banyan-demo") is None  # a version from before bases were bound

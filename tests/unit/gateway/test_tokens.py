@@ -29,7 +29,7 @@ def test_the_tokenizer_beside_the_config_counts_tokens(tmp_path: Path) -> None:
     path = _write_tokenizer(tmp_path / "model")
     for config in (tmp_path / "model", tmp_path / "model" / "config.json"):
         settings = _settings(base_model_config=config)
-        assert tokenizer_path(settings) == path
+        assert tokenizer_path(settings.bases[0]) == path
         counter = base_model_tokens(settings)
         assert isinstance(counter, BaseModelTokens)
         assert counter.count("hello world hello") == 3
@@ -37,7 +37,7 @@ def test_the_tokenizer_beside_the_config_counts_tokens(tmp_path: Path) -> None:
 
 def test_an_explicit_tokenizer_wins_and_none_falls_back_to_an_estimate(tmp_path: Path) -> None:
     path = _write_tokenizer(tmp_path / "elsewhere")
-    assert tokenizer_path(_settings(base_model_tokenizer=path, base_model_config=tmp_path)) == path
+    assert tokenizer_path(_settings(base_model_tokenizer=path, base_model_config=tmp_path).bases[0]) == path
     (tmp_path / "bare").mkdir()
     assert isinstance(base_model_tokens(_settings(base_model_config=tmp_path / "bare")), CharEstimate)
     assert isinstance(base_model_tokens(_settings()), CharEstimate)

@@ -15,6 +15,7 @@ from adapters.training.jobs import (
     fence_from_dict,
     fence_to_dict,
     new_job_id,
+    queue_key,
     resolve_hyperparameters,
     training_steps,
 )
@@ -32,7 +33,7 @@ def _job(tenant: str = "acme", **overrides: object) -> Job:
 @pytest.fixture
 async def store(redis: Redis) -> JobStore:
     jobs = JobStore(redis)
-    await jobs.ensure_group()
+    await jobs.ensure_group(["base", "other-base"])
     return jobs
 
 
@@ -67,7 +68,7 @@ async def test_per_tenant_limit_counts_unfinished_jobs(store: JobStore) -> None:
 async def test_worker_lifecycle_and_ownership(store: JobStore) -> None:
     job = _job()
     await store.create(job, max_active=5)
-    claim = await store.claim("w1", lease_s=60, block_s=0.1)
+    claim = await store.claim("w1", bases=["base"], lease_s=60, block_s=0.1)
     assert claim is not None and claim.job_id == job.id and not claim.redelivered
     started = await store.start(claim)
     assert started is not None and started.status == "running" and started.worker == "w1" and started.attempts == 1
@@ -82,7 +83,7 @@ async def test_worker_lifecycle_and_ownership(store: JobStore) -> None:
     assert done.result == {"adapter": "notes", "version": 1, "activated": True} and done.trained_tokens == 40
     assert done.hyperparameters == {"n_epochs": 3}
     assert not await store.finish(job.id, "w1", status="failed")  # final stays final
-    assert await store.claim("w1", lease_s=60, block_s=0.1) is None
+    assert await store.claim("w1", bases=["base"], lease_s=60, block_s=0.1) is None
     counts = await store.counts_by_status()
     assert counts["succeeded"] == 1 and counts["queued"] == 0 and counts["running"] == 0
 
@@ -91,14 +92,14 @@ async def test_cancel_queued_and_running(store: JobStore) -> None:
     queued, running = _job(), _job()
     await store.create(queued, max_active=5)
     await store.create(running, max_active=5)
-    first = await store.claim("w1", lease_s=60, block_s=0.1)
+    first = await store.claim("w1", bases=["base"], lease_s=60, block_s=0.1)
     assert first is not None and first.job_id == queued.id
     assert await store.cancel("other", queued.id) is None
     cancelled = await store.cancel("acme", queued.id)
     assert cancelled is not None and cancelled.status == "cancelled" and cancelled.finished_at is not None
     assert await store.start(first) is None  # the worker drops it
     await store.ack(first)
-    second = await store.claim("w1", lease_s=60, block_s=0.1)
+    second = await store.claim("w1", bases=["base"], lease_s=60, block_s=0.1)
     assert second is not None and await store.start(second) is not None
     await store.cancel("acme", running.id)
     assert await store.status(running.id) == "cancelled"
@@ -111,15 +112,15 @@ async def test_cancel_queued_and_running(store: JobStore) -> None:
 async def test_lapsed_lease_is_taken_over_and_renewal_keeps_it(store: JobStore) -> None:
     job = _job()
     await store.create(job, max_active=5)
-    first = await store.claim("w1", lease_s=0.3, block_s=0.1)
+    first = await store.claim("w1", bases=["base"], lease_s=0.3, block_s=0.1)
     assert first is not None
     assert await store.start(first) is not None
     await asyncio.sleep(0.2)
     assert await store.renew(first)
     await asyncio.sleep(0.2)
-    assert await store.claim("w2", lease_s=0.3, block_s=0.1) is None  # renewed 0.2 s ago: still w1's
+    assert await store.claim("w2", bases=["base"], lease_s=0.3, block_s=0.1) is None  # renewed 0.2 s ago: still w1's
     await asyncio.sleep(0.4)  # w1 "died": no renewal
-    taken = await store.claim("w2", lease_s=0.3, block_s=0.1)
+    taken = await store.claim("w2", bases=["base"], lease_s=0.3, block_s=0.1)
     assert taken is not None and taken.redelivered and taken.job_id == job.id
     assert not await store.renew(first)  # w1 lost it
     restarted = await store.start(taken)
@@ -127,7 +128,7 @@ async def test_lapsed_lease_is_taken_over_and_renewal_keeps_it(store: JobStore) 
     assert not await store.finish(job.id, "w1", status="succeeded")
     assert await store.finish(job.id, "w2", status="succeeded")
     await store.ack(taken)
-    assert await store.claim("w3", lease_s=0.0, block_s=0.1) is None
+    assert await store.claim("w3", bases=["base"], lease_s=0.0, block_s=0.1) is None
 
 
 async def test_events_newest_first_paged_and_scoped(store: JobStore) -> None:
@@ -151,7 +152,7 @@ async def test_delete_tenant_removes_jobs_and_a_worker_drops_its_entry(store: Jo
     await store.add_event(job.id, "hello")
     assert await store.delete_tenant("acme") == 1
     assert await store.get("acme", job.id) is None
-    claim = await store.claim("w1", lease_s=60, block_s=0.1)
+    claim = await store.claim("w1", bases=["base"], lease_s=60, block_s=0.1)
     assert claim is not None and await store.start(claim) is None
     await store.ack(claim)
     assert sum((await store.counts_by_status()).values()) == 0
@@ -169,3 +170,29 @@ def test_hyperparameters_auto_and_asked() -> None:
 def test_fence_round_trip() -> None:
     fence = Fence(key="banyan:tenant:acme", equals={"id": '"acme"', "deleting": ""})
     assert fence_from_dict(fence_to_dict(fence)) == fence
+
+
+async def test_a_job_is_queued_for_its_base_and_taken_only_by_a_worker_with_it(store: JobStore) -> None:
+    on_other = _job(base_model="other-base")
+    await store.create(on_other, max_active=5)
+    assert await store.claim("w-base", bases=["base"], lease_s=60, block_s=0.1) is None  # not its base
+    on_base = _job()
+    await store.create(on_base, max_active=5)
+    claim = await store.claim("w-base", bases=["base"], lease_s=60, block_s=0.1)
+    assert claim is not None and claim.job_id == on_base.id and claim.queue == queue_key("base")
+    both = await store.claim("w-both", bases=["base", "other-base"], lease_s=60, block_s=0.1)
+    assert both is not None and both.job_id == on_other.id and both.queue == queue_key("other-base")
+    assert await store.renew(both)
+    await store.ack(both)
+    assert await store.claim("w-both", bases=["base", "other-base"], lease_s=0.0, block_s=0.1) is not None  # w-base's
+
+
+async def test_a_lapsed_lease_is_taken_over_only_by_a_worker_with_the_base(store: JobStore) -> None:
+    job = _job(base_model="other-base")
+    await store.create(job, max_active=5)
+    first = await store.claim("w1", bases=["other-base"], lease_s=0.1, block_s=0.1)
+    assert first is not None
+    await asyncio.sleep(0.3)
+    assert await store.claim("w2", bases=["base"], lease_s=0.1, block_s=0.1) is None
+    taken = await store.claim("w3", bases=["base", "other-base"], lease_s=0.1, block_s=0.1)
+    assert taken is not None and taken.redelivered and taken.job_id == job.id

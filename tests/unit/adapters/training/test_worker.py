@@ -20,7 +20,16 @@ from adapters.layout import ADAPTER_FILES, MANIFEST_FILE, object_key
 from adapters.naming import AdapterRef
 from adapters.registry import AdapterRegistry, Fence
 from adapters.store import ObjectMissing
-from adapters.training.jobs import QUEUE, Job, JobEvent, JobStore, fence_to_dict, file_key, new_file_id, new_job_id
+from adapters.training.jobs import (
+    Job,
+    JobEvent,
+    JobStore,
+    fence_to_dict,
+    file_key,
+    new_file_id,
+    new_job_id,
+    queue_key,
+)
 from adapters.training.lora import TrainingResult, TrainingStep, train_lora
 from adapters.training.settings import TrainerSettings
 from adapters.training.worker import Worker, holdout
@@ -114,7 +123,7 @@ async def _events(redis: Redis, job: Job) -> list[JobEvent]:
 
 
 async def _queue_is_empty(redis: Redis) -> bool:
-    return int(await redis.xlen(QUEUE)) == 0
+    return int(await redis.xlen(queue_key("banyan-demo"))) == 0
 
 
 def _sample(worker: Worker, name: str, **labels: str) -> float:
@@ -168,7 +177,8 @@ async def test_a_job_runs_to_a_stored_active_version_with_its_progress(settings:
     record = await AdapterRegistry(redis).get(TENANT, "pirate")
     assert record is not None and record.active == 1
     meta = record.versions[1]
-    assert meta.rank == 4 and meta.target_modules == sorted(worker.base_spec.modules)
+    assert meta.rank == 4 and meta.target_modules == sorted(worker.base_specs["banyan-demo"].modules)
+    assert meta.base_model == "banyan-demo"  # bound to the base it was trained on
     ref = AdapterRef(TENANT, "pirate", 1, meta.uid)
     for name in (*ADAPTER_FILES, MANIFEST_FILE):
         assert object_key(ref, name) in store.objects
@@ -327,8 +337,9 @@ async def test_a_job_whose_workers_were_lost_too_often_fails(settings: TrainerSe
                                                            store: MemoryStore) -> None:
     job = await _submit(redis, store)
     jobs = JobStore(redis)
-    await jobs.ensure_group()
-    claim = await jobs.claim("ghost", lease_s=0.5, block_s=1)  # a worker that dies right after starting it
+    await jobs.ensure_group(["banyan-demo"])
+    # a worker that dies right after starting it
+    claim = await jobs.claim("ghost", bases=["banyan-demo"], lease_s=0.5, block_s=1)
     assert claim is not None and await jobs.start(claim) is not None
     worker = _worker(settings.model_copy(update={"trainer_lease_s": 0.5, "trainer_max_attempts": 1}), redis, store)
     deadline = time.monotonic() + TIMEOUT_S
