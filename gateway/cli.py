@@ -21,7 +21,7 @@ from pydantic import SecretStr, ValidationError
 
 from gateway import logs
 from gateway.app import create_app
-from gateway.dev.models import DEV_MODELS, DevModel
+from gateway.dev.models import DEV_MODELS, DevModel, dev_models
 from gateway.dev.processes import Child
 from gateway.health import Drain
 from gateway.settings import Settings
@@ -104,6 +104,15 @@ def _curl(settings: Settings, key: str, model: str, *, question: str, rag: bool 
             f"-d {shlex.quote(body)}")
 
 
+def _model_names(value: str) -> str:
+    """``--model``: one dev model, or several separated by commas (checked here, so a typo stops at once)."""
+    try:
+        dev_models(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -111,7 +120,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 def run_dev(args: argparse.Namespace) -> int:
     from gateway.dev.launcher import READY_LINE
     from gateway.dev.seed import DEMO_QUESTION, PLAIN_QUESTION, seed_demo
-    from gateway.dev.stack import DevStack, dev_models, dev_settings
+    from gateway.dev.stack import DevStack, dev_settings
 
     overrides: dict[str, object] = {"mode": "dev"}
     if args.port is not None:
@@ -264,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = sub.add_parser("dev", help="run the whole stack on this machine (a small model on the CPU)")
     dev.add_argument("--empty", action="store_true", help="do not seed the demo tenant")
     dev.add_argument("--port", type=int, default=None, help="gateway port (default BANYAN_PORT or 8000)")
-    dev.add_argument("--model", default=None,
+    dev.add_argument("--model", default=None, type=_model_names,
                      help=f"the base model: {' or '.join(sorted(DEV_MODELS))} (smollm2: SmolLM2-135M-Instruct, the "
                           "default; tiny: the small deterministic test model), or several separated by commas, each "
                           "with an engine of its own, the first the default (smollm2,tiny); default BANYAN_DEV_MODEL "

@@ -76,6 +76,7 @@ class EnginePool:
         self._max_resident = max_resident
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        self._reported_resident = 0
 
     def choose(self, engine_model: str, *, is_adapter: bool) -> tuple[Replica, str]:
         """The replica for a request, and why (``resident``, ``home``, ``spill`` or ``base``)."""
@@ -122,8 +123,11 @@ class EnginePool:
         self._report_resident()
 
     def _report_resident(self) -> None:
+        """Move the gauge by this pool's change, so that the pools of several base models add up."""
         if self._metrics is not None:
-            self._metrics.resident_adapters.set(sum(len(r.resident) for r in self.replicas))
+            now = sum(len(r.resident) for r in self.replicas)
+            self._metrics.resident_adapters.inc(now - self._reported_resident)
+            self._reported_resident = now
 
     async def _unload_one(self, replica: Replica, engine_model: str) -> None:
         try:

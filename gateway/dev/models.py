@@ -92,3 +92,14 @@ def dev_model(name: str) -> DevModel:
         return DEV_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown dev model {name!r}: choose one of {', '.join(DEV_MODELS)}") from None
+
+
+def dev_models(names: str) -> list[DevModel]:
+    """The dev models of ``--model`` / ``BANYAN_DEV_MODEL``: one name, or several separated by commas (the first
+    is the default base model); a ``ValueError`` naming the choices otherwise."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    if not chosen:
+        raise ValueError("no dev model named")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"a dev model is named twice in {names!r}")
+    return [dev_model(n) for n in chosen]

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from adapters.store import S3ObjectStore, S3Settings, s3_config
-from gateway.dev.models import DevModel, dev_model
+from gateway.dev.models import DevModel
 from gateway.dev.processes import Child, Children, free_port, http_ok, redis_ok
 from gateway.settings import BaseModelEntry, Settings
 
@@ -277,17 +277,6 @@ def dev_s3_settings(endpoint_url: str, *, bucket: str, region: str = "us-east-1"
     return S3Settings(s3_endpoint_url=endpoint_url, s3_bucket=bucket, s3_region=region,
                       s3_access_key_id=SecretStr(DEV_S3_ACCESS_KEY_ID),
                       s3_secret_access_key=SecretStr(DEV_S3_SECRET_ACCESS_KEY))
-
-
-def dev_models(names: str) -> list[DevModel]:
-    """The dev models of ``--model`` / ``BANYAN_DEV_MODEL``: one name, or several separated by commas (the first
-    is the default base model); a ``ValueError`` naming the choices otherwise."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    if not chosen:
-        raise ValueError("no dev model named")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"a dev model is named twice in {names!r}")
-    return [dev_model(n) for n in chosen]
 
 
 def dev_settings(settings: Settings, model: DevModel) -> Settings:

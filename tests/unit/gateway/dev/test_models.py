@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.cli import main
-from gateway.dev.models import DEFAULT_DEV_MODEL, DEV_MODELS, dev_model
+from gateway.dev.models import DEFAULT_DEV_MODEL, DEV_MODELS, dev_model, dev_models
 from gateway.dev.stack import dev_settings
 from gateway.settings import Settings
 
@@ -50,7 +50,17 @@ def test_the_flag_refuses_an_unknown_model(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as exit_info:
         main(["dev", "--model", "bogus"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert "unknown dev model 'bogus': choose one of smollm2, tiny" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dev", "--model", "smollm2,smollm2"])
+    assert "named twice" in capsys.readouterr().err
+
+
+def test_several_dev_models_the_first_the_default() -> None:
+    assert [m.name for m in dev_models("smollm2, tiny")] == ["smollm2", "tiny"]
+    assert [m.name for m in dev_models("tiny")] == ["tiny"]
+    with pytest.raises(ValueError, match="no dev model"):
+        dev_models(" , ")
 
 
 def test_an_unknown_model_in_the_environment_stops_before_starting_anything(
