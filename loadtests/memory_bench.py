@@ -35,6 +35,7 @@ import json
 import platform
 import re
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ DATA = Path(__file__).resolve().parent / "data" / "memory_bench.json"
 DEV_MODEL = "smollm2"
 TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 3600.0
+READY_TIMEOUT_S = 900.0
+"""The stack starts in 2-4 minutes; on a machine loaded by other work it took longer than the launcher's default."""
 MODES = ("base", "rag", "adapter", "adapter_rag")
 ADAPTER = "memory"
 
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.url) != bool(args.admin_key):
         parser.error("--url and --admin-key go together")
+    # Ctrl-C stops the run and its stack even when started from a background job (SIGINT inherited ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = {"data": args.data, "rank": args.rank, "seed": args.seed, "top_k": args.top_k,
                "max_tokens": args.max_tokens, "concurrency": args.concurrency, "show": args.show,
                "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size,
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             url, admin_key = args.url, args.admin_key
         else:
             stack = _start_stack(args.data_dir.resolve())
-            stack.wait_ready()
+            stack.wait_ready(timeout=READY_TIMEOUT_S)
             url, admin_key = stack.url, stack.admin_key
         result = asyncio.run(benchmark(url, admin_key, **options))
     finally:
