@@ -32,9 +32,10 @@ from gateway.middleware import AuthMiddleware, RequestContextMiddleware
 from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
 from gateway.settings import Settings
-from gateway.state import AppState
+from gateway.state import AppState, ServedBase
 from gateway.tenants import TenantStore
 from gateway.tokens import base_model_tokens
+from gateway.tracing import Tracing
 from gateway.usage import UsageStore
 from retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from retrieval.service import DocumentService, RetrievalConfig
@@ -53,26 +54,27 @@ def retrieval_config(settings: Settings) -> RetrievalConfig:
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
                 engines: EnginePool | None = None, metrics: Metrics | None = None,
                 embedder: Embedder | None = None) -> AppState:
+    """``engines``, when given, serves the default base model (the others get pools of their own)."""
     metrics = metrics or Metrics()
     redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
                                                          socket_connect_timeout=5.0, health_check_interval=30)
-    engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
-    tokens = base_model_tokens(settings)
+    bases = _served_bases(settings, metrics=metrics, default_engines=engines)
+    default = next(iter(bases.values()))
+    tokens = default.tokens
     store = store if store is not None else S3ObjectStore(s3_config(settings))
     return AppState(
         settings=settings,
         redis=redis,
         store=store,
-        engines=engines if engines is not None else EnginePool(
-            settings.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
-            read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
-            max_resident=settings.engine_resident_adapters, metrics=metrics),
+        engines=default.engines,
         tenants=TenantStore(redis),
         adapters=AdapterRegistry(redis),
         metrics=metrics,
         quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),
-        usage=UsageStore(redis),
-        base_spec=BaseModelSpec.from_path(settings.base_model_config) if settings.base_model_config else None,
+        usage=UsageStore(redis, hourly_retention_s=settings.usage_hourly_retention_s,
+                         daily_retention_s=settings.usage_daily_retention_s,
+                         max_users_per_bucket=settings.usage_max_users_per_bucket),
+        base_spec=default.spec,
         documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
                                   config=retrieval_config(settings), observer=metrics, tokens=tokens),
         tokens=tokens,
@@ -81,14 +83,31 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         imports=ImportRunner(ImportStore(redis, retention_s=settings.import_retention_s),
                              concurrency=settings.import_concurrency, lease_s=settings.import_lease_s,
                              poll_s=settings.import_poll_s),
+        tracing=Tracing.from_settings(settings),
+        bases=bases,
     )
+
+
+def _served_bases(settings: Settings, *, metrics: Metrics,
+                  default_engines: EnginePool | None) -> dict[str, ServedBase]:
+    """Each configured base model with its spec, its own engine pool and its tokenizer, the default first."""
+    engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+    bases: dict[str, ServedBase] = {}
+    for i, base in enumerate(settings.bases):
+        engines = default_engines if i == 0 and default_engines is not None else EnginePool(
+            base.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
+            read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
+            max_resident=settings.engine_resident_adapters, metrics=metrics)
+        bases[base.id] = ServedBase(id=base.id, spec=BaseModelSpec.from_path(base.config) if base.config else None,
+                                    engines=engines, tokens=base_model_tokens(settings, base))
+    return bases
 
 
 async def _watch_engines_forever(state: AppState, *, every_s: float = 15.0) -> None:
     """Keep each replica's health and the adapters it holds up to date, also when nobody calls /readyz."""
     while True:
         try:
-            await state.engines.check()
+            await asyncio.gather(*(base.engines.check() for base in state.bases.values()))
         except Exception as e:  # the watcher must outlive any one failed round
             log.warning("checking the engines failed: %s", type(e).__name__)
         await asyncio.sleep(every_s)
@@ -134,10 +153,12 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
             importer.cancel()
             if app_state.imports is not None:
                 await app_state.imports.aclose()  # their leases given back: another gateway resumes them at once
-            await app_state.engines.aclose()
+            for base in app_state.bases.values():
+                await base.engines.aclose()
             await app_state.store.aclose()
             await app_state.documents.aclose()
             await app_state.redis.aclose()
+            await asyncio.to_thread(app_state.tracing.shutdown)  # exports the spans still buffered
 
     app = FastAPI(title="Banyan", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.banyan = app_state
@@ -152,5 +173,6 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
                        max_body_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_adapter_bytes + 1024 * 1024,
                        max_file_bytes=settings.max_training_file_bytes + 64 * 1024,
-                       body_timeout_s=settings.body_read_timeout_s, drain=app_state.drain)
+                       body_timeout_s=settings.body_read_timeout_s, drain=app_state.drain,
+                       tracing=app_state.tracing)
     return app

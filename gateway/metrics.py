@@ -52,6 +52,9 @@ class Metrics:
                                     "Requests refused by a tenant limit, by reason (rpm, tpm, tpm_request, "
                                     "concurrency).",
                                     ["reason"], registry=r)
+        self.budget_refusals = Counter("banyan_budget_refusals_total",
+                                       "Requests refused because a tenant's token budget was spent, by period "
+                                       "(daily, monthly).", ["period"], registry=r)
         self.model_resolutions = Counter("banyan_model_resolutions_total",
                                          "Completion requests by how their model resolved (base, adapter, "
                                          "not_found).", ["result"], registry=r)

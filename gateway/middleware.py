@@ -25,6 +25,7 @@ from gateway.health import Drain
 from gateway.logs import annotate, start_request_fields
 from gateway.metrics import Metrics
 from gateway.state import AppState
+from gateway.tracing import Tracing
 
 log = logging.getLogger("banyan.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -40,9 +41,11 @@ class RequestContextMiddleware:
     line per request."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_upload_bytes: int,
-                 max_file_bytes: int | None = None, body_timeout_s: float = 60.0, drain: Drain | None = None) -> None:
+                 max_file_bytes: int | None = None, body_timeout_s: float = 60.0, drain: Drain | None = None,
+                 tracing: Tracing | None = None) -> None:
         """``max_upload_bytes``: the body of an adapter upload; ``max_file_bytes``: of a training file upload
-        (``POST /v1/files``; default ``max_body_bytes``); ``max_body_bytes``: any other body."""
+        (``POST /v1/files``; default ``max_body_bytes``); ``max_body_bytes``: any other body. ``tracing``: the
+        request's server span (:mod:`gateway.tracing`)."""
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
@@ -50,6 +53,7 @@ class RequestContextMiddleware:
         self.max_file = max_file_bytes if max_file_bytes is not None else max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.drain = drain or Drain()
+        self.tracing = tracing or Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,6 +66,9 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         fields = start_request_fields(request_id=request_id)
         method = scope["method"] if scope["method"] in METHODS else "other"
+        span = self.tracing.begin_request(method=method, path=scope["path"], headers=headers, request_id=request_id)
+        if span.span is not None:
+            fields["trace_id"] = self.tracing.trace_id(span)
         status = 500
         response_started = False
 
@@ -98,6 +105,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.request_seconds.labels(template).observe(elapsed)
+            self.tracing.end_request(span, route=template, status=status, method=method)
             log.info("request", extra={**fields, "method": method, "route": template, "status": status,
                                        "duration_ms": round(elapsed * 1000, 2)})
 
@@ -128,13 +136,14 @@ class AuthMiddleware:
         if tenant_route or admin_route:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             try:
-                if tenant_route:
-                    tenant = await authenticate_tenant(self.state, authorization)
-                    scope.setdefault("state", {})[TENANT_SCOPE_KEY] = tenant
-                    annotate(tenant=tenant)
-                else:
-                    check_admin(self.state, authorization)
-                    scope.setdefault("state", {})[ADMIN_SCOPE_KEY] = True
+                with self.state.tracing.stage("auth"):
+                    if tenant_route:
+                        tenant = await authenticate_tenant(self.state, authorization)
+                        scope.setdefault("state", {})[TENANT_SCOPE_KEY] = tenant
+                        annotate(tenant=tenant)
+                    else:
+                        check_admin(self.state, authorization)
+                        scope.setdefault("state", {})[ADMIN_SCOPE_KEY] = True
             except Exception as e:
                 error = e if isinstance(e, BanyanError) else translate(e)
                 route = next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)

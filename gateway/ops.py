@@ -28,10 +28,16 @@ async def healthz() -> dict[str, str]:
 
 
 async def _check(state: AppState) -> dict[str, bool]:
-    redis_ok, store_ok, engines = await asyncio.gather(
-        probe(state.redis.ping(), role="redis"), probe(state.store.ping(), role="object_store"),
-        state.engines.check())
-    return {"redis": redis_ok, "object_store": store_ok, "engine": any(engines.values())}
+    """Each role's health; with several base models, ``engine`` needs a healthy replica of every base, and
+    ``engine:<base id>`` says which base has none."""
+    (redis_ok, store_ok), pools = await asyncio.gather(
+        asyncio.gather(probe(state.redis.ping(), role="redis"), probe(state.store.ping(), role="object_store")),
+        asyncio.gather(*(base.engines.check() for base in state.bases.values())))
+    per_base = {base: any(replicas.values()) for base, replicas in zip(state.bases, pools, strict=True)}
+    checks = {"redis": redis_ok, "object_store": store_ok, "engine": all(per_base.values())}
+    if len(per_base) > 1:
+        checks.update({f"engine:{base}": ok for base, ok in per_base.items()})
+    return checks
 
 
 @router.get("/readyz")
@@ -42,6 +48,7 @@ async def readyz(state: StateDep) -> Response:
     failed = await state.readiness.failed(lambda: _check(state))
     body: dict[str, Any] = {"status": "unavailable" if failed else "ready",
                             "checks": {role: "failed" if role in failed else "ok" for role in ROLES}}
+    body["checks"].update({role: "failed" for role in failed if role not in ROLES})
     if failed:
         code = "engine_unavailable" if "engine" in failed else "dependency_unavailable"
         body.update(error_body(f"Not ready: {', '.join(failed)} unavailable.", type_="server_error", code=code))

@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.quotas import Limiter
 from gateway.settings import Settings
 from gateway.tenants import Tenants
+from gateway.tracing import Tracing
 from gateway.usage import Usage
 from retrieval.context import TokenCounter
 from retrieval.service import Documents
@@ -29,6 +30,18 @@ from retrieval.service import Documents
 if TYPE_CHECKING:
     from adapters.basemodel import BaseModelSpec
     from adapters.imports import ImportRunner
+
+
+@dataclass(frozen=True)
+class ServedBase:
+    """One served base model: what adapters for it are checked against, the engines that serve it and its
+    tokenizer."""
+
+    id: str
+    spec: BaseModelSpec | None
+    """Its shape (from its ``config.json``); None: uploads for it are refused."""
+    engines: EnginePool
+    tokens: TokenCounter
 
 
 class Pinger(Protocol):
@@ -64,3 +77,18 @@ class AppState:
     """The cached readiness check of ``/readyz``."""
     imports: ImportRunner | None = None
     """Bulk adapter imports (``/admin/imports``); None in a state built without Redis (they answer 503)."""
+    tracing: Tracing = field(default_factory=Tracing)
+    """Spans of a request's stages (:mod:`gateway.tracing`; off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set)."""
+    bases: dict[str, ServedBase] = field(default_factory=dict)
+    """Every served base model by id, the default first. Default: the one base of ``settings.base_model`` with
+    ``base_spec``, ``engines`` and ``tokens`` (which are always the default base's)."""
+
+    def __post_init__(self) -> None:
+        if not self.bases:
+            self.bases = {self.settings.base_model: ServedBase(id=self.settings.base_model, spec=self.base_spec,
+                                                               engines=self.engines, tokens=self.tokens)}
+
+    @property
+    def default_base(self) -> str:
+        """The id of the default base model (the first configured)."""
+        return next(iter(self.bases))

@@ -3,7 +3,9 @@
 Keys look like ``bk_<random>``; only their SHA-256 is stored (they carry 256 bits of randomness, so an
 unsalted hash is enough and lets a lookup be one round trip). Layout:
 
-- ``banyan:tenants`` SET of tenant ids; ``banyan:tenant:<id>`` HASH of the tenant's fields (JSON values),
+- ``banyan:tenants`` SET of tenant ids, and the same ids in ``banyan:tenant_ids`` ZSET (all scores 0: ordered by
+  id, for paging ``GET /admin/tenants``; rebuilt from the SET when the two differ, as after an upgrade from a
+  version without it); ``banyan:tenant:<id>`` HASH of the tenant's fields (JSON values),
   among them ``uid`` (this incarnation of the id) and, only while it is being deleted, ``deleting``;
 - ``banyan:tenant:<id>:keys`` HASH key_id -> JSON (name, created, hash); ``banyan:keyhash:<sha256>``
   STRING "<tenant>:<key_id>", the lookup used on every request.
@@ -55,6 +57,9 @@ class Tenant:
     """The tombstone: a delete has started and not finished."""
     fallback_to_base: bool = False
     """When one of its adapters cannot be loaded, its request is served by the base model instead of failing."""
+    daily_token_budget: int | None = None
+    monthly_token_budget: int | None = None
+    """Tokens it may spend per calendar day / month (UTC) on generation (:mod:`gateway.quotas`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,10 +104,12 @@ def _decode(raw: dict[bytes | str, bytes | str]) -> Tenant:
 # A tenant record that is live: it exists and carries no tombstone (KEYS[1] its hash).
 _LIVE = "redis.call('HEXISTS', KEYS[1], 'id') == 1 and redis.call('HEXISTS', KEYS[1], 'deleting') == 0"
 
-# Create unless the record exists (a tombstoned one included). KEYS: the id set, the record; ARGV: id, pairs.
+# Create unless the record exists (a tombstoned one included). KEYS: the id set, the record, the ordered ids;
+# ARGV: id, pairs.
 _CREATE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
 """
@@ -143,6 +150,24 @@ return tenant
 """
 
 
+# Make the ordered ids the id set's members again. KEYS: the id set, the ordered ids.
+_SYNC_IDS = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[2])
+for i = 1, #ids, 500 do
+  local args = {}
+  for j = i, math.min(i + 499, #ids) do
+    args[#args + 1] = 0
+    args[#args + 1] = ids[j]
+  end
+  redis.call('ZADD', KEYS[2], unpack(args))
+end
+return #ids
+"""
+
+_IDS, _ORDERED_IDS = "banyan:tenants", "banyan:tenant_ids"
+
+
 def _pairs(mapping: dict[str, str]) -> list[str]:
     return [x for item in mapping.items() for x in item]
 
@@ -155,7 +180,7 @@ class Tenants(Protocol):
     async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None],
                      fallback_to_base: bool = False) -> Tenant | None: ...
     async def get(self, tenant_id: str) -> Tenant | None: ...
-    async def list_tenants(self) -> list[Tenant]: ...
+    async def list_tenants(self, *, limit: int, after: str | None = None) -> tuple[list[Tenant], bool]: ...
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None: ...
     async def begin_delete(self, tenant_id: str) -> Tenant | None: ...
     async def finish_delete(self, tenant_id: str) -> None: ...
@@ -179,14 +204,16 @@ class TenantStore:
         self._tombstone: Any = redis.register_script(_TOMBSTONE)
         self._create_key: Any = redis.register_script(_CREATE_KEY)
         self._authenticate: Any = redis.register_script(_AUTHENTICATE)
+        self._sync_ids: Any = redis.register_script(_SYNC_IDS)
 
     async def create(self, tenant_id: str, *, name: str, limits: dict[str, int | None],
                      fallback_to_base: bool = False) -> Tenant | None:
         """Create a tenant; None when the id is taken (also while a delete of it has not finished)."""
         tenant = Tenant(id=tenant_id, name=name, created=int(time.time()), uid=secrets.token_hex(8),
                         rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"),
-                        fallback_to_base=fallback_to_base)
-        done = await self._create(keys=["banyan:tenants", _tenant_key(tenant_id)],
+                        fallback_to_base=fallback_to_base, daily_token_budget=limits.get("daily_token_budget"),
+                        monthly_token_budget=limits.get("monthly_token_budget"))
+        done = await self._create(keys=[_IDS, _tenant_key(tenant_id), _ORDERED_IDS],
                                   args=[tenant_id, *_pairs(_encode(tenant))])
         return tenant if done else None
 
@@ -194,10 +221,24 @@ class TenantStore:
         raw = await self._redis.hgetall(_tenant_key(tenant_id))
         return _decode(raw) if raw else None
 
-    async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(as_text(m) for m in await self._redis.smembers("banyan:tenants"))
-        tenants = [await self.get(i) for i in ids]
-        return [t for t in tenants if t is not None]
+    async def list_tenants(self, *, limit: int, after: str | None = None) -> tuple[list[Tenant], bool]:
+        """Up to ``limit`` tenants by id, after the id ``after``, and whether more follow: two round trips
+        (the page's ids, then their records), whatever the number of tenants."""
+        low = f"({after}" if after else "-"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(_ORDERED_IDS, low, "+", bylex=True, offset=0, num=limit + 1)
+            pipe.zcard(_ORDERED_IDS)
+            pipe.scard(_IDS)
+            found, ordered, members = await pipe.execute()
+        if ordered != members:  # ids created before the ordered set existed (or by a gateway that predates it)
+            await self._sync_ids(keys=[_IDS, _ORDERED_IDS])
+            found = await self._redis.zrange(_ORDERED_IDS, low, "+", bylex=True, offset=0, num=limit + 1)
+        ids = [as_text(i) for i in found]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id in ids[:limit]:
+                pipe.hgetall(_tenant_key(tenant_id))
+            raws = await pipe.execute()
+        return [_decode(raw) for raw in raws if raw], len(ids) > limit
 
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
         """Change a live tenant's fields; None when there is no such tenant or it is being deleted."""
@@ -222,7 +263,8 @@ class TenantStore:
     async def finish_delete(self, tenant_id: str) -> None:
         """Remove the record, last, once everything else of the tenant is gone: the id can be created again."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.srem("banyan:tenants", tenant_id)
+            pipe.srem(_IDS, tenant_id)
+            pipe.zrem(_ORDERED_IDS, tenant_id)
             pipe.delete(_tenant_key(tenant_id), _keys_key(tenant_id))
             await pipe.execute()
 

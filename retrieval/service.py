@@ -119,7 +119,14 @@ class Documents(Protocol):
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]: ...
     async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
-                          collection: str | None = None) -> Context: ...
+                          collection: str | None = None, tokens: TokenCounter | None = None) -> Context: ...
+
+    @property
+    def embedder(self) -> Embedder:
+        """The one embedding model (``POST /v1/embeddings`` counts tokens with it)."""
+        ...
+
+    async def embed(self, texts: Sequence[str], *, tenant: str = "", query: bool = False) -> np.ndarray: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -385,14 +392,15 @@ class DocumentService:
         await self.embedding.aclose()
 
     async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
-                          collection: str | None = None) -> Context:
+                          collection: str | None = None, tokens: TokenCounter | None = None) -> Context:
         """The numbered context of the passages of the tenant's documents best for ``query`` that fit in
-        ``budget_tokens`` (base-model tokens), and those passages. A query longer than retrieval reads is
-        cut to its head."""
+        ``budget_tokens`` (base-model tokens, counted with ``tokens``, default the service's own), and those
+        passages. A query longer than retrieval reads is cut to its head."""
         passages = await self.retrieve(tenant, query[:MAX_QUERY_CHARS], top_k=top_k, collection=collection)
         if not passages:
             return Context(text="", passages=[])
-        return await asyncio.to_thread(build_context, passages, budget_tokens=budget_tokens, tokens=self.tokens)
+        return await asyncio.to_thread(build_context, passages, budget_tokens=budget_tokens,
+                                       tokens=tokens or self.tokens)
 
     async def retrieve(self, tenant: str, query: str, *, top_k: int = 4,
                        collection: str | None = None) -> list[Passage]:

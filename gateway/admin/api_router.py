@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile as FormFile
 
+from adapters.naming import ID_PATTERN
 from gateway.admin import protocol as wire
 from gateway.admin import service
 from gateway.deps import AdminDep, StateDep
@@ -21,8 +22,9 @@ async def create_tenant(body: wire.TenantCreate, state: StateDep) -> wire.Tenant
 
 
 @router.get("/tenants")
-async def list_tenants(state: StateDep) -> wire.ListOut[wire.TenantOut]:
-    return await service.list_tenants(state)
+async def list_tenants(state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                       after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None) -> wire.TenantListOut:
+    return await service.list_tenants(state, limit=limit, after=after)
 
 
 @router.get("/tenants/{tenant_id}")
@@ -104,5 +106,12 @@ async def delete_adapter(tenant_id: str, name: str, state: StateDep) -> wire.Del
 
 
 @router.get("/tenants/{tenant_id}/usage")
-async def tenant_usage(tenant_id: str, state: StateDep) -> wire.UsageOut:
-    return await service.tenant_usage(state, tenant_id)
+async def tenant_usage(tenant_id: str, state: StateDep, query: Annotated[wire.UsageQuery, Query()]
+                       ) -> wire.UsageOut | wire.UsagePage[wire.UsageResultOut]:
+    return await service.tenant_usage(state, tenant_id, query)
+
+
+@router.get("/usage")
+async def all_usage(state: StateDep, query: Annotated[wire.UsageQuery, Query()]
+                    ) -> wire.UsagePage[wire.TenantUsageResultOut]:
+    return await service.all_usage(state, query)

@@ -21,6 +21,9 @@ class TenantCreate(BaseModel):
     max_concurrency: Limit = Field(default=None, ge=1)
     fallback_to_base: bool = False
     """Serve a request with the base model (header ``x-banyan-fallback: base``) when its adapter cannot load."""
+    daily_token_budget: Limit = Field(default=None, ge=0)
+    monthly_token_budget: Limit = Field(default=None, ge=0)
+    """Tokens (prompt + completion) it may spend per calendar day / month in UTC; null: no budget."""
 
 
 class TenantPatch(BaseModel):
@@ -32,6 +35,22 @@ class TenantPatch(BaseModel):
     tpm: Limit = Field(default=None, ge=1)
     max_concurrency: Limit = Field(default=None, ge=1)
     fallback_to_base: bool = False
+    daily_token_budget: Limit = Field(default=None, ge=0)
+    monthly_token_budget: Limit = Field(default=None, ge=0)
+
+
+class BudgetPeriodOut(BaseModel):
+    limit: Limit
+    used: int
+    """Tokens spent in the current period (counted whether or not there is a budget)."""
+    remaining: Limit
+    resets_at: int
+    """When the period ends (unix s, UTC midnight / the first of the next month)."""
+
+
+class BudgetOut(BaseModel):
+    daily: BudgetPeriodOut
+    monthly: BudgetPeriodOut
 
 
 class TenantOut(BaseModel):
@@ -45,6 +64,10 @@ class TenantOut(BaseModel):
     status: Literal["active", "deleting"] = "active"
     """``deleting`` while a delete has not finished (repeat the DELETE to finish it)."""
     fallback_to_base: bool = False
+    daily_token_budget: Limit = None
+    monthly_token_budget: Limit = None
+    budget: BudgetOut | None = None
+    """The budgets and what is left of them now."""
 
 
 T = TypeVar("T")
@@ -83,6 +106,8 @@ class AdapterVersionOut(BaseModel):
     target_modules: list[str]
     size_bytes: int
     created: int
+    base_model: str
+    """The base model the version was checked against and is served on."""
 
 
 class CanaryIn(BaseModel):
@@ -101,7 +126,6 @@ class AdapterUploadOut(AdapterVersionOut):
     """The answer to an upload or an import: the version stored, the base model it was checked against, and the side
     files that came with it and were ignored."""
 
-    base_model: str
     ignored_files: list[str]
 
 
@@ -239,3 +263,54 @@ class UsageOut(BaseModel):
     total: UsageCounts
     models: dict[str, UsageCounts]
     """Per model the tenant called: each adapter by name, and the base model by its id."""
+
+
+class UsageQuery(BaseModel):
+    """``GET /admin/tenants/{id}/usage`` and ``GET /admin/usage``: without ``bucket_width``, the tenant's totals as
+    before (the other fields then refused); with it, buckets aligned to UTC hours or days from the one holding
+    ``start_time`` up to the one holding ``end_time`` (exclusive; default now), ``limit`` buckets a page."""
+
+    model_config = ConfigDict(extra="forbid")
+    bucket_width: Literal["1h", "1d"] | None = None
+    start_time: int | None = Field(default=None, ge=0, le=2**40)
+    end_time: int | None = Field(default=None, ge=1, le=2**40)
+    limit: int | None = Field(default=None, ge=1)
+    """Buckets per page: 1h default 24, at most 168; 1d default 7, at most 31 (as OpenAI's usage API)."""
+    page: str | None = Field(default=None, max_length=100)
+    """The ``next_page`` of the previous page."""
+
+
+class UsageResultOut(BaseModel):
+    model: str
+    user: str | None
+    """The request's ``user``; null for requests without one, or beyond the bucket's cap of named users."""
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TenantUsageResultOut(UsageResultOut):
+    tenant: str
+
+
+class UsageBucketOut(BaseModel, Generic[T]):
+    object: str = "bucket"
+    start_time: int
+    end_time: int
+    results: list[T]
+
+
+class UsagePage(BaseModel, Generic[T]):
+    object: str = "page"
+    data: list[UsageBucketOut[T]]
+    has_more: bool
+    next_page: str | None
+    """Pass as ``page`` (same other parameters) for the next page."""
+
+
+class TenantListOut(ListOut[TenantOut]):
+    """A page of tenants by id (``limit``, ``after``)."""
+
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

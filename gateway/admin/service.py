@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from adapters.archive import extract_archive
 from adapters.basemodel import BaseModelSpec
-from adapters.errors import AdapterTooLargeError
+from adapters.errors import AdapterTooLargeError, InvalidAdapterError
 from adapters.imports import ImportItem, ImportRecord, ImportRunner, ItemDone, ItemFailed, LeaseLost
 from adapters.layout import (
     ADAPTER_FILES,
@@ -40,12 +40,15 @@ from adapters.layout import (
 from adapters.naming import AdapterRef, is_valid_id, new_uid
 from adapters.registry import AdapterRecord, Split, UnknownVersion, VersionMeta
 from adapters.store import S3Source, SourceCredentials, SourceError, s3_config
-from adapters.validation import sort_files, validate_adapter_dir
+from adapters.validation import AdapterInfo, sort_files, validate_adapter_dir
+from gateway.admin import usage as usage_pages
 from gateway.admin.protocol import (
     AdapterOut,
     AdapterSourceIn,
     AdapterUploadOut,
     AdapterVersionOut,
+    BudgetOut,
+    BudgetPeriodOut,
     CanaryIn,
     CanaryOut,
     Deleted,
@@ -59,10 +62,15 @@ from gateway.admin.protocol import (
     ListOut,
     SourceCredentialsIn,
     TenantCreate,
+    TenantListOut,
     TenantOut,
     TenantPatch,
+    TenantUsageResultOut,
     UsageCounts,
     UsageOut,
+    UsagePage,
+    UsageQuery,
+    UsageResultOut,
 )
 from gateway.errors import (
     BanyanError,
@@ -74,8 +82,9 @@ from gateway.errors import (
     translate,
 )
 from gateway.fine_tuning.service import delete_tenant_data
+from gateway.quotas import Spent
 from gateway.settings import Settings
-from gateway.state import AppState
+from gateway.state import AppState, ServedBase
 from gateway.tenants import KeyInfo, Tenant
 from gateway.usage import Counts
 
@@ -107,7 +116,8 @@ class _Staged:
 
 async def create_tenant(state: AppState, body: TenantCreate) -> TenantOut:
     tenant = await state.tenants.create(body.id, name=body.name or body.id,
-                                        limits=body.model_dump(include={"rpm", "tpm", "max_concurrency"}),
+                                        limits=body.model_dump(include={"rpm", "tpm", "max_concurrency",
+                                                                        "daily_token_budget", "monthly_token_budget"}),
                                         fallback_to_base=body.fallback_to_base)
     if tenant is None:
         existing = await state.tenants.get(body.id)
@@ -115,15 +125,17 @@ async def create_tenant(state: AppState, body: TenantCreate) -> TenantOut:
             raise Conflict(f"Tenant `{body.id}` is still being deleted: repeat DELETE /admin/tenants/{body.id} "
                            "to finish it, then create it again.", param="id")
         raise Conflict(f"Tenant `{body.id}` already exists.", param="id")
-    return _tenant_out(tenant)
+    return (await _tenants_out(state, [tenant]))[0]
 
 
-async def list_tenants(state: AppState) -> ListOut[TenantOut]:
-    return ListOut(data=[_tenant_out(t) for t in await state.tenants.list_tenants()])
+async def list_tenants(state: AppState, *, limit: int, after: str | None = None) -> TenantListOut:
+    tenants, more = await state.tenants.list_tenants(limit=limit, after=after)
+    return TenantListOut(data=await _tenants_out(state, tenants), has_more=more,
+                         first_id=tenants[0].id if tenants else None, last_id=tenants[-1].id if tenants else None)
 
 
 async def get_tenant(state: AppState, tenant_id: str) -> TenantOut:
-    return _tenant_out(await _require_tenant(state, tenant_id, live=False))
+    return (await _tenants_out(state, [await _require_tenant(state, tenant_id, live=False)]))[0]
 
 
 async def update_tenant(state: AppState, tenant_id: str, *, body: TenantPatch) -> TenantOut:
@@ -133,7 +145,7 @@ async def update_tenant(state: AppState, tenant_id: str, *, body: TenantPatch) -
     if tenant is None:
         await _require_tenant(state, tenant_id)  # which of the two
         raise _being_deleted(tenant_id)
-    return _tenant_out(tenant)
+    return (await _tenants_out(state, [tenant]))[0]
 
 
 async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
@@ -143,6 +155,7 @@ async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
     if not is_valid_id(tenant_id) or await state.tenants.begin_delete(tenant_id) is None:
         raise _no_tenant(tenant_id)
     await state.usage.delete(tenant_id)
+    await state.quotas.forget(tenant_id)  # its windows and budget counters (they would expire by themselves)
     await delete_tenant_data(state, tenant_id)  # fine-tuning jobs (a running one stops) and training files
     for record in await state.adapters.list_records(tenant_id):
         await _delete_adapter_everywhere(state, tenant_id, record.name)
@@ -153,11 +166,23 @@ async def delete_tenant(state: AppState, tenant_id: str) -> Deleted:
     return Deleted(id=tenant_id, object="tenant")
 
 
-async def tenant_usage(state: AppState, tenant_id: str) -> UsageOut:
+async def tenant_usage(state: AppState, tenant_id: str,
+                       query: UsageQuery | None = None) -> UsageOut | UsagePage[UsageResultOut]:
+    """The tenant's totals; with ``bucket_width``, a page of its usage over time (:mod:`gateway.admin.usage`)."""
+    asked = query if query is not None and query.model_fields_set else None
+    page = usage_pages.window(asked, now=time.time()) if asked is not None else None
     await _require_tenant(state, tenant_id)
+    if page is not None:
+        return await usage_pages.tenant_page(state.usage, tenant_id, page)
     usage = await state.usage.get(tenant_id)
     return UsageOut(tenant=tenant_id, total=_counts_out(usage.total),
                     models={model: _counts_out(counts) for model, counts in usage.models.items()})
+
+
+async def all_usage(state: AppState, query: UsageQuery) -> UsagePage[TenantUsageResultOut]:
+    """Every tenant's usage over time (a billing export), bounded per page."""
+    page = usage_pages.window(query, now=time.time(), tenant_cursor=True)
+    return await usage_pages.all_tenants_page(state.usage, page, max_rows=state.settings.admin_usage_max_rows)
 
 
 # -- keys --------------------------------------------------------------------------------------------
@@ -188,11 +213,11 @@ async def revoke_key(state: AppState, tenant_id: str, *, key_id: str) -> Deleted
 
 async def list_adapters(state: AppState, tenant_id: str) -> ListOut[AdapterOut]:
     await _require_tenant(state, tenant_id)
-    return ListOut(data=[_adapter_out(r) for r in await state.adapters.list_records(tenant_id)])
+    return ListOut(data=[_adapter_out(state, r) for r in await state.adapters.list_records(tenant_id)])
 
 
 async def get_adapter(state: AppState, tenant_id: str, *, name: str) -> AdapterOut:
-    return _adapter_out(await _require_adapter(state, tenant_id, name))
+    return _adapter_out(state, await _require_adapter(state, tenant_id, name))
 
 
 async def activate_version(state: AppState, tenant_id: str, *, name: str, version: int,
@@ -212,8 +237,8 @@ async def activate_version(state: AppState, tenant_id: str, *, name: str, versio
     if state.settings.prefetch_on_activate:  # both versions of a split serve from now on
         served = [version, split.version] if split is not None and split.percent else [version]
         for v in served:
-            state.engines.warm(AdapterRef(tenant_id, name, v, record.versions[v].uid).engine_name)
-    return _adapter_out(record)
+            _warm(state, AdapterRef(tenant_id, name, v, record.versions[v].uid), record.versions[v])
+    return _adapter_out(state, record)
 
 
 async def delete_adapter(state: AppState, tenant_id: str, *, name: str) -> Deleted:
@@ -231,12 +256,12 @@ async def upload_adapter(state: AppState, tenant_id: str, *, name: str, files: l
     if bool(files) == bool(archive):
         raise InvalidAdapter(f"Send the adapter either as `files` ({' and '.join(ADAPTER_FILES)}) or as one "
                              "`archive`, not both or neither.", param="files")
-    _check_base_model(state, base_model)
-    _base_spec(state)
+    base = _served_base(state, base_model)
     with tempfile.TemporaryDirectory(prefix="banyan-upload-") as tmp:
         staged = await asyncio.to_thread(_stage, Path(tmp), files, archive,
                                          max_bytes=state.settings.max_adapter_bytes)
-        return await _store_version(state, tenant, name=name, staged=staged, activate=activate)
+        return await _store_version(state, tenant, name=name, staged=staged, activate=activate, base=base,
+                                    asked=base_model is not None)
 
 
 async def import_adapter(state: AppState, tenant_id: str, *, body: AdapterSourceIn) -> AdapterUploadOut:
@@ -251,23 +276,23 @@ async def _import_from(state: AppState, tenant_id: str, *, name: str, source: st
                        note: Note | None = None) -> AdapterUploadOut:
     tenant = await _require_tenant(state, tenant_id)
     _check_name(name)
-    _check_base_model(state, base_model)
-    _base_spec(state)
+    base = _served_base(state, base_model)
     with tempfile.TemporaryDirectory(prefix="banyan-import-") as tmp:
         staged = await asyncio.to_thread(_fetch, Path(tmp), source, settings=state.settings, credentials=credentials)
-        return await _store_version(state, tenant, name=name, staged=staged, activate=activate, note=note)
+        return await _store_version(state, tenant, name=name, staged=staged, activate=activate, base=base,
+                                    asked=base_model is not None, note=note)
 
 
 async def _store_version(state: AppState, tenant: Tenant, *, name: str, staged: _Staged, activate: bool,
-                         note: Note | None = None) -> AdapterUploadOut:
-    """Validate the staged adapter and publish it as a new version of ``name``."""
+                         base: ServedBase, asked: bool, note: Note | None = None) -> AdapterUploadOut:
+    """Validate the staged adapter against ``base`` (``asked``: the request named it) and publish it as a new
+    version of ``name`` bound to it."""
     settings = state.settings
-    info = await asyncio.to_thread(validate_adapter_dir, staged.folder, base=_base_spec(state),
-                                   max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes,
-                                   served_bases=[settings.base_model])
+    info = await asyncio.to_thread(_validate_for, state, staged.folder, base, asked=asked)
     version = await state.adapters.allocate_version(tenant.id, name)
     meta = VersionMeta(version=version, uid=new_uid(), sha256=info.sha256, rank=info.rank, alpha=info.alpha,
-                       target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()))
+                       target_modules=info.target_modules, size_bytes=info.size_bytes, created=int(time.time()),
+                       base_model=base.id)
     ref = AdapterRef(tenant.id, name, version, meta.uid)
     try:
         if note is not None:
@@ -283,9 +308,9 @@ async def _store_version(state: AppState, tenant: Tenant, *, name: str, staged: 
         raise
     state.metrics.adapter_uploads.labels("stored").inc()
     if activate and settings.prefetch_on_activate:
-        state.engines.warm(ref.engine_name)
-    stored = _version_out(name, meta, active=version if activate else None)
-    return AdapterUploadOut(**stored.model_dump(), base_model=settings.base_model, ignored_files=staged.ignored)
+        _warm(state, ref, meta)
+    stored = _version_out(state, name, meta, active=version if activate else None)
+    return AdapterUploadOut(**stored.model_dump(), ignored_files=staged.ignored)
 
 
 # -- bulk imports ------------------------------------------------------------------------------------
@@ -323,7 +348,8 @@ async def create_import(state: AppState, body: ImportIn) -> ImportOut:
     if len(body.items) > state.settings.max_import_items:
         raise InvalidRequest(f"An import takes at most {state.settings.max_import_items:,} items; this one has "
                              f"{len(body.items):,}. Split it.", param="items")
-    _base_spec(state)
+    for base_model in {i.base_model for i in body.items}:
+        _served_base(state, base_model)  # every item's base is served and can be checked against
     items = [ImportItem(tenant=i.tenant, name=i.name, source=i.source, activate=i.activate, base_model=i.base_model)
              for i in body.items]
     record = await runner.submit(items, _ImportWorker(state), credentials=_credentials(body.credentials))
@@ -409,7 +435,9 @@ async def _delete_adapter_everywhere(state: AppState, tenant_id: str, name: str)
     meanwhile is a new version in a folder of its own, and stays."""
     for meta in await state.adapters.delete(tenant_id, name):
         ref = AdapterRef(tenant_id, name, meta.version, meta.uid)
-        await state.engines.unload(ref.engine_name)
+        base = state.bases.get(meta.base_model or state.default_base)
+        if base is not None:  # a retired base's engines are gone with it
+            await base.engines.unload(ref.engine_name)
         await delete_version(state.store, ref)
         await state.adapters.clear_pending(ref)
 
@@ -419,19 +447,51 @@ def _check_name(name: str) -> None:
         raise InvalidRequest("`name` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="name")
 
 
-def _base_spec(state: AppState) -> BaseModelSpec:
-    if state.base_spec is None:
-        raise InvalidRequest("This gateway has no base model configuration to check adapters against "
-                             "(set BANYAN_BASE_MODEL_CONFIG).")
-    return state.base_spec
+def _served_base(state: AppState, base_model: str | None) -> ServedBase:
+    """The base an upload or import is for: ``base_model`` when given (it must be served), else the default base
+    model (the first configured). 400 when it is not served, or has no configuration to check adapters against."""
+    base = state.bases.get(base_model or state.default_base)
+    if base is None:
+        raise InvalidRequest(f"Base model `{base_model}` is not served here; Banyan serves "
+                             f"{', '.join(f'`{b}`' for b in state.bases)}.", param="base_model")
+    if base.spec is None:
+        raise InvalidRequest(f"This gateway has no configuration of base model `{base.id}` to check adapters "
+                             "against (its config folder in BANYAN_BASE_MODELS, or BANYAN_BASE_MODEL_CONFIG).",
+                             param="base_model" if base_model else None)
+    return base
 
 
-def _check_base_model(state: AppState, base_model: str | None) -> None:
-    """A ``base_model`` given must be one this gateway serves (for now its one base model)."""
-    served = state.settings.base_model
-    if base_model is not None and base_model != served:
-        raise InvalidRequest(f"Base model `{base_model}` is not served here; Banyan serves `{served}`.",
-                             param="base_model")
+def _validate_for(state: AppState, folder: Path, base: ServedBase, *, asked: bool) -> AdapterInfo:
+    """Validate the adapter in ``folder`` against ``base``. When it does not fit it but fits another served base,
+    the error says which (the adapter was uploaded for the wrong base). Blocking."""
+    settings = state.settings
+    assert base.spec is not None, "checked by _served_base"
+    others = [b for b in state.bases.values() if b.id != base.id]
+    try:
+        return validate_adapter_dir(folder, base=base.spec, max_rank=settings.max_lora_rank,
+                                    max_bytes=settings.max_adapter_bytes, served_bases=list(state.bases))
+    except InvalidAdapterError as e:
+        fits = [b.id for b in others if b.spec is not None and _fits(folder, b.spec, settings)]
+        if not fits:
+            raise
+        why = "the upload's base_model" if asked else "the default base model: the upload named no base_model"
+        raise InvalidAdapter(f"{e.message}. It was checked against `{base.id}` ({why}); it fits `{fits[0]}`: upload "
+                             f"it with base_model `{fits[0]}`.", code=e.code, param="base_model") from e
+
+
+def _fits(folder: Path, spec: BaseModelSpec, settings: Settings) -> bool:
+    try:
+        validate_adapter_dir(folder, base=spec, max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_bytes)
+    except (InvalidAdapterError, AdapterTooLargeError):
+        return False
+    return True
+
+
+def _warm(state: AppState, ref: AdapterRef, meta: VersionMeta) -> None:
+    """Have the home replica of the version's base model load it now."""
+    base = state.bases.get(meta.base_model or state.default_base)
+    if base is not None:
+        base.engines.warm(ref.engine_name)
 
 
 def _credentials(given: SourceCredentialsIn | None) -> SourceCredentials | None:
@@ -502,10 +562,25 @@ def _copy(source: BinaryIO, dest: Path) -> None:
 # -- records -> wire models --------------------------------------------------------------------------
 
 
-def _tenant_out(tenant: Tenant) -> TenantOut:
+async def _tenants_out(state: AppState, tenants: list[Tenant]) -> list[TenantOut]:
+    """The tenants with their budgets: what each spent is read for all of them in one round trip."""
+    spent = await state.quotas.spent([t.id for t in tenants])
+    return [_tenant_out(t, spent[t.id]) for t in tenants]
+
+
+def _tenant_out(tenant: Tenant, spent: Spent) -> TenantOut:
+    budget = BudgetOut(
+        daily=_budget_out(tenant.daily_token_budget, used=spent.daily, resets_at=spent.daily_resets_at),
+        monthly=_budget_out(tenant.monthly_token_budget, used=spent.monthly, resets_at=spent.monthly_resets_at))
     return TenantOut(id=tenant.id, name=tenant.name, created=tenant.created, rpm=tenant.rpm, tpm=tenant.tpm,
                      max_concurrency=tenant.max_concurrency, status="deleting" if tenant.deleting else "active",
-                     fallback_to_base=tenant.fallback_to_base)
+                     fallback_to_base=tenant.fallback_to_base, daily_token_budget=tenant.daily_token_budget,
+                     monthly_token_budget=tenant.monthly_token_budget, budget=budget)
+
+
+def _budget_out(limit: int | None, *, used: int, resets_at: int) -> BudgetPeriodOut:
+    return BudgetPeriodOut(limit=limit, used=used, remaining=None if limit is None else max(0, limit - used),
+                           resets_at=resets_at)
 
 
 def _key_out(info: KeyInfo) -> KeyOut:
@@ -521,13 +596,15 @@ def _counts_out(counts: Counts) -> UsageCounts:
                        completion_tokens=counts.completion_tokens, total_tokens=counts.total_tokens)
 
 
-def _version_out(name: str, meta: VersionMeta, *, active: int | None) -> AdapterVersionOut:
+def _version_out(state: AppState, name: str, meta: VersionMeta, *, active: int | None) -> AdapterVersionOut:
     return AdapterVersionOut(name=name, version=meta.version, active=meta.version == active, sha256=meta.sha256,
                              rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules,
-                             size_bytes=meta.size_bytes, created=meta.created)
+                             size_bytes=meta.size_bytes, created=meta.created,
+                             base_model=meta.base_model or state.default_base)
 
 
-def _adapter_out(record: AdapterRecord) -> AdapterOut:
-    versions = [_version_out(record.name, record.versions[v], active=record.active) for v in sorted(record.versions)]
+def _adapter_out(state: AppState, record: AdapterRecord) -> AdapterOut:
+    versions = [_version_out(state, record.name, record.versions[v], active=record.active)
+                for v in sorted(record.versions)]
     canary = CanaryOut(version=record.canary.version, percent=record.canary.percent) if record.canary else None
     return AdapterOut(name=record.name, active_version=record.active, canary=canary, versions=versions)

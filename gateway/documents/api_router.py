@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from gateway.deps import StateDep, TenantDep
 from gateway.documents.protocol import (
@@ -26,12 +26,14 @@ from gateway.tenants import live_guard
 router = APIRouter(prefix="/v1", tags=["documents"])
 
 
-async def _admitted(state: StateDep, tenant: TenantDep) -> AsyncIterator[str]:
+async def _admitted(state: StateDep, tenant: TenantDep, response: Response) -> AsyncIterator[str]:
     """The caller's tenant, let in by its limits for as long as the route runs. A call counts as one request
-    against ``rpm`` and holds a concurrency slot; it adds nothing to ``tpm`` (embedding is not model tokens: a
-    document's chunks count against the tenant's document quotas instead), but a minute whose tokens are spent
-    refuses it like any other request."""
-    admission = await state.quotas.admit(tenant)
+    against ``rpm`` and holds a concurrency slot; it adds nothing to ``tpm`` or the budgets (embedding is not
+    model tokens: a document's chunks count against the tenant's document quotas instead), and a spent budget
+    does not refuse it (budgets are for generation), but a minute whose tokens are spent refuses it like any other
+    request. The response carries the ``x-ratelimit-*`` headers."""
+    admission = await state.quotas.admit(tenant, budgeted=False)
+    response.headers.update(admission.headers())
     try:
         yield tenant
     finally:

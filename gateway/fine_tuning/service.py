@@ -50,6 +50,7 @@ from gateway.fine_tuning.protocol import (
 )
 from gateway.state import AppState
 from gateway.tenants import Tenant, live_guard
+from retrieval.context import TokenCounter
 
 log = logging.getLogger("banyan.fine_tuning")
 
@@ -121,7 +122,8 @@ async def create_job(state: AppState, tenant_id: str, body: JobCreate) -> JobOut
     if body.seed is not None and not 0 <= body.seed <= MAX_SEED:
         raise InvalidRequest(f"`seed` must be between 0 and {MAX_SEED}.", param="seed")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    continue_from, adapter = await _resolve_model(state, tenant_id, body)
+    continue_from, adapter, base = await _resolve_model(state, tenant_id, body)
+    tokens = state.bases[base].tokens
     if body.training_file is None and options.from_documents is None:
         raise InvalidRequest("`training_file` is required unless `banyan.from_documents` is given.",
                              param="training_file")
@@ -134,9 +136,9 @@ async def create_job(state: AppState, tenant_id: str, body: JobCreate) -> JobOut
     job_id = new_job_id()
     if options.from_documents is not None:
         examples = [*examples, *await _document_examples(state, tenant_id, options.from_documents.collection,
-                                                         seed=seed)]
+                                                         seed=seed, tokens=tokens)]
     steps = resolve_hyperparameters(hyperparameters, examples=len(examples))
-    training_tokens = await asyncio.to_thread(_count_tokens, state, examples) * steps.n_epochs
+    training_tokens = await asyncio.to_thread(_count_tokens, tokens, examples) * steps.n_epochs
     if training_tokens > settings.max_training_tokens_per_job:
         raise InvalidRequest(f"This job would train on {training_tokens} tokens ({steps.n_epochs} epochs); a job may "
                              f"train on at most {settings.max_training_tokens_per_job}. Use fewer examples or epochs.",
@@ -149,7 +151,7 @@ async def create_job(state: AppState, tenant_id: str, body: JobCreate) -> JobOut
         made_file = await _store_file(state, tenant_id, filename=f"documents-{collection or 'all'}-{job_id}.jsonl",
                                       data=_to_jsonl(examples))
         training_file = made_file.id
-    job = Job(id=job_id, tenant=tenant_id, model=body.model, base_model=settings.base_model, adapter=adapter,
+    job = Job(id=job_id, tenant=tenant_id, model=body.model, base_model=base, adapter=adapter,
               training_file=training_file, validation_file=body.validation_file, hyperparameters=hyperparameters,
               seed=seed, rank=options.rank, activate=options.activate,
               from_documents={"collection": options.from_documents.collection} if options.from_documents else None,
@@ -258,11 +260,11 @@ async def _examples_of(state: AppState, tenant: str, file_id: str, *, param: str
     return await _parse(data, source=record.filename, param=param)
 
 
-async def _document_examples(state: AppState, tenant: str, collection: str | None, *,
-                             seed: int) -> list[ChatMessages]:
+async def _document_examples(state: AppState, tenant: str, collection: str | None, *, seed: int,
+                             tokens: TokenCounter) -> list[ChatMessages]:
     documents = await state.documents.export(tenant, collection=collection)
     try:
-        made = await asyncio.to_thread(examples_from_documents, documents, tokens=state.tokens, seed=seed)
+        made = await asyncio.to_thread(examples_from_documents, documents, tokens=tokens, seed=seed)
     except ValueError as e:
         raise InvalidRequest(str(e), param="banyan.from_documents") from e
     return [list(m) for m in made]
@@ -287,24 +289,31 @@ async def _undo_if_deleted(state: AppState, tenant: Tenant, job_id: str) -> None
     raise AuthError("Incorrect API key provided.")
 
 
-async def _resolve_model(state: AppState, tenant: str, body: JobCreate) -> tuple[dict[str, Any] | None, str]:
-    """What the job continues from (None: the base model) and the adapter it writes a version of."""
+async def _resolve_model(state: AppState, tenant: str,
+                         body: JobCreate) -> tuple[dict[str, Any] | None, str, str]:
+    """What the job continues from (None: a base model), the adapter it writes a version of, and the base model it
+    trains on (``model`` itself, or the base of the adapter's active version)."""
     continue_from: dict[str, Any] | None = None
-    if body.model == state.settings.base_model:
+    if body.model in state.bases:
+        base = body.model
         if body.suffix is None:
-            raise InvalidRequest("`suffix` (the adapter to make) is required when `model` is the base model.",
+            raise InvalidRequest("`suffix` (the adapter to make) is required when `model` is a base model.",
                                  param="suffix")
     else:
         meta = await state.adapters.active_meta(tenant, body.model) if is_valid_id(body.model) else None
         if meta is None:
-            raise ModelNotFound(f"The model `{body.model}` does not exist: use the base model "
-                                f"`{state.settings.base_model}` or one of your adapters with an active version.",
-                                param="model")
+            served = ", ".join(f"`{b}`" for b in state.bases)
+            raise ModelNotFound(f"The model `{body.model}` does not exist: use a base model ({served}) or one of "
+                                "your adapters with an active version.", param="model")
+        base = meta.base_model or state.default_base
+        if base not in state.bases:
+            raise InvalidRequest(f"`{body.model}` was made for base model `{base}`, which is no longer served: "
+                                 "fine-tune a served base model instead.", param="model")
         continue_from = {"name": body.model, "version": meta.version, "uid": meta.uid}
     adapter = body.suffix if body.suffix is not None else body.model
     if not is_valid_id(adapter):
         raise InvalidRequest("`suffix` must match ^[a-z0-9][a-z0-9-]{0,62}$.", param="suffix")
-    return continue_from, adapter
+    return continue_from, adapter, base
 
 
 def _asked_hyperparameters(body: JobCreate) -> dict[str, Any]:
@@ -342,9 +351,9 @@ def _check_hyperparameters(asked: Mapping[str, Any]) -> dict[str, int | float | 
     return checked
 
 
-def _count_tokens(state: AppState, examples: Sequence[ChatMessages]) -> int:
+def _count_tokens(tokens: TokenCounter, examples: Sequence[ChatMessages]) -> int:
     """Base-model tokens of one pass over the examples (every message's content and its overhead). Blocking."""
-    return sum(state.tokens.count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for example in examples for m in example)
+    return sum(tokens.count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for example in examples for m in example)
 
 
 def _to_jsonl(examples: Sequence[ChatMessages]) -> bytes:

@@ -6,8 +6,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.deps import StateDep, TenantDep
-from gateway.openai_api.protocol import ChatCompletionRequest, CompletionRequest, ModelList
-from gateway.openai_api.serving import CompletionService, client_disconnected, list_models
+from gateway.openai_api.embeddings import create_embeddings
+from gateway.openai_api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+)
+from gateway.openai_api.serving import CompletionService, client_disconnected, get_model, list_models
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -15,6 +22,11 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 @router.get("/models", response_model=ModelList)
 async def models(state: StateDep, tenant: TenantDep) -> ModelList:
     return await list_models(state, tenant)
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, state: StateDep, tenant: TenantDep) -> ModelCard:
+    return await get_model(state, tenant, model_id)
 
 
 @router.post("/chat/completions")
@@ -27,3 +39,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: St
 async def completions(body: CompletionRequest, http: Request, state: StateDep, tenant: TenantDep) -> Response:
     return await CompletionService(state).handle(tenant=tenant, request=body,
                                                  disconnected=client_disconnected(http.receive))
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, state: StateDep, tenant: TenantDep) -> Response:
+    return await create_embeddings(state, tenant=tenant, request=body)

@@ -10,7 +10,7 @@ tenant can never reach the engine's own controls (``request_id``, ``cache_salt``
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,3 +137,18 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI's shape). Token-id inputs parse, so that the service can refuse them by
+    name rather than as a type error; any field not typed here is refused by the service, naming it."""
+
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = Field(default=None, max_length=256)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def unrecognized(self) -> str | None:
+        return next(iter(self.model_extra or {}), None)

@@ -13,9 +13,11 @@ Before admission, the request's fields are checked against the surface's allowli
 and its worst case in tokens is reserved against the tenant's ``tpm`` (:mod:`gateway.openai_api.limits`).
 Whatever way a request ends (answered, refused by the engine, the engine gone, the client gone, the task
 cancelled), what the engine reported is recorded as usage and the admission is released (its lease given
-back, the reserved tokens it did not use refunded), in a task of its own that a cancellation cannot cut
-short. A client that leaves a JSON request ends the engine's work on it (the engine call is closed) and
-keeps its reservation in the ``tpm`` window: what the engine did for it is unknown.
+back, the reserved tokens it did not use refunded, the tokens used charged to the ``tpm`` window and the
+budgets), in a task of its own that a cancellation cannot cut short. Every response of an admitted request
+(JSON, stream or error) carries the ``x-ratelimit-*`` headers of its admission. A client that leaves a JSON
+request ends the engine's work on it (the engine call is closed) and keeps its reservation in the ``tpm`` window:
+what the engine did for it is unknown.
 
 With ``rag``, one call to retrieval returns the numbered context that fits the budget (what the model's
 window leaves after the prompt and the answer, at most ``rag_max_context_tokens``) and its passages; the
@@ -51,11 +53,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Send
 
 from adapters.naming import AdapterRef, is_valid_id
-from adapters.registry import split_bucket
+from adapters.registry import VersionMeta, split_bucket
 from gateway.engine import json_or_none, translate_transport_error
 from gateway.errors import (
     BanyanError,
     EngineUnavailable,
+    InvalidRequest,
     ModelNotFound,
     ServiceUnavailable,
     UpstreamError,
@@ -69,6 +72,7 @@ from gateway.openai_api.surfaces import Surface
 from gateway.quotas import Admission
 from gateway.settings import Settings
 from gateway.state import AppState
+from retrieval.context import TokenCounter
 
 log = logging.getLogger("banyan.serving")
 
@@ -135,6 +139,8 @@ class ResolvedModel:
     adapter: AdapterRef | None
     fallback: bool = False
     """The adapter asked for could not be loaded and the base model (``engine``) serves instead."""
+    base: str = ""
+    """The base model that serves the request (the adapter version's own base): whose engine pool it goes to."""
 
     def headers(self) -> dict[str, str]:
         if self.fallback:
@@ -148,40 +154,78 @@ class ResolvedModel:
         """The model usage is recorded against: what served the request (the base model on a fallback)."""
         return self.engine if self.fallback else self.public
 
-    def on_base(self, base_model: str) -> ResolvedModel:
-        """The same request served by the base model instead of its adapter."""
-        return ResolvedModel(public=self.public, engine=base_model, adapter=None, fallback=True)
+    def on_base(self) -> ResolvedModel:
+        """The same request served by its adapter's base model instead of the adapter."""
+        return ResolvedModel(public=self.public, engine=self.base, adapter=None, fallback=True, base=self.base)
+
+
+def _not_found(model: str) -> ModelNotFound:
+    return ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+def _base_of(state: AppState, meta: VersionMeta) -> str:
+    """The base model a version serves on (records from before several bases: the default one)."""
+    return meta.base_model or state.default_base
 
 
 async def resolve_model(state: AppState, tenant: str, model: str, *, user: str | None = None) -> ResolvedModel:
-    """The caller's ``model`` -> what the engine serves: for an adapter with a split, the version ``user``'s bucket
-    picks. Another tenant's adapter is simply unknown."""
-    if model == state.settings.base_model:
+    """The caller's ``model`` -> what the engine serves and on which base model's pool: for an adapter with a split,
+    the version ``user``'s bucket picks (versions may differ in base). Another tenant's adapter is simply unknown."""
+    if model in state.bases:
         state.metrics.model_resolutions.labels("base").inc()
-        return ResolvedModel(public=model, engine=model, adapter=None)
+        return ResolvedModel(public=model, engine=model, adapter=None, base=model)
     serving = await state.adapters.serving(tenant, model) if is_valid_id(model) else None
     if serving is None:
         state.metrics.model_resolutions.labels("not_found").inc()
-        raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                            param="model")
+        raise _not_found(model)
     meta, is_canary = serving.pick(split_bucket(tenant, model, user))
+    base = _base_of(state, meta)
+    if base not in state.bases:  # its base model was retired: activate a version made for a served one
+        state.metrics.model_resolutions.labels("not_found").inc()
+        raise ModelNotFound(f"Version {meta.version} of `{model}` was made for base model `{base}`, which is no "
+                            f"longer served (served: {', '.join(state.bases)}).", param="model")
     ref = AdapterRef(tenant=tenant, name=model, version=meta.version, uid=meta.uid)
     state.metrics.model_resolutions.labels("adapter").inc()
     if serving.canary is not None:
         state.metrics.adapter_split_requests.labels("canary" if is_canary else "active").inc()
         annotate(adapter_role="canary" if is_canary else "active")
     annotate(adapter=model, adapter_version=meta.version)
-    return ResolvedModel(public=model, engine=ref.engine_name, adapter=ref)
+    return ResolvedModel(public=model, engine=ref.engine_name, adapter=ref, base=base)
+
+
+def _base_card(base: str) -> ModelCard:
+    return ModelCard(id=base, created=0, owned_by="banyan", root=base)
+
+
+def _adapter_card(state: AppState, tenant: str, name: str, meta: VersionMeta) -> ModelCard | None:
+    """An adapter's card (``parent``/``root``: its active version's base); None when that base is not served."""
+    base = _base_of(state, meta)
+    if base not in state.bases:
+        return None
+    return ModelCard(id=name, created=meta.created, owned_by=tenant, parent=base, root=base)
 
 
 async def list_models(state: AppState, tenant: str) -> ModelList:
-    base = state.settings.base_model
-    cards = [ModelCard(id=base, created=0, owned_by="banyan", root=base)]
+    """Every served base model, then each of the tenant's adapters that has an active version on a served base."""
+    cards = [_base_card(base) for base in state.bases]
     for record in await state.adapters.list_records(tenant):
         meta = record.active_meta
-        if meta is not None:
-            cards.append(ModelCard(id=record.name, created=meta.created, owned_by=tenant, parent=base, root=base))
+        card = _adapter_card(state, tenant, record.name, meta) if meta is not None else None
+        if card is not None:
+            cards.append(card)
     return ModelList(data=cards)
+
+
+async def get_model(state: AppState, tenant: str, model: str) -> ModelCard:
+    """The card ``GET /v1/models/{model}`` answers: the one :func:`list_models` lists; 404 ``model_not_found`` for
+    an unknown id or another tenant's adapter."""
+    if model in state.bases:
+        return _base_card(model)
+    meta = await state.adapters.active_meta(tenant, model) if is_valid_id(model) else None
+    card = _adapter_card(state, tenant, model, meta) if meta is not None else None
+    if card is None:
+        raise _not_found(model)
+    return card
 
 
 def cache_salt(tenant: str) -> str:
@@ -194,6 +238,9 @@ def _engine_body(request: GenerationRequest, settings: Settings) -> dict[str, An
     the cache salt are set once the model is resolved."""
     body = request.engine_body()
     check_caps(request, settings)
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > settings.max_user_chars):
+        raise InvalidRequest(f"user must be a string of at most {settings.max_user_chars} characters.", param="user")
     apply_output_cap(request, body, settings)
     return body
 
@@ -252,14 +299,20 @@ class CompletionService:
         started = time.perf_counter()
         settings = self.state.settings
         body = _engine_body(request, settings)
-        sizes = await asyncio.to_thread(prompt_sizes, request, body, self.state.tokens)
+        # A base model's request counts in its tokenizer; an adapter's (its base unknown until it is resolved,
+        # after admission) in the default base's, and is counted again for `rag` if its base differs.
+        counted = self.state.bases[request.model].tokens if request.model in self.state.bases else self.state.tokens
+        sizes = await asyncio.to_thread(prompt_sizes, request, body, counted)
         reserve = worst_case_tokens(request, body, prompt_sizes=sizes, settings=settings)
-        admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
+        tracing = self.state.tracing
+        with tracing.stage("admission"):
+            admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
         streaming = False
         try:
             user = body.get("user")
-            resolved = await resolve_model(self.state, tenant, request.model,
-                                           user=user if isinstance(user, str) else None)
+            with tracing.stage("model_resolution", **{"banyan.model": request.model}):
+                resolved = await resolve_model(self.state, tenant, request.model,
+                                               user=user if isinstance(user, str) else None)
             body["model"] = resolved.engine
             body["cache_salt"] = cache_salt(tenant)
             options = request.stream_options
@@ -269,25 +322,33 @@ class CompletionService:
                                                      and options.continuous_usage_stats))
             rag = request.rag_options()
             if rag is not None:
-                call.sources = await self._ground(call, rag, prompt_tokens=sizes[0],
-                                                  output_tokens=request.output_tokens())
+                tokens = self.state.bases[resolved.base].tokens
+                prompt_tokens = sizes[0] if tokens is counted else (
+                    await asyncio.to_thread(prompt_sizes, request, body, tokens))[0]
+                with tracing.stage("retrieval"):
+                    call.sources = await self._ground(call, rag, prompt_tokens=prompt_tokens,
+                                                      output_tokens=request.output_tokens(), tokens=tokens)
             response = await self._send(call, stream=bool(request.stream), disconnected=disconnected)
             streaming = isinstance(response, StreamingResponse)  # the stream gives the slot back when it ends
+            response.headers.update(admission.headers())
             return response
+        except BanyanError as e:  # an admitted request's error says where its limits stand too
+            e.headers = {**admission.headers(), **(e.headers or {})}
+            raise
         finally:
             if not streaming:
                 await _finish_whatever_happens(admission.release())
 
-    async def _ground(self, call: _Call, rag: RagOptions, *, prompt_tokens: int,
-                      output_tokens: int | None) -> list[dict[str, Any]]:
-        """Put the context retrieved for the request in front of the model (in ``call.body``); its passages
-        are the ``sources``."""
+    async def _ground(self, call: _Call, rag: RagOptions, *, prompt_tokens: int, output_tokens: int | None,
+                      tokens: TokenCounter) -> list[dict[str, Any]]:
+        """Put the context retrieved for the request in front of the model (in ``call.body``), budgeted in the
+        serving base model's ``tokens``; its passages are the ``sources``."""
         grounder, settings = call.surface.grounder, self.state.settings
         query = grounder.query(call.body)
         room = settings.max_model_len - (output_tokens or settings.rag_output_reserve_tokens) - prompt_tokens
         context = await self.state.documents.context_for(
             call.tenant, query, budget_tokens=max(0, min(settings.rag_max_context_tokens, room)), top_k=rag.top_k,
-            collection=rag.collection)
+            collection=rag.collection, tokens=None if tokens is self.state.tokens else tokens)
         if context.text:
             grounder.apply(call.body, context.text)
         return [p.source() for p in context.passages]
@@ -302,10 +363,11 @@ class CompletionService:
         metrics.inflight.inc()
         held.callback(metrics.inflight.dec)
         try:
-            if stream:
-                upstream = await self._open_or_fall_back(call, held)
-            else:  # the engine answers a JSON request when it is done: the client may leave before the headers
-                content = await _unless_left(self._fetch(call, held), disconnected)
+            with self.state.tracing.stage("engine_call", **{"banyan.stream": stream}):
+                if stream:  # until the engine's headers; the relay is the `stream` span
+                    upstream = await self._open_or_fall_back(call, held)
+                else:  # the engine answers a JSON request when it is done: the client may leave before the headers
+                    content = await _unless_left(self._fetch(call, held), disconnected)
         except BaseException:
             await _finish_whatever_happens(held.aclose())
             raise
@@ -339,7 +401,7 @@ class CompletionService:
             if tenant is None or not tenant.fallback_to_base:
                 raise failed.error from None
             adapter = call.resolved.adapter
-            call.resolved = call.resolved.on_base(self.state.settings.base_model)
+            call.resolved = call.resolved.on_base()
             call.body["model"] = call.resolved.engine
             # A refusal the base model repeats was the request's own fault: its error goes out, not the adapter's.
             response = await self._open(call, held)
@@ -362,9 +424,10 @@ class CompletionService:
             lease = AsyncExitStack()
             handed_over = False
             try:
-                replica = await lease.enter_async_context(
-                    self.state.engines.lease(resolved.engine, is_adapter=resolved.adapter is not None))
-                request = replica.client.build_request("POST", call.surface.path, json=call.body)
+                replica = await lease.enter_async_context(self.state.bases[resolved.base].engines.lease(
+                    resolved.engine, is_adapter=resolved.adapter is not None))
+                request = replica.client.build_request("POST", call.surface.path, json=call.body,
+                                                       headers=self.state.tracing.engine_headers())
                 try:
                     response = await replica.client.send(request, stream=True)
                     if response.status_code != 200:
@@ -409,8 +472,11 @@ class CompletionService:
         self.state.metrics.tokens.labels("prompt").inc(prompt)
         self.state.metrics.tokens.labels("completion").inc(completion)
         annotate(prompt_tokens=prompt, completion_tokens=completion)
+        call.admission.spend(prompt + completion)  # charged to the tpm window and the budgets on release
+        user = call.body.get("user")  # checked to be a short string (or absent) before admission
         record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.served,
-                                   prompt_tokens=prompt, completion_tokens=completion)
+                                   prompt_tokens=prompt, completion_tokens=completion,
+                                   user=user if isinstance(user, str) and user else None)
         try:
             await record()
         except RedisError as e:  # the answer is served: keep trying in the background, never fail it
@@ -453,6 +519,7 @@ class _Relay:
                                         choices_per_prompt=int(call.body.get("n") or 1))
         self._ended = False
         self._finished = False
+        self._span = service.state.tracing.start("stream")
 
     async def events(self) -> AsyncIterator[bytes]:
         metrics, call = self._service.state.metrics, self._call
@@ -490,7 +557,12 @@ class _Relay:
                 annotate(client_left=True)
             await self._service._record(self._call, self._rewriter.usage() or {})
         finally:
-            await self._held.aclose()
+            try:
+                await self._held.aclose()
+            finally:
+                if self._span is not None:
+                    self._span.set_attribute("banyan.client_left", not self._ended)
+                    self._span.end()
 
 
 class _RelayResponse(StreamingResponse):

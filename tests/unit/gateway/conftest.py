@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -31,16 +32,17 @@ from gateway.app import create_app
 from gateway.engine import EnginePool
 from gateway.fine_tuning.files import FileRecord, FileRefused, TooManyFiles
 from gateway.metrics import Metrics
-from gateway.quotas import Admission
+from gateway.quotas import Admission, RateLimitState, Spent
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import KEY_PREFIX, KeyInfo, Tenant
 from gateway.usage import Counts, TenantUsage
-from retrieval.context import Context, build_context
+from retrieval.context import Context, TokenCounter, build_context
 from retrieval.documents import NewDocument, Passage, SourceDocument, validate
 from retrieval.errors import DocumentNotFound
 from retrieval.index import DocumentRecord, WriteGuard
 from retrieval.service import RetrievalConfig, new_document_id
+from tests.unit.retrieval.conftest import HashingEmbedder
 
 ADMIN_KEY = "adm_unit_test_key_0123456789"
 TENANT_KEY = "bk_" + "t" * 43
@@ -160,7 +162,8 @@ class FakeTenants:
             return None
         tenant = Tenant(id=tenant_id, name=name, created=int(time.time()), uid=secrets.token_hex(8),
                         rpm=limits.get("rpm"), tpm=limits.get("tpm"), max_concurrency=limits.get("max_concurrency"),
-                        fallback_to_base=fallback_to_base)
+                        fallback_to_base=fallback_to_base, daily_token_budget=limits.get("daily_token_budget"),
+                        monthly_token_budget=limits.get("monthly_token_budget"))
         self.tenants[tenant_id] = tenant
         return tenant
 
@@ -168,9 +171,10 @@ class FakeTenants:
         self.calls.append("get")
         return self.tenants.get(tenant_id)
 
-    async def list_tenants(self) -> list[Tenant]:
+    async def list_tenants(self, *, limit: int, after: str | None = None) -> tuple[list[Tenant], bool]:
         self.calls.append("list_tenants")
-        return [self.tenants[t] for t in sorted(self.tenants)]
+        ids = [t for t in sorted(self.tenants) if after is None or t > after]
+        return [self.tenants[t] for t in ids[:limit]], len(ids) > limit
 
     async def update(self, tenant_id: str, changes: dict[str, Any]) -> Tenant | None:
         self.calls.append("update")
@@ -370,14 +374,18 @@ class FakeUsage:
 
     records: list[tuple[str, str, int, int]] = field(default_factory=list)
     """(tenant, model, prompt tokens, completion tokens) per request, in order."""
+    users: list[str | None] = field(default_factory=list)
+    """The ``user`` of each of those requests."""
     unreachable_for: int = 0
     """How many more calls to :meth:`record` fail as if Redis were down."""
 
-    async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
+                     user: str | None = None) -> None:
         if self.unreachable_for > 0:
             self.unreachable_for -= 1
             raise RedisConnectionError("Redis is down")
         self.records.append((tenant, model, prompt_tokens, completion_tokens))
+        self.users.append(user)
 
     async def get(self, tenant: str) -> TenantUsage:
         total = Counts()
@@ -417,11 +425,25 @@ class FakeQuotas:
 
     reserved: list[int] = field(default_factory=list)
     admissions: list[FakeAdmission] = field(default_factory=list)
+    limits: RateLimitState = field(default_factory=RateLimitState)
+    """What every admission says of the limits (its ``x-ratelimit-*`` headers)."""
+    forgotten: list[str] = field(default_factory=list)
+    budgeted: list[bool] = field(default_factory=list)
+    """Whether each admission was subject to the token budgets."""
 
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0) -> Admission:
+    async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
         self.reserved.append(reserve_tokens)
-        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens))
+        self.budgeted.append(budgeted)
+        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens, limits=self.limits))
         return self.admissions[-1]
+
+    async def spent(self, tenants: list[str]) -> dict[str, Spent]:
+        """What the admissions of each tenant spent (all in one day and month)."""
+        return {t: Spent(daily=(n := sum(a.spent for a in self.admissions if a.tenant == t)), monthly=n,
+                         daily_resets_at=86_400, monthly_resets_at=2_678_400) for t in tenants}
+
+    async def forget(self, tenant: str) -> None:
+        self.forgotten.append(tenant)
 
 
 class CharTokens:
@@ -443,9 +465,16 @@ class FakeDocuments:
     budgets: list[int] = field(default_factory=list)
     guards: list[WriteGuard] = field(default_factory=list)
     """The write guards documents were added under."""
+    embedder: HashingEmbedder = field(default_factory=lambda: HashingEmbedder(dimension=384))
+    embedded: list[tuple[str, int, bool]] = field(default_factory=list)
+    """(tenant, texts, in the query lane) per call to :meth:`embed`."""
 
     async def start(self) -> None:
         return None
+
+    async def embed(self, texts: Sequence[str], *, tenant: str = "", query: bool = False) -> np.ndarray:
+        self.embedded.append((tenant, len(texts), query))
+        return self.embedder.embed(texts)
 
     async def aclose(self) -> None:
         return None
@@ -495,10 +524,10 @@ class FakeDocuments:
         return self.passages.get(tenant, [])[:top_k]
 
     async def context_for(self, tenant: str, query: str, *, budget_tokens: int, top_k: int = 4,
-                          collection: str | None = None) -> Context:
+                          collection: str | None = None, tokens: TokenCounter | None = None) -> Context:
         self.budgets.append(budget_tokens)
         passages = await self.retrieve(tenant, query, top_k=top_k, collection=collection)
-        return build_context(passages, budget_tokens=budget_tokens, tokens=CharTokens())
+        return build_context(passages, budget_tokens=budget_tokens, tokens=tokens or CharTokens())
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------

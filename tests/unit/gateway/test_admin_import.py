@@ -74,7 +74,7 @@ def test_multipart_takes_a_base_model_and_refuses_one_not_served(harness: Harnes
     assert _error(response)["param"] == "base_model"
     response = harness.client.post(ROUTE, data={"name": "bot", "base_model": "banyan-demo"}, files=files,
                                    headers=ADMIN)
-    assert "no base model configuration" in _error(response)["message"]  # past the check: this state has no base
+    assert "no configuration of base model" in _error(response)["message"]  # past the check: this state has no base
 
 
 def test_multipart_without_a_name_is_a_400(harness: Harness) -> None:
