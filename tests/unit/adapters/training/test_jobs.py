@@ -160,7 +160,9 @@ async def test_delete_tenant_removes_jobs_and_a_worker_drops_its_entry(store: Jo
 
 def test_hyperparameters_auto_and_asked() -> None:
     small = resolve_hyperparameters({}, examples=20)
-    assert (small.n_epochs, small.batch_size, small.learning_rate_multiplier) == (10, 2, 1.0)
+    assert (small.n_epochs, small.batch_size, small.learning_rate_multiplier) == (8, 2, 1.0)
+    usual = resolve_hyperparameters({"batch_size": "auto"}, examples=100)
+    assert (usual.n_epochs, usual.batch_size) == (3, 4)
     large = resolve_hyperparameters({"n_epochs": "auto", "batch_size": 4, "learning_rate_multiplier": 0.5},
                                     examples=400)
     assert (large.n_epochs, large.batch_size) == (3, 4) and large.learning_rate == pytest.approx(5e-4)
