@@ -17,6 +17,7 @@ import pytest
 from adapters.layout import ADAPTER_FILES
 from adapters.store import make_s3_client, s3_config
 from tests.integration.conftest import RunningStack, TenantHandle, make_tenant
+from tests.integration.fine_tuning_jobs import job_events
 from tests.integration.test_correctness import peft_greedy
 
 JOB_TIMEOUT_S = 600.0
@@ -46,18 +47,6 @@ def _wait_finished(client: openai.OpenAI, job_id: str) -> Any:
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.status} after {JOB_TIMEOUT_S:.0f} s"
         time.sleep(1.0)
-
-
-def _events(client: openai.OpenAI, job_id: str) -> list[Any]:
-    """Every event of the job, oldest first."""
-    events: list[Any] = []
-    after: str | None = None
-    while True:
-        page = client.fine_tuning.jobs.list_events(job_id, limit=100, **({"after": after} if after else {}))
-        events.extend(page.data)
-        if not page.has_more or not page.data:
-            return list(reversed(events))
-        after = page.data[-1].id
 
 
 def _banyan(job: Any) -> dict[str, Any]:
@@ -91,7 +80,7 @@ def trained(stack: RunningStack, trainee: TenantHandle) -> dict[str, Any]:
                                                                   "learning_rate_multiplier": 10})
     assert (job.status, _banyan(job)) == ("queued", {"adapter": "rooms", "version": None, "activated": None})
     return {"file": uploaded.id, "created": job, "job": _wait_finished(client, job.id),
-            "events": _events(client, job.id)}
+            "events": job_events(client, job.id)}
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -210,7 +199,7 @@ def test_if_better_keeps_the_active_version_when_the_new_one_is_worse(stack: Run
     assert _banyan(done) == {"adapter": "rooms", "version": 2, "activated": False}
     detail = admin.get(f"/admin/tenants/{trainee.id}/adapters/rooms").json()
     assert (detail["active_version"], [v["version"] for v in detail["versions"]]) == (1, [1, 2])
-    assert any("not activated" in e.message for e in _events(client, job.id))
+    assert any("not activated" in e.message for e in job_events(client, job.id))
     deadline = time.monotonic() + 60  # the gateway's gauge is refreshed every 15 s
     while stack.gateway_metric("banyan_fine_tuning_jobs", status="succeeded") < 2:
         assert time.monotonic() < deadline, "banyan_fine_tuning_jobs{status=succeeded} never counted the jobs"

@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -20,6 +19,7 @@ import pytest
 
 from gateway.dev.launcher import clean_env
 from tests.integration.conftest import TRAINER_LEASE_S, RunningStack, TenantHandle
+from tests.integration.fine_tuning_jobs import job_events
 
 TIMEOUT_S = 600.0
 """Seconds for a job of the tiny model, allowing for a machine busy with other heavy work (never a gate)."""
@@ -58,23 +58,11 @@ def second_trainer(stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.P
                 process.wait(timeout=10)
 
 
-def _events(client: openai.OpenAI, job_id: str) -> list[Any]:
-    """Every event of the job, oldest first."""
-    events: list[Any] = []
-    after: str | None = None
-    while True:
-        page = client.fine_tuning.jobs.list_events(job_id, limit=100, **({"after": after} if after else {}))
-        events.extend(page.data)
-        if not page.has_more or not page.data:
-            return list(reversed(events))
-        after = page.data[-1].id
-
-
 def _first_worker_mid_training(client: openai.OpenAI, job_id: str) -> str:
     """The worker of the job's first attempt, once it has reported a training step."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
-        events = _events(client, job_id)
+        events = job_events(client, job_id)
         started = [e.message.removeprefix(STARTED) for e in events if e.message.startswith(STARTED)]
         if started and any(e.type == "metrics" for e in events):
             assert started[0].endswith(" (attempt 1)"), started
@@ -118,7 +106,7 @@ def test_a_job_whose_worker_is_killed_is_finished_by_another_worker(
     assert done.to_dict()["banyan"] == {"adapter": "doors", "version": 1, "activated": True}
     assert done.trained_tokens and done.trained_tokens > 0
 
-    events = _events(client, job.id)
+    events = job_events(client, job.id)
     started = [e.message.removeprefix(STARTED) for e in events if e.message.startswith(STARTED)]
     assert len(started) == 2 and started[0] == f"{first} (attempt 1)", started
     assert started[1].endswith(" (attempt 2)") and not started[1].startswith(first + " "), started
