@@ -36,9 +36,14 @@ class BaseModelEntry(BaseModel):
     @field_validator("engine_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [u.strip() for u in value.split(",") if u.strip()]
-        return value
+        return split_urls(value)
+
+
+def split_urls(value: object) -> object:
+    """A comma-separated string of URLs as a list (anything else as it is, for pydantic to check)."""
+    if isinstance(value, str):
+        return [u.strip() for u in value.split(",") if u.strip()]
+    return value
 
 
 def read_base_models_file(path: Path) -> list[Any]:
@@ -202,9 +207,7 @@ class Settings(S3Settings):
     @field_validator("engine_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [u.strip() for u in value.split(",") if u.strip()]
-        return value
+        return split_urls(value)
 
     @model_validator(mode="after")
     def _fail_fast_outside_dev(self) -> Settings:
