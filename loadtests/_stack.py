@@ -4,9 +4,17 @@ the same launcher)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import secrets
+import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from gateway.dev.launcher import READY_TIMEOUT_S, launch_dev
 
 BASE_MODEL = "banyan-demo"
 
@@ -44,3 +52,27 @@ def metric_by_label(samples: list[Sample], name: str, label: str) -> dict[str, f
 
 def scrape(url: str) -> list[Sample]:
     return parse_metrics(httpx.get(url.rstrip("/") + "/metrics", timeout=30).text)
+
+
+def run_on_stack(script: str, *, url: str | None, admin_key: str | None, data_dir: Path, model: str,
+                 work: Callable[[str, str], Coroutine[Any, Any, dict[str, Any]]],
+                 ready_timeout: float = READY_TIMEOUT_S) -> int:
+    """Run ``work(gateway URL, admin key)`` against the running stack at ``url``, or against a ``banyan dev
+    --empty`` of ``model`` started in ``data_dir`` (the converted model is kept there and reused) and stopped
+    afterwards; print its result as the ``RESULT {json}`` line last."""
+    stack = None
+    try:
+        if url and admin_key:
+            result = asyncio.run(work(url, admin_key))
+        else:
+            (data_dir / "stack.json").unlink(missing_ok=True)
+            stack = launch_dev(data_dir, model=model, admin_key=f"adm_{script}_" + secrets.token_hex(16))
+            print(f"[{script}] starting banyan dev --empty (model {model}) on 127.0.0.1:{stack.port}, "
+                  f"data in {data_dir} ...", file=sys.stderr, flush=True)
+            stack.wait_ready(timeout=ready_timeout)
+            result = asyncio.run(work(stack.url, stack.admin_key))
+    finally:
+        if stack is not None:
+            stack.stop()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0

@@ -45,11 +45,12 @@ from typing import Any
 
 import httpx
 
-from gateway.dev.launcher import DevProcess, launch_dev
+from loadtests._stack import run_on_stack
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "grounded_qa.json"
 DEV_MODEL = "smollm2"
+SCRIPT = "grounded_eval"
 TIMEOUT_S = 600.0
 
 
@@ -253,14 +254,6 @@ async def evaluate(url: str, admin_key: str, *, data: Path, model: str | None, t
     return result
 
 
-def _start_stack(data_dir: Path) -> DevProcess:
-    (data_dir / "stack.json").unlink(missing_ok=True)
-    stack = launch_dev(data_dir, model=DEV_MODEL, admin_key="adm_eval_" + secrets.token_hex(16))
-    print(f"[grounded_eval] starting banyan dev --empty (model {DEV_MODEL}) on 127.0.0.1:{stack.port}, "
-          f"data in {data_dir} ...", file=sys.stderr, flush=True)
-    return stack
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.grounded_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running stack's gateway (else this starts its own)")
@@ -278,20 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url and --admin-key go together")
     options = {"data": args.data, "model": args.model, "top_k": args.top_k, "max_tokens": args.max_tokens,
                "concurrency": args.concurrency, "show": args.show}
-    stack = None
-    try:
-        if args.url:
-            url, admin_key = args.url, args.admin_key
-        else:
-            stack = _start_stack(args.data_dir.resolve())
-            stack.wait_ready()
-            url, admin_key = stack.url, stack.admin_key
-        result = asyncio.run(evaluate(url, admin_key, **options))
-    finally:
-        if stack is not None:
-            stack.stop()
-    print("RESULT " + json.dumps(result), flush=True)
-    return 0
+    return run_on_stack(SCRIPT, url=args.url, admin_key=args.admin_key, data_dir=args.data_dir.resolve(),
+                        model=DEV_MODEL, work=lambda url, key: evaluate(url, key, **options))
 
 
 if __name__ == "__main__":

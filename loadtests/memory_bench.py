@@ -45,11 +45,12 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI, omit
 
-from gateway.dev.launcher import DevProcess, launch_dev
+from loadtests._stack import run_on_stack
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "memory_bench.json"
 DEV_MODEL = "smollm2"
+SCRIPT = "memory_bench"
 TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 3600.0
 READY_TIMEOUT_S = 900.0
@@ -289,14 +290,6 @@ async def benchmark(url: str, admin_key: str, *, data: Path, hyperparameters: di
     return result
 
 
-def _start_stack(data_dir: Path) -> DevProcess:
-    (data_dir / "stack.json").unlink(missing_ok=True)
-    stack = launch_dev(data_dir, model=DEV_MODEL, admin_key="adm_bench_" + secrets.token_hex(16))
-    print(f"[memory_bench] starting banyan dev --empty (model {DEV_MODEL}) on 127.0.0.1:{stack.port}, "
-          f"data in {data_dir} ...", file=sys.stderr, flush=True)
-    return stack
-
-
 def _hyperparameter(value: str) -> int | float | str:
     if value == "auto":
         return value
@@ -328,20 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                "max_tokens": args.max_tokens, "concurrency": args.concurrency, "show": args.show,
                "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size,
                                    "learning_rate_multiplier": args.lr_multiplier}}
-    stack = None
-    try:
-        if args.url:
-            url, admin_key = args.url, args.admin_key
-        else:
-            stack = _start_stack(args.data_dir.resolve())
-            stack.wait_ready(timeout=READY_TIMEOUT_S)
-            url, admin_key = stack.url, stack.admin_key
-        result = asyncio.run(benchmark(url, admin_key, **options))
-    finally:
-        if stack is not None:
-            stack.stop()
-    print("RESULT " + json.dumps(result), flush=True)
-    return 0
+    return run_on_stack(SCRIPT, url=args.url, admin_key=args.admin_key, data_dir=args.data_dir.resolve(),
+                        model=DEV_MODEL, work=lambda url, key: benchmark(url, key, **options),
+                        ready_timeout=READY_TIMEOUT_S)
 
 
 if __name__ == "__main__":
