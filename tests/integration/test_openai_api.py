@@ -155,11 +155,8 @@ def test_ops_endpoints(stack: RunningStack) -> None:
 
 
 def test_a_json_client_that_leaves_stops_the_engine(tenant: TenantHandle, stack: RunningStack) -> None:
-    """Without the gateway closing its engine call, the engine would go on with 4 x 4000 tokens for nobody.
-
-    (Four sequences, not more: with 16 the engine's API server was once too busy relaying them to answer its own
-    /metrics before the request ended, on the loaded 2-core machine.)"""
-    body = json.dumps({"model": stack.info["base_model"], "prompt": "x", "max_tokens": 4000, "n": 4,
+    """Without the gateway closing its engine call, the engine would go on with 16 x 4000 tokens for nobody."""
+    body = json.dumps({"model": stack.info["base_model"], "prompt": "x", "max_tokens": 4000, "n": 16,
                        "ignore_eos": True}).encode()
     url = urlsplit(stack.url)
     generated_before = stack.engine_metric("vllm:generation_tokens_total")
@@ -169,8 +166,6 @@ def test_a_json_client_that_leaves_stops_the_engine(tenant: TenantHandle, stack:
                        b"Authorization: Bearer " + tenant.key.encode() + b"\r\n"
                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 120
-        while stack.gateway_metric("banyan_inflight_requests") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the gateway has made its engine call
         while stack.engine_metric("vllm:num_requests_running") < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stack.engine_metric("vllm:num_requests_running") >= 1, "the engine never started the request"
@@ -179,5 +174,5 @@ def test_a_json_client_that_leaves_stops_the_engine(tenant: TenantHandle, stack:
     while stack.engine_metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert stack.engine_metric("vllm:num_requests_running") == 0
-    assert stack.engine_metric("vllm:generation_tokens_total") - generated_before < 4 * 4000
+    assert stack.engine_metric("vllm:generation_tokens_total") - generated_before < 16 * 4000
     assert stack.gateway_metric("banyan_client_disconnects_total", kind="json") == left_before + 1
