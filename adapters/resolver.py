@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from adapters.cache import AdapterDiskCache, AdapterFetchError, EngineControlError
 from adapters.layout import MANIFEST_FILE, Manifest
 from adapters.naming import AdapterRef
 from adapters.store import S3ObjectStore, S3Settings, s3_config
-from adapters.vllm_patches import patch_cpu_lora_ops
+from adapters.vllm_patches import patch_cpu_lora_ops, sleep_in_shm_busy_wait
 
 __all__ = ["ResolverSettings", "register"]
 
@@ -54,6 +54,10 @@ class ResolverSettings(S3Settings):
     engine_base_model: str = ""
     """The base model id this engine serves (its ``--served-model-name``): a version bound to another base (its
     manifest's ``base_model``) is refused. Empty: not checked."""
+    engine_shm_busy_sleep_s: float = Field(default=0.0, ge=0.0, le=0.01)
+    """How long vLLM's message-queue readers sleep between checks while they expect a message. 0: vLLM's own
+    spin on ``sched_yield()``. A CPU engine should sleep (``banyan dev``: 100 us): the spin takes a core from
+    every other process on the machine."""
 
 
 class HttpEngineControl:
@@ -209,6 +213,8 @@ def register() -> None:
     if "banyan-s3" in LoRAResolverRegistry.get_supported_resolvers():
         return
     settings = ResolverSettings()
+    if settings.engine_shm_busy_sleep_s > 0:
+        sleep_in_shm_busy_wait(settings.engine_shm_busy_sleep_s)
     metrics = ResolverMetrics()
     metrics.cache_max_bytes.set(settings.lora_cache_max_bytes)
     engine_key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None

@@ -195,6 +195,8 @@ class DevStack:
             "BANYAN_LORA_CACHE_MAX_BYTES": str(s.lora_cache_max_bytes),
             "BANYAN_ENGINE_SELF_URL": f"http://127.0.0.1:{port}",
             "BANYAN_ENGINE_BASE_MODEL": base,
+            # vLLM's engine core would spin a core away from everything else while its worker computes.
+            "BANYAN_ENGINE_SHM_BUSY_SLEEP_S": os.environ.get("BANYAN_ENGINE_SHM_BUSY_SLEEP_S", "0.0001"),
             "VLLM_API_KEY": self.engine_api_key,
             "BANYAN_ENGINE_API_KEY": self.engine_api_key,
         }

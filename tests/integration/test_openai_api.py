@@ -166,9 +166,9 @@ def test_a_json_client_that_leaves_stops_the_engine(tenant: TenantHandle, stack:
                        b"Authorization: Bearer " + tenant.key.encode() + b"\r\n"
                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 120
-        while stack.engine_metric("vllm:num_requests_running") < 1 and time.monotonic() < deadline:
+        while (running := stack.engine_metric("vllm:num_requests_running")) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert stack.engine_metric("vllm:num_requests_running") >= 1, "the engine never started the request"
+        assert running >= 1, "the engine never started the request"
     # The client hung up mid-generation: the gateway notices and the engine drops the request.
     deadline = time.monotonic() + 120
     while stack.engine_metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
