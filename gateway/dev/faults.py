@@ -207,6 +207,8 @@ class Outcome:
     ended: float
     tokens: int = 0
     """Prompt plus completion tokens the answer said were served (in a stream: the last usage it carried)."""
+    message: str = ""
+    """An error answer's ``message`` (which dependency, which limit)."""
 
 
 def is_openai_error(body: object) -> bool:
@@ -216,6 +218,12 @@ def is_openai_error(body: object) -> bool:
     error = body["error"]
     return (isinstance(error.get("message"), str) and bool(error["message"]) and isinstance(error.get("type"), str)
             and "param" in error and "code" in error)
+
+
+def error_message(content: bytes | str) -> str:
+    """The ``message`` of an OpenAI-shaped error body, else ""."""
+    body = _parse(content)
+    return str(body["error"]["message"]) if is_openai_error(body) else ""  # type: ignore[index]
 
 
 def _error_name(body: dict[str, Any]) -> str:
@@ -331,6 +339,7 @@ async def send(client: httpx.AsyncClient, kind: str, path: str, body: dict[str, 
                timeout_s: float) -> Outcome:
     """One request, classified; never longer than ``timeout_s``."""
     started = time.monotonic()
+    message = ""
     try:
         async with asyncio.timeout(timeout_s):
             if body.get("stream"):
@@ -338,17 +347,22 @@ async def send(client: httpx.AsyncClient, kind: str, path: str, body: dict[str, 
                     if response.status_code == 200:
                         result, detail, tokens = await _read_stream(response)
                     else:
-                        result, detail, tokens = classify_json(response.status_code, await response.aread())
+                        content = await response.aread()
+                        result, detail, tokens = classify_json(response.status_code, content)
+                        message = error_message(content)
             else:
                 response = await client.post(path, json=body)
                 result, detail, tokens = classify_json(response.status_code, response.content)
+                if response.status_code != 200:
+                    message = error_message(response.content)
     except TimeoutError:
         result, detail, tokens = Result.OTHER, f"no answer in {timeout_s:.0f} s (hung)", 0
     except httpx.ConnectError:
         result, detail, tokens = Result.OTHER, "connection refused", 0
     except httpx.HTTPError as e:
         result, detail, tokens = Result.OTHER, f"transport error {type(e).__name__}", 0
-    return Outcome(kind=kind, result=result, detail=detail, started=started, ended=time.monotonic(), tokens=tokens)
+    return Outcome(kind=kind, result=result, detail=detail, started=started, ended=time.monotonic(), tokens=tokens,
+                   message=message)
 
 
 class Traffic:
@@ -629,6 +643,15 @@ class PhaseResult:
             return None
         return min(o.ended for o in rest) - self.back_at
 
+    def error_messages(self) -> dict[str, list[str]]:
+        """The messages of the error answers, by detail (at most 3 different ones each)."""
+        out: dict[str, list[str]] = {}
+        for o in self.outcomes:
+            seen = out.setdefault(o.detail, []) if o.message else []
+            if o.message and o.message not in seen and len(seen) < 3:
+                seen.append(o.message)
+        return out
+
     def failed_after_recovery(self) -> dict[str, int]:
         """What the requests that started after the recovery got, when it was not an answer."""
         out: dict[str, int] = {}
@@ -644,7 +667,8 @@ class PhaseResult:
                 "steady_s": None if self.steady_s is None else round(self.steady_s, 2),
                 "tokens_seen": self.tokens_seen, "tokens_recorded": self.tokens_recorded, "lost": self.lost,
                 "errors": self.details(Result.CLEAN_ERROR), "other_details": self.details(Result.OTHER),
-                "failed_after_recovery": self.failed_after_recovery(), "notes": self.notes, **self.extra}
+                "error_messages": self.error_messages(), "failed_after_recovery": self.failed_after_recovery(),
+                "notes": self.notes, **self.extra}
 
 
 @dataclass(frozen=True)

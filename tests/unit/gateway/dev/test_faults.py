@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.dev.faults import Result, classify_json, classify_stream, missing
+from gateway.dev.faults import Outcome, PhaseResult, Result, classify_json, classify_stream, error_message, missing
 
 _ERROR = {"error": {"message": "The engine stream was interrupted.", "type": "server_error", "param": None,
                     "code": "engine_unavailable"}}
@@ -50,3 +50,22 @@ def test_missing_lists_what_was_stored_before_and_is_not_the_same_after() -> Non
     shrunk = {"t": {"keys": ["k2"], "adapters": {"a": {"active": 1}}, "documents": {}}}
     assert missing(before, shrunk) == ["/t/keys: 'k1' is gone", "/t/adapters/a/active: 2 became 1",
                                        "/t/documents/d1 is gone"]
+
+
+def test_a_phase_keeps_the_messages_of_its_error_answers_a_few_per_kind() -> None:
+    assert error_message(json.dumps(_ERROR).encode()) == "The engine stream was interrupted."
+    assert error_message(b"<html>Bad Gateway</html>") == ""
+
+    def outcome(detail: str, message: str) -> Outcome:
+        return Outcome(kind="json", result=Result.CLEAN_ERROR, detail=detail, started=0.0, ended=1.0,
+                       message=message)
+
+    database = "The gateway's database is unavailable; try again shortly."
+    outcomes = [outcome("503 dependency_unavailable", database), outcome("503 dependency_unavailable", database),
+                *(outcome("503 engine_unavailable", f"engine down ({i})") for i in range(5)),
+                Outcome(kind="json", result=Result.ANSWERED, detail="200", started=0.0, ended=1.0)]
+    result = PhaseResult(fault="f", outcomes=outcomes, recovery_s=None, tokens_seen=0, tokens_recorded=0)
+    assert result.error_messages() == {"503 dependency_unavailable": [database],
+                                       "503 engine_unavailable": ["engine down (0)", "engine down (1)",
+                                                                  "engine down (2)"]}
+    assert result.row()["error_messages"] == result.error_messages()
