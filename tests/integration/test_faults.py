@@ -93,7 +93,8 @@ def test_engine_killed_mid_stream_and_restarted(faults: tuple[FaultStack, World]
     # a stream the kill caught before the engine's first byte is refused cleanly before the gateway's first byte
     assert cut and set(cut) <= {"stream error event engine_unavailable", "503 engine_unavailable", "200 stream"}, cut
     assert "stream error event engine_unavailable" in cut, "no stream was cut by the kill"
-    assert {e.split(" ")[-1] for e in result.details(Result.CLEAN_ERROR)} == {"engine_unavailable"}, result.error_messages()
+    refused = {e.split(" ")[-1] for e in result.details(Result.CLEAN_ERROR)}
+    assert refused == {"engine_unavailable"}, result.error_messages()
     assert result.recovery_s is not None, "no answer after the engine came back"
 
 
