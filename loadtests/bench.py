@@ -8,7 +8,10 @@ completions of the base model, streaming and not) in alternating rounds directly
 and through the gateway in front of that same server. Then it measures the gateway alone: a second
 gateway process (``banyan serve``, same Redis and S3) in front of a minimal local OpenAI stub
 (``loadtests.stub_openai``), driven as hard as this machine allows, with the CPU time of the
-gateway process per request. Everything it started is stopped at the end, by process id.
+gateway process per request (``gateway_alone_ratio``: gateway+stub req/s over stub-direct req/s, same
+concurrency, same run). ``--pin-stub 0 --pin-gateway 1`` runs the two on disjoint CPUs (``taskset -c``) so the
+ratio measures the gateway, not two processes queueing for one core; ``--alone-only`` skips the engine rounds.
+Everything it started is stopped at the end, by process id.
 
 It prints a table and, last, one line ``RESULT {json}`` with (gateway / direct) throughput ratios and
 the gateway's TTFT and latency overheads. Goals: both ratios >= 0.95, TTFT p50 overhead <= 5 ms.
@@ -55,6 +58,11 @@ class Options:
     stub_concurrency: list[int]
     data_dir: Path
     skip_stub: bool
+    alone_only: bool = False
+    # `taskset -c` CPU lists ("0", "1", "0-1"); empty: not pinned. Disjoint CPUs for the stub and the gateway make
+    # gateway_alone_ratio measure the gateway's own cost, not the wait of two processes for one core.
+    pin_stub: str = ""
+    pin_gateway: str = ""
 
 
 @dataclass
@@ -218,12 +226,17 @@ def _start_dev(options: Options) -> DevProcess:
     return stack
 
 
+def _pinned(cpus: str) -> list[str]:
+    """The command prefix that runs a child on ``cpus`` (a ``taskset -c`` list), or nothing."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 def _start_stub_gateway(children: Children, stack: DevProcess, options: Options) -> tuple[Child, str, Child, str]:
     """A second gateway (``banyan serve``) on the dev stack's Redis and S3, in front of a local OpenAI stub."""
     info = stack.info
     stub_port, gateway_port = free_port(), free_port()
-    stub = children.spawn("bench-stub", [sys.executable, "-m", "loadtests.stub_openai", "--port", str(stub_port),
-                                         "--model", info["base_model"]], cwd=REPO)
+    stub = children.spawn("bench-stub", [*_pinned(options.pin_stub), sys.executable, "-m", "loadtests.stub_openai",
+                                         "--port", str(stub_port), "--model", info["base_model"]], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
     env = clean_env({
@@ -233,7 +246,7 @@ def _start_stub_gateway(children: Children, stack: DevProcess, options: Options)
         "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
         "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     banyan = str(Path(sys.executable).parent / "banyan")
-    gateway = children.spawn("bench-gateway-stub", [banyan, "serve"], env=env, cwd=REPO)
+    gateway = children.spawn("bench-gateway-stub", [*_pinned(options.pin_gateway), banyan, "serve"], env=env, cwd=REPO)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
     return stub, stub_url, gateway, gateway_url
@@ -365,6 +378,17 @@ def _machine() -> dict[str, Any]:
 
 
 def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options: Options) -> dict[str, Any]:
+    result = _report_side_by_side(series, unloaded, options) if series else {}
+    if alone:
+        result.update(_report_alone(alone, options))
+    result["machine"] = _machine()
+    result["goals_met"] = bool(
+        (result.get("stream_throughput_ratio") or 0) >= 0.95 and (result.get("nonstream_throughput_ratio") or 0) >= 0.95
+        and result.get("ttft_p50_overhead_ms", 1e9) <= 5)
+    return result
+
+
+def _report_side_by_side(series: Measured, unloaded: Measured, options: Options) -> dict[str, Any]:
     ms = 1000.0
     print()
     print(f"Side by side: {options.rounds} paired rounds (order alternating) x {options.requests} requests, "
@@ -424,29 +448,39 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
         what = "ttft" if mode == "stream" else "latency"
         print(f"  {mode:9s} {what:7s} direct {d.pct(50, what) * ms:7.1f}  gateway {g.pct(50, what) * ms:7.1f}  "
               f"overhead {(g.pct(50, what) - d.pct(50, what)) * ms:6.1f}")
-    if alone:
-        print()
-        print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")
-        header = (f"{'mode':9s} {'target':12s} {'conc':>4s} {'ok':>7s} {'err':>4s} {'req/s':>8s} {'p50 ms':>7s} "
-                  f"{'p99 ms':>7s} {'gw cpu ms/req':>13s} {'gw cores':>8s} {'client cpu ms/req':>17s}")
-        print(header)
-        print("-" * len(header))
-        for e in alone.values():
-            gw = (f"{e['gateway_cpu_ms_per_request']:13.2f} {e['gateway_cpu_cores']:8.2f}"
-                  if "gateway_cpu_ms_per_request" in e else f"{'-':>13s} {'-':>8s}")
-            print(f"{e['mode']:9s} {e['target']:12s} {e['concurrency']:4d} {e['requests']:7d} {e['errors']:4d} "
-                  f"{e['rps']:8.1f} {e['p50_ms']:7.1f} {e['p99_ms']:7.1f} {gw} {e['client_cpu_ms_per_request']:17.2f}")
-        for mode in ("nonstream", "stream"):
-            entries = [e for e in alone.values() if e["mode"] == mode and e["target"] == "gateway+stub"]
-            best = max(entries, key=lambda e: e["rps"])
-            result[f"gateway_alone_{mode}_max_rps"] = round(best["rps"], 1)
-            result[f"gateway_alone_{mode}_cpu_ms_per_request"] = round(best["gateway_cpu_ms_per_request"], 3)
-            stub = [e for e in alone.values() if e["mode"] == mode and e["target"] == "stub direct"]
-            result[f"stub_direct_{mode}_max_rps"] = round(max(e["rps"] for e in stub), 1)
-    result["machine"] = _machine()
-    result["goals_met"] = bool(
-        (result["stream_throughput_ratio"] or 0) >= 0.95 and (result["nonstream_throughput_ratio"] or 0) >= 0.95
-        and result["ttft_p50_overhead_ms"] <= 5)
+    return result
+
+
+def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    print()
+    print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")
+    header = (f"{'mode':9s} {'target':12s} {'conc':>4s} {'ok':>7s} {'err':>4s} {'req/s':>8s} {'p50 ms':>7s} "
+              f"{'p99 ms':>7s} {'gw cpu ms/req':>13s} {'gw cores':>8s} {'client cpu ms/req':>17s}")
+    print(header)
+    print("-" * len(header))
+    for e in alone.values():
+        gw = (f"{e['gateway_cpu_ms_per_request']:13.2f} {e['gateway_cpu_cores']:8.2f}"
+              if "gateway_cpu_ms_per_request" in e else f"{'-':>13s} {'-':>8s}")
+        print(f"{e['mode']:9s} {e['target']:12s} {e['concurrency']:4d} {e['requests']:7d} {e['errors']:4d} "
+              f"{e['rps']:8.1f} {e['p50_ms']:7.1f} {e['p99_ms']:7.1f} {gw} {e['client_cpu_ms_per_request']:17.2f}")
+    for mode in ("nonstream", "stream"):
+        entries = [e for e in alone.values() if e["mode"] == mode and e["target"] == "gateway+stub"]
+        best = max(entries, key=lambda e: e["rps"])
+        result[f"gateway_alone_{mode}_max_rps"] = round(best["rps"], 1)
+        result[f"gateway_alone_{mode}_cpu_ms_per_request"] = round(best["gateway_cpu_ms_per_request"], 3)
+        stub = [e for e in alone.values() if e["mode"] == mode and e["target"] == "stub direct"]
+        result[f"stub_direct_{mode}_max_rps"] = round(max(e["rps"] for e in stub), 1)
+    # Same run, same concurrency (the main one), target pairs measured back to back.
+    c = options.concurrency if options.concurrency in options.stub_concurrency else options.stub_concurrency[0]
+    result["gateway_alone_ratio"] = {
+        mode: round(alone[f"{mode}/gateway+stub/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
+        if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+    result["gateway_alone_concurrency"] = c
+    result["gateway_alone_pinning"] = {"stub": options.pin_stub or None, "gateway": options.pin_gateway or None}
+    print(f"gateway+stub / stub direct req/s at c={c}: stream {result['gateway_alone_ratio']['stream']}, "
+          f"non-stream {result['gateway_alone_ratio']['nonstream']} (pinning: stub "
+          f"{options.pin_stub or '-'}, gateway {options.pin_gateway or '-'})")
     return result
 
 
@@ -454,7 +488,10 @@ async def _bench(options: Options, stack: DevProcess, children: Children) -> dic
     admin_key, info, gateway_url = stack.admin_key, stack.info, stack.url
     key = _tenant_key(gateway_url, admin_key)
     # The dev gateway runs inside the `banyan dev` process (its other services are children of it).
-    series, unloaded = await _side_by_side(options, info, gateway_url, key, psutil.Process(stack.process.pid))
+    series: Measured = {}
+    unloaded: Measured = {}
+    if not options.alone_only:
+        series, unloaded = await _side_by_side(options, info, gateway_url, key, psutil.Process(stack.process.pid))
     alone: dict[str, Any] = {}
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
@@ -476,13 +513,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO / ".banyan" / "bench",
                         help="banyan dev's data dir (the demo model is built there once)")
     parser.add_argument("--skip-stub", action="store_true", help="skip the gateway-alone measurement")
+    parser.add_argument("--alone-only", action="store_true",
+                        help="only the gateway-alone measurement (no rounds against the engine)")
+    parser.add_argument("--pin-stub", default="", metavar="CPUS",
+                        help="run the stub on these CPUs (`taskset -c` list, e.g. 0)")
+    parser.add_argument("--pin-gateway", default="", metavar="CPUS",
+                        help="run the gateway in front of the stub on these CPUs (e.g. 1); disjoint from --pin-stub")
     args = parser.parse_args(argv)
+    if args.alone_only and args.skip_stub:
+        parser.error("--alone-only and --skip-stub leave nothing to measure")
     quick = args.quick
     options = Options(rounds=args.rounds or (6 if quick else 12), requests=args.requests or (128 if quick else 256),
                       concurrency=args.concurrency, max_tokens=args.max_tokens,
                       stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
-                      data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub)
+                      data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub, alone_only=args.alone_only,
+                      pin_stub=args.pin_stub, pin_gateway=args.pin_gateway)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]
