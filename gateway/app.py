@@ -33,11 +33,12 @@ from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.state import AppState, ServedBase
-from gateway.tenants import TenantStore
+from gateway.tenants import KeyCache, TenantStore
 from gateway.tokens import base_model_tokens
 from gateway.tracing import Tracing
 from gateway.usage import UsageStore
 from retrieval.embedding import Embedder, SentenceTransformerEmbedder
+from retrieval.onnx_embedding import OnnxEmbedder
 from retrieval.service import DocumentService, RetrievalConfig
 
 log = logging.getLogger("banyan.app")
@@ -49,6 +50,14 @@ def retrieval_config(settings: Settings) -> RetrievalConfig:
                            max_documents_per_tenant=settings.max_documents_per_tenant,
                            max_chunks_per_tenant=settings.max_chunks_per_tenant,
                            embedding_batch_size=settings.embedding_batch_size)
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """The retrieval embedder ``BANYAN_EMBEDDER`` names (the model loads on its first batch, off the loop)."""
+    if settings.embedder == "torch":
+        return SentenceTransformerEmbedder()
+    return OnnxEmbedder(cache_dir=settings.embedder_cache_dir or settings.data_dir / "embedder",
+                        threads=settings.embedder_threads)
 
 
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
@@ -67,7 +76,9 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         redis=redis,
         store=store,
         engines=default.engines,
-        tenants=TenantStore(redis),
+        tenants=TenantStore(redis, key_cache=KeyCache(ttl_s=settings.key_cache_ttl_s,
+                                                     max_entries=settings.key_cache_max_entries,
+                                                     observe=metrics.key_cache_result)),
         adapters=AdapterRegistry(redis),
         metrics=metrics,
         quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),
@@ -75,7 +86,7 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
                          daily_retention_s=settings.usage_daily_retention_s,
                          max_users_per_bucket=settings.usage_max_users_per_bucket),
         base_spec=default.spec,
-        documents=DocumentService(redis, embedder if embedder is not None else SentenceTransformerEmbedder(),
+        documents=DocumentService(redis, embedder if embedder is not None else build_embedder(settings),
                                   config=retrieval_config(settings), observer=metrics, tokens=tokens),
         tokens=tokens,
         files=FileStore(redis, store),

@@ -1,0 +1,104 @@
+"""The ONNX Runtime embedder gives the torch embedder's vectors and token counts, and keeps its exported
+model in a cache that is rebuilt when it is missing, broken or stale."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.embedding import MINILM_DIMENSION, SentenceTransformerEmbedder
+from retrieval.onnx_embedding import OnnxEmbedder
+
+TEXTS = [
+    "When is support open on weekends?",
+    "Opening hours: Monday to Friday, 9:00 to 17:00. Saturdays 10:00 to 14:00.",
+    "",
+    "Ünïcödé, emoji 🙂 and digits 12345 mixed in one line.",
+    " ".join(f"word{i}" for i in range(600)),  # longer than the window: cut the same way
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedder")
+
+
+@pytest.fixture(scope="module")
+def onnx(cache_dir: Path) -> OnnxEmbedder:
+    return OnnxEmbedder(cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def torch_embedder() -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder()
+
+
+def test_same_dimension_and_unit_norm(onnx: OnnxEmbedder) -> None:
+    vectors = onnx.embed(TEXTS)
+    assert onnx.dimension == MINILM_DIMENSION
+    assert vectors.shape == (len(TEXTS), MINILM_DIMENSION)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert onnx.embed([]).shape == (0, MINILM_DIMENSION)
+
+
+def test_agrees_with_the_torch_embedder(onnx: OnnxEmbedder, torch_embedder: SentenceTransformerEmbedder) -> None:
+    ours, theirs = onnx.embed(TEXTS), torch_embedder.embed(TEXTS)
+    assert (ours * theirs).sum(axis=1).min() >= 0.999
+    # Batching pads to the longest text: a text alone gets the vector it gets in a batch.
+    alone = onnx.embed([TEXTS[0]])[0]
+    assert float(alone @ ours[0]) >= 0.99999
+    # ... and different texts still get different vectors.
+    assert float(ours[0] @ ours[1]) < 0.95
+
+
+def test_token_counts_and_window_match(onnx: OnnxEmbedder, torch_embedder: SentenceTransformerEmbedder) -> None:
+    assert onnx.max_tokens == torch_embedder.max_tokens
+    assert onnx.count_tokens(TEXTS) == torch_embedder.count_tokens(TEXTS)
+    full = " ".join(["river"] * (onnx.max_tokens - 2))
+    vectors = onnx.embed([full, full + " stone"])
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)  # the first token past the window is cut
+
+
+def test_a_broken_cache_is_rebuilt(onnx: OnnxEmbedder, tmp_path: Path) -> None:
+    expected = onnx.embed(TEXTS[:2])
+    first = OnnxEmbedder(cache_dir=tmp_path)
+    first.embed(["warm-up"])
+    model = first.model_file
+    assert model.is_file() and model.stat().st_size > 1_000_000
+
+    model.write_bytes(b"not an onnx model")  # a truncated or corrupted file
+    rebuilt = OnnxEmbedder(cache_dir=tmp_path)
+    np.testing.assert_allclose(rebuilt.embed(TEXTS[:2]), expected, atol=1e-5)
+    assert model.stat().st_size > 1_000_000
+
+
+def test_a_stale_cache_is_rebuilt(onnx: OnnxEmbedder, tmp_path: Path) -> None:
+    first = OnnxEmbedder(cache_dir=tmp_path)
+    first.embed(["warm-up"])
+    meta = first.model_file.parent / "meta.json"
+    recorded = json.loads(meta.read_text())
+    recorded["files"]["model.safetensors"][0] += 1  # made from another version of the weights
+    meta.write_text(json.dumps(recorded))
+    stamp = os.stat(first.model_file).st_mtime_ns
+
+    again = OnnxEmbedder(cache_dir=tmp_path)
+    again.embed(["warm-up"])
+    assert os.stat(again.model_file).st_mtime_ns != stamp
+    assert json.loads(meta.read_text())["files"] != recorded["files"]
+
+
+def test_the_setting_chooses_the_embedder(tmp_path: Path) -> None:
+    from gateway.app import build_embedder
+    from gateway.settings import Settings
+
+    default = build_embedder(Settings(mode="dev", data_dir=tmp_path))
+    assert isinstance(default, OnnxEmbedder)
+    assert default.model_file.is_relative_to(tmp_path / "embedder")
+    elsewhere = build_embedder(Settings(mode="dev", data_dir=tmp_path, embedder_cache_dir=tmp_path / "cache"))
+    assert isinstance(elsewhere, OnnxEmbedder) and elsewhere.model_file.is_relative_to(tmp_path / "cache")
+    assert isinstance(build_embedder(Settings(mode="dev", embedder="torch")), SentenceTransformerEmbedder)
