@@ -33,7 +33,7 @@ from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.state import AppState, ServedBase
-from gateway.tenants import TenantStore
+from gateway.tenants import KeyCache, TenantStore
 from gateway.tokens import base_model_tokens
 from gateway.tracing import Tracing
 from gateway.usage import UsageStore
@@ -76,7 +76,9 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         redis=redis,
         store=store,
         engines=default.engines,
-        tenants=TenantStore(redis),
+        tenants=TenantStore(redis, key_cache=KeyCache(ttl_s=settings.key_cache_ttl_s,
+                                                     max_entries=settings.key_cache_max_entries,
+                                                     observe=metrics.key_cache_result)),
         adapters=AdapterRegistry(redis),
         metrics=metrics,
         quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),

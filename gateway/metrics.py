@@ -68,6 +68,9 @@ class Metrics:
                                          ["reason"], registry=r)
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)
+        self.key_cache = Counter("banyan_key_cache_total", "API key -> tenant cache of the hot path, by result "
+                                 "(hit, miss, evict).", ["result"], registry=r)
+        self._key_cache_results = {result: self.key_cache.labels(result) for result in ("hit", "miss", "evict")}
         self.retrieval_seconds = Histogram("banyan_retrieval_duration_seconds",
                                            "Retrieval time by stage: embed (the query), search (vector and BM25 "
                                            "queries), rank, ingest_embed and ingest_store (a document).", ["stage"],
@@ -78,6 +81,10 @@ class Metrics:
                                       "tenant; refreshed every 15 s from the job store).", ["status"], registry=r)
         self.ingested_chunks = Counter("banyan_ingested_chunks_total", "Document chunks embedded and stored.",
                                        registry=r)
+
+    def key_cache_result(self, result: str) -> None:
+        """The :class:`gateway.tenants.KeyCache`'s observer."""
+        self._key_cache_results[result].inc()
 
     # The retrieval service's observer (``retrieval.service.Observer``): it reports, this records.
 

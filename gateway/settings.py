@@ -204,6 +204,11 @@ class Settings(S3Settings):
     """Connections and requests the server handles at once (uvicorn's ``limit_concurrency``; 503 above it)."""
     keep_alive_timeout_s: int = Field(default=5, ge=1)
     """An idle keep-alive connection is closed after this long."""
+    key_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
+    """How long a gateway replica trusts a key it checked in Redis (0: check every request). A key revoked through
+    one replica stops there at once and on the others within this long."""
+    key_cache_max_entries: int = Field(default=10_000, ge=0)
+    """Keys the cache holds at most (about 300 bytes each), least recently used evicted first."""
     shutdown_drain_s: float = Field(default=10.0, ge=0)
     """On SIGTERM the gateway answers /readyz 503 at once and lets requests finish for up to this long; streams
     still open then end with an error event and ``[DONE]``."""

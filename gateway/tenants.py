@@ -23,6 +23,8 @@ import hashlib
 import json
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -196,9 +198,66 @@ def live_guard(tenant_id: str) -> Fence:
     return Fence(key=_tenant_key(tenant_id), equals={"id": json.dumps(tenant_id), "deleting": ""})
 
 
+class KeyCache:
+    """Key hash -> tenant id of keys that authenticated in the last ``ttl_s`` seconds, at most ``max_entries``
+    (least recently used evicted first): it saves the hot path its key-lookup round trip.
+
+    Keyed by the key's SHA-256, never by the key. A count bound is a byte bound here: an entry is a 64-character
+    hash and a tenant id of at most 64 characters (about 300 bytes with the dict's overhead), so 10,000 entries
+    hold about 3 MB. Failed lookups are not cached (random keys would evict real ones).
+
+    Revocation: the replica that revokes a key (or tombstones a tenant) drops it at once; any other replica
+    keeps accepting it for at most ``ttl_s`` (the bound a revoked key keeps working anywhere).
+    """
+
+    def __init__(self, *, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic,
+                 observe: Callable[[str], None] | None = None) -> None:
+        self.ttl_s = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._observe = observe or (lambda result: None)
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.generation = 0
+        """Bumped by every drop: a lookup that started before a revocation does not cache what it read."""
+
+    def get(self, key_hash: str) -> str | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] <= self._clock():
+            if entry is not None:
+                del self._entries[key_hash]
+            self._observe("miss")
+            return None
+        self._entries.move_to_end(key_hash)
+        self._observe("hit")
+        return entry[0]
+
+    def put(self, key_hash: str, tenant_id: str, *, generation: int) -> None:
+        """Cache what a lookup that started at ``generation`` read (nothing if something was dropped since)."""
+        if self.ttl_s <= 0 or self._max <= 0 or generation != self.generation:
+            return
+        self._entries[key_hash] = (tenant_id, self._clock() + self.ttl_s)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+            self._observe("evict")
+
+    def drop(self, key_hash: str) -> None:
+        self.generation += 1
+        self._entries.pop(key_hash, None)
+
+    def drop_tenant(self, tenant_id: str) -> None:
+        self.generation += 1
+        for key_hash in [h for h, (t, _) in self._entries.items() if t == tenant_id]:
+            del self._entries[key_hash]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class TenantStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, key_cache: KeyCache | None = None) -> None:
         self._redis = redis
+        self.key_cache = key_cache if key_cache is not None else KeyCache(ttl_s=0, max_entries=0)
         self._create: Any = redis.register_script(_CREATE)
         self._update: Any = redis.register_script(_UPDATE)
         self._tombstone: Any = redis.register_script(_TOMBSTONE)
@@ -252,6 +311,7 @@ class TenantStore:
         when there is no such tenant. From here on nothing new can be added for it."""
         if not await self._tombstone(keys=[_tenant_key(tenant_id)]):
             return None
+        self.key_cache.drop_tenant(tenant_id)
         records = (await self._redis.hgetall(_keys_key(tenant_id))).values()
         async with self._redis.pipeline(transaction=True) as pipe:
             for record in records:
@@ -298,15 +358,26 @@ class TenantStore:
         raw = await self._redis.hget(_keys_key(tenant_id), key_id)
         if raw is None:
             return False
+        key_hash = json.loads(raw)["hash"]
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hdel(_keys_key(tenant_id), key_id)
-            pipe.delete(_lookup_key(json.loads(raw)["hash"]))
+            pipe.delete(_lookup_key(key_hash))
             await pipe.execute()
+        self.key_cache.drop(key_hash)
         return True
 
     async def authenticate(self, key: str) -> str | None:
         """The tenant id a key belongs to, or None (also when that tenant is being deleted)."""
         if not looks_like_key(key):
             return None
-        raw = await self._authenticate(keys=[_lookup_key(hash_key(key))], args=[_tenant_key("")])
-        return as_text(raw) if raw else None
+        key_hash = hash_key(key)
+        cached = self.key_cache.get(key_hash)
+        if cached is not None:
+            return cached
+        generation = self.key_cache.generation
+        raw = await self._authenticate(keys=[_lookup_key(key_hash)], args=[_tenant_key("")])
+        if not raw:
+            return None
+        tenant = as_text(raw)
+        self.key_cache.put(key_hash, tenant, generation=generation)
+        return tenant
