@@ -90,7 +90,10 @@ def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    asyncio.run(main())
+    # Run on the loop uvicorn chose (`loop="auto"`: uvloop when installed, as with `uvicorn[standard]`); a plain
+    # asyncio.run() would keep the default asyncio loop whatever the config says.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(main())
 
 
 def _curl(settings: Settings, key: str, model: str, *, question: str, rag: bool = False) -> str:
