@@ -1,9 +1,13 @@
 """The engine pool: the vLLM OpenAI servers the gateway routes to, behind a small Protocol.
 
-Routing is adapter-aware: an adapter request goes to a replica that already holds it when one is
-healthy and not saturated, else to its rendezvous-hash home, else (home saturated) to the least
-loaded replica; base-model requests go to the least loaded replica. Residency is learned from the
-replicas (``GET /v1/models`` on each health check) and from what the gateway routed.
+Routing is adapter-aware with bounded loads (consistent hashing with bounded loads). A replica is
+*open* when its requests in flight are below both the absolute ``saturation`` and a bound relative to
+the fleet, ``mean * spill_ratio + spill_margin`` over the healthy replicas. An adapter request goes to
+the least loaded open replica that already holds the adapter, else to the first open replica in the
+adapter's rendezvous-hash order (its ``home`` when that one is open, else a ``spill`` down the same
+order, so a hot adapter spreads over the few replicas that follow its home, not over the fleet), else
+(none open) to the least loaded replica. Base-model requests go to the least loaded replica. Residency
+is learned from the replicas (``GET /v1/models`` on each health check) and from what the gateway routed.
 
 Residency is bounded per replica: when a replica holds more adapters than ``max_resident``, the
 gateway unloads the least recently used ones that have no request in flight through it
@@ -59,7 +63,8 @@ class EnginePool:
 
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
-                 max_resident: int = 64, metrics: Metrics | None = None,
+                 max_resident: int = 64, spill_ratio: float = 1.1, spill_margin: float = 1.0,
+                 metrics: Metrics | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -73,6 +78,8 @@ class EnginePool:
             for u in urls
         ]
         self._saturation = saturation
+        self._spill_ratio = spill_ratio
+        self._spill_margin = spill_margin
         self._max_resident = max_resident
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
@@ -83,12 +90,17 @@ class EnginePool:
         candidates = [r for r in self.replicas if r.healthy] or self.replicas
         if not is_adapter:
             return min(candidates, key=lambda r: r.inflight), "base"
-        for replica in candidates:
-            if engine_model in replica.resident and replica.inflight < self._saturation:
-                return replica, "resident"
-        home = max(candidates, key=lambda r: _score(r.url, engine_model))
-        if home.inflight < self._saturation or len(candidates) == 1:
-            return home, "home"
+        if len(candidates) == 1:
+            return candidates[0], "resident" if engine_model in candidates[0].resident else "home"
+        bound = min(float(self._saturation),
+                    self._spill_ratio * sum(r.inflight for r in candidates) / len(candidates) + self._spill_margin)
+        holders = [r for r in candidates if engine_model in r.resident and r.inflight < bound]
+        if holders:
+            return min(holders, key=lambda r: r.inflight), "resident"
+        order = sorted(candidates, key=lambda r: _score(r.url, engine_model), reverse=True)
+        for rank, replica in enumerate(order):
+            if replica.inflight < bound:
+                return replica, "home" if rank == 0 else "spill"
         return min(candidates, key=lambda r: r.inflight), "spill"
 
     @asynccontextmanager

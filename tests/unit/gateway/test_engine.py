@@ -120,3 +120,48 @@ async def test_a_request_waits_for_an_unload_of_its_adapter_under_way() -> None:
     await asyncio.wait_for(waiting, 5)  # a deadlock fails here instead of hanging the suite
     assert events[:2] == [f"unloaded {a1}", "request a1"]
     await pool.aclose()
+
+
+def _ranked(pool: EnginePool, name: str) -> list[int]:
+    """Replica indexes in the order the pool prefers them for ``name`` when all are idle and none holds it."""
+    order: list[int] = []
+    saved = [r.inflight for r in pool.replicas]
+    for _ in pool.replicas:
+        replica, _placement = pool.choose(name, is_adapter=True)
+        order.append(pool.replicas.index(replica))
+        replica.inflight = 10_000  # closed: the next choice is the next replica in the order
+    for replica, n in zip(pool.replicas, saved, strict=True):
+        replica.inflight = n
+    return order
+
+
+def test_a_busy_home_spills_down_the_adapters_own_order_below_the_absolute_saturation() -> None:
+    pool = EnginePool(URLS, saturation=256, spill_ratio=1.1, spill_margin=1.0,
+                      transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    name = "banyan.t.hot.v1.abcdef012345"
+    first, second, *_ = _ranked(pool, name)
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[first], "home")
+    for replica in pool.replicas:
+        replica.inflight = 4
+    pool.replicas[first].inflight = 8  # bound: 1.1 * mean (5) + 1 = 6.5; far below saturation 256
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[second], "spill")
+    other = next(i for i in range(4) if i not in (first, second))
+    pool.replicas[other].inflight = 0  # the least loaded replica is not where the adapter spills
+    assert pool.choose(name, is_adapter=True)[0] is pool.replicas[second]
+
+
+def test_the_least_loaded_open_holder_wins_and_a_busy_holder_is_passed_over() -> None:
+    pool = EnginePool(URLS, saturation=256, spill_ratio=1.1, spill_margin=1.0,
+                      transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    name = "banyan.t.hot.v1.abcdef012345"
+    first, _, third, fourth = _ranked(pool, name)
+    pool.replicas[third].resident[name] = 0
+    pool.replicas[fourth].resident[name] = 0
+    for replica, n in zip(pool.replicas, (3, 3, 3, 3), strict=True):
+        replica.inflight = n
+    pool.replicas[third].inflight = 2
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[third], "resident")
+    pool.replicas[third].inflight = 9  # over the bound (1.1 * 4.5 + 1 = 5.95): the other holder
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[fourth], "resident")
+    pool.replicas[fourth].inflight = 9  # both holders busy: back to the adapter's home
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[first], "home")

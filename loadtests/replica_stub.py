@@ -1,0 +1,246 @@
+"""A model of one vLLM replica serving LoRA adapters, as a real HTTP server on loopback.
+
+It stands in for a vLLM OpenAI server in routing simulations (``loadtests/routing_sim.py``): what matters
+to the router is modelled, nothing is generated.
+
+- ``max_loras`` GPU slots: a running batch holds requests of at most that many distinct adapters; a
+  request whose adapter is not in a slot waits for one to free (as vLLM's scheduler does).
+- ``max_resident`` adapters held in CPU memory, least recently used first out (vLLM ``max_cpu_loras``).
+  A request for an adapter that is not resident pays ``cold_load_s`` (one load per adapter at a time:
+  concurrent requests for it wait for the same load) and counts as a cold load; one that is resident but
+  not in a slot pays ``swap_s``.
+- A running cap (``max_running``); a request's service time is ``base_s + per_batch_s * running``.
+- ``time_scale``: real seconds per model second, so a simulation takes minutes. Every duration the
+  server reports (``banyan_stub`` in the answer) is in model seconds.
+
+HTTP: ``POST /v1/completions`` (JSON only), ``GET /v1/models`` (the base model and the resident
+adapters, as vLLM lists them), ``GET /health``, ``POST /v1/unload_lora_adapter``. Several replicas can
+share one process and event loop, each its own server on its own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+HOST = "127.0.0.1"  # loopback only
+
+
+@dataclass(frozen=True)
+class ReplicaModel:
+    """The costs of one replica, in model seconds."""
+
+    max_loras: int = 8
+    max_resident: int = 64
+    max_running: int = 16
+    cold_load_s: float = 0.5
+    swap_s: float = 0.02
+    base_s: float = 1.0
+    per_batch_s: float = 0.05
+    time_scale: float = 1.0
+
+    def service_s(self, running: int) -> float:
+        return self.base_s + self.per_batch_s * running
+
+
+@dataclass
+class ReplicaCounters:
+    requests: int = 0
+    cold_loads: int = 0
+    swaps: int = 0
+    unloads: int = 0
+    busy_s: float = 0.0
+    """Model seconds of slot occupancy summed over requests (service plus loading)."""
+
+
+@dataclass
+class Replica:
+    """One replica's state machine; :meth:`complete` is one request through it."""
+
+    model: ReplicaModel = field(default_factory=ReplicaModel)
+    base_model: str = "banyan-demo"
+    counters: ReplicaCounters = field(default_factory=ReplicaCounters)
+
+    def __post_init__(self) -> None:
+        self.resident: OrderedDict[str, None] = OrderedDict()  # CPU cache, least recently used first
+        self.slots: OrderedDict[str, int] = OrderedDict()  # GPU slots: adapter -> running requests
+        self.running = 0
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._changed = asyncio.Event()
+
+    def _admissible(self, adapter: str | None) -> bool:
+        if self.running >= self.model.max_running:
+            return False
+        if adapter is None or adapter in self.slots:
+            return True
+        return len(self.slots) < self.model.max_loras or any(n == 0 for n in self.slots.values())
+
+    async def _sleep(self, model_s: float) -> None:
+        await asyncio.sleep(model_s * self.model.time_scale)
+
+    async def complete(self, adapter: str | None) -> dict[str, float]:
+        """Serve one request; returns its timings in model seconds (wait, load, service)."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        while not self._admissible(adapter):
+            self._changed.clear()
+            await self._changed.wait()
+        waited = (loop.time() - arrived) / self.model.time_scale
+        self.running += 1
+        self.counters.requests += 1
+        load = 0.0
+        try:
+            if adapter is not None:
+                load = await self._take_slot(adapter)
+            service = self.model.service_s(self.running)
+            await self._sleep(service)
+        finally:
+            self.running -= 1
+            if adapter is not None and adapter in self.slots:
+                self.slots[adapter] -= 1
+            self._changed.set()
+        self.counters.busy_s += load + service
+        return {"wait_s": waited, "load_s": load, "service_s": service}
+
+    async def _take_slot(self, adapter: str) -> float:
+        """Put the adapter in a GPU slot (loading it first when it is not resident); the cost paid."""
+        if adapter in self.slots:
+            self.slots[adapter] += 1
+            self.slots.move_to_end(adapter)
+            pending = self._loading.get(adapter)
+            if pending is not None:  # its load is under way for another request: wait for it
+                await asyncio.shield(pending)
+                return self.model.cold_load_s
+            if adapter in self.resident:
+                self.resident.move_to_end(adapter)
+            return 0.0
+        if len(self.slots) >= self.model.max_loras:  # evict the least recently used idle slot
+            idle = next(name for name, n in self.slots.items() if n == 0)
+            del self.slots[idle]
+        self.slots[adapter] = 1  # held from now on, so no other request evicts it while it loads
+        cost = await self._make_resident(adapter)
+        if cost == 0.0:
+            self.counters.swaps += 1
+            cost = self.model.swap_s
+            await self._sleep(cost)
+        return cost
+
+    async def _make_resident(self, adapter: str) -> float:
+        if adapter in self.resident:
+            self.resident.move_to_end(adapter)
+            return 0.0
+        pending = self._loading.get(adapter)
+        if pending is not None:  # another request is loading it: wait for the same load
+            await asyncio.shield(pending)
+            return self.model.cold_load_s
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loading[adapter] = future
+        self.counters.cold_loads += 1
+        try:
+            await self._sleep(self.model.cold_load_s)
+            self.resident[adapter] = None
+            while len(self.resident) > self.model.max_resident:
+                self.resident.popitem(last=False)
+        finally:
+            del self._loading[adapter]
+            future.set_result(None)
+        return self.model.cold_load_s
+
+    def unload(self, adapter: str) -> bool:
+        """Drop an adapter from CPU memory (a request running with it keeps its slot); whether it was held."""
+        held = self.resident.pop(adapter, "absent") != "absent"
+        if held:
+            self.counters.unloads += 1
+        return held
+
+    def models(self) -> dict[str, Any]:
+        ids = [self.base_model, *self.resident]
+        return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "stub"} for i in ids]}
+
+
+def _response(status: str, payload: Any) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+class ReplicaServer:
+    """A :class:`Replica` behind a minimal HTTP/1.1 server (keep-alive, JSON bodies with content-length)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, HOST, port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in
+                           (line.split(":", 1) for line in header_lines if ":" in line)}
+                length = int(headers.get("content-length", "0") or 0)
+                raw = await reader.readexactly(length) if length else b""
+                writer.write(await self.route(method, path.split("?", 1)[0], raw))
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def route(self, method: str, path: str, raw: bytes) -> bytes:
+        replica = self.replica
+        if method == "GET" and path == "/health":
+            return _response("200 OK", {})
+        if method == "GET" and path == "/v1/models":
+            return _response("200 OK", replica.models())
+        body = _json_object(raw)
+        if body is None:
+            return _response("400 Bad Request", {"error": {"message": "bad json", "type": "BadRequestError"}})
+        if method == "POST" and path == "/v1/completions":
+            model = str(body.get("model", replica.base_model))
+            timings = await replica.complete(None if model == replica.base_model else model)
+            return _response("200 OK", {"object": "text_completion", "model": model,
+                                        "choices": [{"index": 0, "text": "a", "finish_reason": "length"}],
+                                        "banyan_stub": timings})
+        if method == "POST" and path == "/v1/unload_lora_adapter":
+            name = str(body.get("lora_name", ""))
+            if replica.unload(name):
+                return _response("200 OK", {"status": "ok"})
+            return _response("404 Not Found", {"error": {"message": "not loaded", "type": "NotFoundError"}})
+        return _response("404 Not Found", {"error": {"message": "not found", "type": "NotFoundError"}})
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
