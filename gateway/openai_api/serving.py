@@ -477,11 +477,16 @@ class CompletionService:
         record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.served,
                                    prompt_tokens=prompt, completion_tokens=completion,
                                    user=user if isinstance(user, str) and user else None)
-        try:
-            await record()
-        except RedisError as e:  # the answer is served: keep trying in the background, never fail it
-            log.warning("recording usage failed (%s): retrying in the background", type(e).__name__)
+        # The usage write and the admission's release (which charges what was spent: it is known now) are two
+        # independent round trips: sent together, the request waits for one. Release is idempotent, so the
+        # `finally` that releases on every other path stays as it is.
+        recorded, released = await asyncio.gather(record(), call.admission.release(), return_exceptions=True)
+        if isinstance(recorded, RedisError):  # the answer is served: keep trying in the background, never fail it
+            log.warning("recording usage failed (%s): retrying in the background", type(recorded).__name__)
             _keep(asyncio.ensure_future(_record_later(record)))
+        for outcome in (recorded, released):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, RedisError):
+                raise outcome
 
 
 async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnected | None) -> bytes | None:
