@@ -250,11 +250,13 @@ def _totals(servers: list[ReplicaServer]) -> tuple[int, int, int]:
 
 
 def cache_reference(*, replicas: int, resident: int, adapters: int, zipf_s: float, seed: int,
-                    requests: int = 200_000) -> dict[str, float]:
-    """Cold loads per 1,000 of LRU caches alone (no load, no timing) for the same Zipf stream: requests
-    dealt round-robin, and requests partitioned by adapter (each adapter on one replica). The second is
-    what perfect affinity reaches with ``resident`` adapters per replica: no routing does better."""
+                    warmup: int, measure: int) -> dict[str, float]:
+    """Cold loads per 1,000 of LRU caches alone (no load, no timing) for the same Zipf stream and the same
+    warm-up and measured counts as a run: requests dealt round-robin, and requests partitioned by adapter
+    (each adapter on one replica). The second is what perfect affinity reaches with ``resident`` adapters
+    per replica in that window: no routing does much better (caches that start empty count their fills)."""
     zipf = Zipf(adapters, zipf_s, random.Random(seed + 1))
+    requests = warmup + measure
     stream = [zipf.draw() for _ in range(requests)]
     out: dict[str, float] = {}
     for kind in ("round_robin", "partitioned"):
@@ -265,11 +267,11 @@ def cache_reference(*, replicas: int, resident: int, adapters: int, zipf_s: floa
             if a in cache:
                 del cache[a]  # re-inserted below: dicts keep insertion order, so this is an LRU
             else:
-                misses += i >= requests // 2
+                misses += i >= warmup
                 if len(cache) >= resident:
                     del cache[next(iter(cache))]
             cache[a] = None
-        out[kind] = round(1000 * misses / (requests - requests // 2), 1)
+        out[kind] = round(1000 * misses / measure, 1)
     return out
 
 
@@ -313,8 +315,9 @@ async def _main(args: argparse.Namespace) -> None:
             result = await run_one(policy, config, model)
             print(f"  {size} replicas, {policy}: {result.requests} requests in {result.wall_s} s", flush=True)
             results.append(result)
-    references = {str(size): cache_reference(replicas=size, resident=args.max_resident, adapters=args.adapters,
-                                             zipf_s=args.zipf_s, seed=args.seed) for size in args.replicas}
+    references = {str(size): cache_reference(
+        replicas=size, resident=args.max_resident, adapters=args.adapters, zipf_s=args.zipf_s, seed=args.seed,
+        warmup=args.warmup_per_replica * size, measure=args.measure) for size in args.replicas}
     print()
     print(_table(results))
     print("cold loads per 1,000 of the LRU caches alone (round-robin vs perfect partition by adapter): "

@@ -1,0 +1,46 @@
+"""The routing simulation's pieces: its baselines and its cache-only reference."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+from loadtests.routing_sim import RoundRobinPool, TwoChoicesPool, Zipf, cache_reference
+
+URLS = [f"http://replica-{i}" for i in range(4)]
+NAME = "banyan.t.a.v1.abcdef012345"
+
+
+def _transport() -> httpx.MockTransport:
+    return httpx.MockTransport(lambda r: httpx.Response(200))
+
+
+def test_round_robin_cycles_whatever_the_adapter_and_skips_unhealthy_replicas() -> None:
+    pool = RoundRobinPool(URLS, transport=_transport())
+    pool.replicas[1].healthy = False
+    picks = [pool.choose(NAME, is_adapter=True)[0].url for _ in range(6)]
+    assert picks == [URLS[0], URLS[2], URLS[3]] * 2
+
+
+def test_two_choices_takes_the_less_loaded_of_its_pair() -> None:
+    pool = TwoChoicesPool(URLS, transport=_transport())
+    for i, replica in enumerate(pool.replicas):
+        replica.inflight = 10 * i
+    picks = [pool.replicas.index(pool.choose(NAME, is_adapter=True)[0]) for _ in range(200)]
+    assert 3 not in picks  # the busiest replica always loses its pair
+    assert set(picks) == {0, 1, 2}
+
+
+def test_zipf_favours_low_ranks() -> None:
+    zipf = Zipf(1000, 1.0, random.Random(1))
+    draws = [zipf.draw() for _ in range(20_000)]
+    assert min(draws) >= 0 and max(draws) < 1000
+    assert draws.count(0) > 5 * draws.count(9) > 0  # p(0) / p(9) = 10
+
+
+def test_partitioning_by_adapter_beats_round_robin_and_big_caches_only_miss_once() -> None:
+    ref = cache_reference(replicas=8, resident=16, adapters=2000, zipf_s=1.05, seed=3, warmup=20_000, measure=5000)
+    assert ref["partitioned"] < ref["round_robin"] / 1.5
+    roomy = cache_reference(replicas=4, resident=50, adapters=50, zipf_s=1.05, seed=3, warmup=20_000, measure=5000)
+    assert roomy["partitioned"] == 0.0  # every adapter fits in its one replica and was loaded in the warm-up
