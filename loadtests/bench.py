@@ -43,6 +43,7 @@ from gateway.dev.processes import Child, Children, free_port, http_ok
 from loadtests._stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
+GATEWAY, GATEWAY_B = "gateway+stub", "gw B+stub"
 UNLOADED_PAIRS = 3
 UNLOADED_REQUESTS = 12
 PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
@@ -63,6 +64,9 @@ class Options:
     # gateway_alone_ratio measure the gateway's own cost, not the wait of two processes for one core.
     pin_stub: str = ""
     pin_gateway: str = ""
+    compare_env: dict[str, str] = field(default_factory=dict)
+    """Settings of a second gateway ("gateway B") measured in the same run, in front of the same stub: an A/B
+    of one change (e.g. ``BANYAN_KEY_CACHE_TTL_S=0``); empty: no second gateway."""
 
 
 @dataclass
@@ -231,25 +235,33 @@ def _pinned(cpus: str) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
-def _start_stub_gateway(children: Children, stack: DevProcess, options: Options) -> tuple[Child, str, Child, str]:
-    """A second gateway (``banyan serve``) on the dev stack's Redis and S3, in front of a local OpenAI stub."""
+def _start_stub(children: Children, stack: DevProcess, options: Options) -> tuple[Child, str]:
+    """A local OpenAI stub serving the dev stack's base model."""
     info = stack.info
-    stub_port, gateway_port = free_port(), free_port()
+    stub_port = free_port()
     stub = children.spawn("bench-stub", [*_pinned(options.pin_stub), sys.executable, "-m", "loadtests.stub_openai",
                                          "--port", str(stub_port), "--model", info["base_model"]], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
+    return stub, stub_url
+
+
+def _start_stub_gateway(children: Children, stack: DevProcess, options: Options, stub_url: str, *,
+                        name: str = "bench-gateway-stub", extra_env: dict[str, str] | None = None) -> tuple[Child, str]:
+    """A second gateway (``banyan serve``) on the dev stack's Redis and S3, in front of the local OpenAI stub."""
+    info = stack.info
+    gateway_port = free_port()
     env = clean_env({
         "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(gateway_port), "BANYAN_ADMIN_KEY": stack.admin_key,
         "BANYAN_MODE": "prod", "BANYAN_HOST": "127.0.0.1", "BANYAN_REDIS_URL": info["redis_url"],
         **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
         "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
-        "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})})
     banyan = str(Path(sys.executable).parent / "banyan")
-    gateway = children.spawn("bench-gateway-stub", [*_pinned(options.pin_gateway), banyan, "serve"], env=env, cwd=REPO)
+    gateway = children.spawn(name, [*_pinned(options.pin_gateway), banyan, "serve"], env=env, cwd=REPO)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
-    return stub, stub_url, gateway, gateway_url
+    return gateway, gateway_url
 
 
 def _tenant_key(gateway_url: str, admin_key: str) -> str:
@@ -318,13 +330,16 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
     return series, unloaded
 
 
-async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key: str, model: str,
-                         gateway_process: psutil.Process) -> dict[str, Any]:
+async def _gateway_alone(options: Options, stub_url: str, gateways: dict[str, tuple[str, psutil.Process]], key: str,
+                         model: str) -> dict[str, Any]:
+    """``gateways``: target name -> (url, process), each measured right after the stub, in the same order."""
     out: dict[str, Any] = {}
     me = psutil.Process()
+    targets: list[tuple[str, str, str | None, psutil.Process | None]] = [("stub direct", stub_url, None, None)]
+    targets += [(name, url, key, process) for name, (url, process) in gateways.items()]
     for mode in ("nonstream", "stream"):
         for concurrency in options.stub_concurrency:
-            for target, url, auth in (("stub direct", stub_url, None), ("gateway+stub", gateway_url, key)):
+            for target, url, auth, gateway_process in targets:
                 def make(i: int, _mode: str = mode, _target: str = target) -> dict[str, Any]:
                     return _body(model, f"stub-{_target}-{i}", stream=_mode == "stream",
                                  max_tokens=_tokens(i, options.max_tokens))
@@ -342,7 +357,7 @@ async def _gateway_alone(options: Options, stub_url: str, gateway_url: str, key:
                     "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
                 if len(ok) < len(samples):
                     entry["error_reasons"] = _reasons(samples)
-                if target == "gateway+stub":
+                if gateway_process is not None:
                     entry["gateway_cpu_ms_per_request"] = 1000 * gw_cpu / max(1, len(ok))
                     entry["gateway_cpu_cores"] = gw_cpu / wall
                 out[f"{mode}/{target}/c{concurrency}"] = entry
@@ -465,7 +480,7 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
         print(f"{e['mode']:9s} {e['target']:12s} {e['concurrency']:4d} {e['requests']:7d} {e['errors']:4d} "
               f"{e['rps']:8.1f} {e['p50_ms']:7.1f} {e['p99_ms']:7.1f} {gw} {e['client_cpu_ms_per_request']:17.2f}")
     for mode in ("nonstream", "stream"):
-        entries = [e for e in alone.values() if e["mode"] == mode and e["target"] == "gateway+stub"]
+        entries = [e for e in alone.values() if e["mode"] == mode and e["target"] == GATEWAY]
         best = max(entries, key=lambda e: e["rps"])
         result[f"gateway_alone_{mode}_max_rps"] = round(best["rps"], 1)
         result[f"gateway_alone_{mode}_cpu_ms_per_request"] = round(best["gateway_cpu_ms_per_request"], 3)
@@ -477,6 +492,20 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
         mode: round(alone[f"{mode}/gateway+stub/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
         if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
     result["gateway_alone_concurrency"] = c
+    if f"stream/{GATEWAY_B}/c{c}" in alone:  # the A/B: B's req/s over A's, and each one's CPU per request
+        result["compare_env"] = options.compare_env
+        result["gateway_b_over_a_rps"] = {
+            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["rps"] / alone[f"{mode}/{GATEWAY}/c{c}"]["rps"], 4)
+            if alone[f"{mode}/{GATEWAY}/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+        result["gateway_b_alone_ratio"] = {
+            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
+            if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+        result["gateway_b_cpu_ms_per_request"] = {
+            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["gateway_cpu_ms_per_request"], 3)
+            for mode in ("stream", "nonstream")}
+        print(f"gateway B ({' '.join(f'{k}={v}' for k, v in options.compare_env.items())}) / gateway A req/s at "
+              f"c={c}: stream {result['gateway_b_over_a_rps']['stream']}, "
+              f"non-stream {result['gateway_b_over_a_rps']['nonstream']}")
     result["gateway_alone_pinning"] = {"stub": options.pin_stub or None, "gateway": options.pin_gateway or None}
     print(f"gateway+stub / stub direct req/s at c={c}: stream {result['gateway_alone_ratio']['stream']}, "
           f"non-stream {result['gateway_alone_ratio']['nonstream']} (pinning: stub "
@@ -495,9 +524,14 @@ async def _bench(options: Options, stack: DevProcess, children: Children) -> dic
     alone: dict[str, Any] = {}
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
-        _, stub_url, gateway, alone_url = _start_stub_gateway(children, stack, options)
-        alone = await _gateway_alone(options, stub_url, alone_url, key, info["base_model"],
-                                     psutil.Process(gateway.process.pid))
+        _, stub_url = _start_stub(children, stack, options)
+        gateway, alone_url = _start_stub_gateway(children, stack, options, stub_url)
+        gateways = {GATEWAY: (alone_url, psutil.Process(gateway.process.pid))}
+        if options.compare_env:
+            b, b_url = _start_stub_gateway(children, stack, options, stub_url, name="bench-gateway-stub-b",
+                                           extra_env=options.compare_env)
+            gateways[GATEWAY_B] = (b_url, psutil.Process(b.process.pid))
+        alone = await _gateway_alone(options, stub_url, gateways, key, info["base_model"])
     return _report(series, unloaded, alone, options)
 
 
@@ -519,7 +553,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the stub on these CPUs (`taskset -c` list, e.g. 0)")
     parser.add_argument("--pin-gateway", default="", metavar="CPUS",
                         help="run the gateway in front of the stub on these CPUs (e.g. 1); disjoint from --pin-stub")
+    parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="also measure a gateway B with this setting (repeatable) in the same run, in front of "
+                             "the same stub (e.g. BANYAN_KEY_CACHE_TTL_S=0)")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.compare_env):
+        parser.error("--compare-env takes NAME=VALUE")
+    compare_env = dict(item.split("=", 1) for item in args.compare_env)
     if args.alone_only and args.skip_stub:
         parser.error("--alone-only and --skip-stub leave nothing to measure")
     quick = args.quick
@@ -528,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                       stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
                       data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub, alone_only=args.alone_only,
-                      pin_stub=args.pin_stub, pin_gateway=args.pin_gateway)
+                      pin_stub=args.pin_stub, pin_gateway=args.pin_gateway, compare_env=compare_env)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]
