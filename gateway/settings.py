@@ -175,7 +175,7 @@ class Settings(S3Settings):
     is recorded against)."""
     embedder: Literal["onnx", "torch"] = "onnx"
     """How the embedding model runs: ``onnx`` (ONNX Runtime, exported once from the packaged model into
-    ``embedder_cache_dir``; about 3x the rate, same vectors) or ``torch`` (sentence-transformers)."""
+    ``embedder_cache_dir``; same vectors, queries several times faster) or ``torch`` (sentence-transformers)."""
     embedder_threads: int = Field(default=1, ge=1, le=64)
     """CPU threads of the ``onnx`` embedder (the engine needs the other cores)."""
     embedder_cache_dir: Path | None = None
