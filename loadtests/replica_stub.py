@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,7 @@ class Replica:
         self.slots: OrderedDict[str, int] = OrderedDict()  # GPU slots: adapter -> running requests
         self.running = 0
         self._loading: dict[str, asyncio.Future[None]] = {}
-        self._changed = asyncio.Event()
+        self._waiting: deque[tuple[str | None, asyncio.Future[bool]]] = deque()
 
     def _admissible(self, adapter: str | None) -> bool:
         if self.running >= self.model.max_running:
@@ -86,31 +86,67 @@ class Replica:
         """Serve one request; returns its timings in model seconds (wait, load, service)."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
-        while not self._admissible(adapter):
-            self._changed.clear()
-            await self._changed.wait()
+        if self._waiting or not self._admissible(adapter):
+            # Wait in line; a leaving request admits waiters one by one (no thundering herd: an overloaded
+            # replica must not starve the other replicas that share this event loop).
+            admitted: asyncio.Future[bool] = loop.create_future()
+            self._waiting.append((adapter, admitted))
+            try:
+                in_slot = await admitted
+            except asyncio.CancelledError:
+                if admitted.done() and not admitted.cancelled():
+                    self._leave(adapter)
+                else:
+                    self._waiting = deque(w for w in self._waiting if w[1] is not admitted)
+                raise
+        else:
+            in_slot = self._enter(adapter)
         waited = (loop.time() - arrived) / self.model.time_scale
-        self.running += 1
         self.counters.requests += 1
         load = 0.0
         try:
             if adapter is not None:
-                load = await self._take_slot(adapter)
+                load = await self._load(adapter, in_slot=in_slot)
             service = self.model.service_s(self.running)
             await self._sleep(service)
         finally:
-            self.running -= 1
-            if adapter is not None and adapter in self.slots:
-                self.slots[adapter] -= 1
-            self._changed.set()
+            self._leave(adapter)
         self.counters.busy_s += load + service
         return {"wait_s": waited, "load_s": load, "service_s": service}
 
-    async def _take_slot(self, adapter: str) -> float:
-        """Put the adapter in a GPU slot (loading it first when it is not resident); the cost paid."""
+    def _enter(self, adapter: str | None) -> bool:
+        """Take a batch place and the adapter's GPU slot; whether the adapter already had a slot."""
+        self.running += 1
+        if adapter is None:
+            return True
         if adapter in self.slots:
             self.slots[adapter] += 1
             self.slots.move_to_end(adapter)
+            return True
+        if len(self.slots) >= self.model.max_loras:  # evict the least recently used idle slot
+            idle = next(name for name, n in self.slots.items() if n == 0)
+            del self.slots[idle]
+        self.slots[adapter] = 1  # held from now on, so no other request evicts it while it loads
+        return False
+
+    def _leave(self, adapter: str | None) -> None:
+        self.running -= 1
+        if adapter is not None and adapter in self.slots:
+            self.slots[adapter] -= 1
+        while self._waiting:  # admit waiters in order while there is room (one may need a slot that is busy)
+            for i, (name, admitted) in enumerate(self._waiting):
+                if self._admissible(name):
+                    del self._waiting[i]
+                    admitted.set_result(self._enter(name))
+                    break
+            else:
+                return
+            if self.running >= self.model.max_running:
+                return
+
+    async def _load(self, adapter: str, *, in_slot: bool) -> float:
+        """Make the adapter usable in its slot (load it when not resident, swap it in when resident)."""
+        if in_slot:
             pending = self._loading.get(adapter)
             if pending is not None:  # its load is under way for another request: wait for it
                 await asyncio.shield(pending)
@@ -118,10 +154,6 @@ class Replica:
             if adapter in self.resident:
                 self.resident.move_to_end(adapter)
             return 0.0
-        if len(self.slots) >= self.model.max_loras:  # evict the least recently used idle slot
-            idle = next(name for name, n in self.slots.items() if n == 0)
-            del self.slots[idle]
-        self.slots[adapter] = 1  # held from now on, so no other request evicts it while it loads
         cost = await self._make_resident(adapter)
         if cost == 0.0:
             self.counters.swaps += 1
