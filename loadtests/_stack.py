@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 
 from gateway.dev.launcher import READY_TIMEOUT_S, launch_dev
+from gateway.dev.processes import Children, free_port, redis_ok
+from gateway.dev.stack import search_module, valkey_binary
 
 BASE_MODEL = "banyan-demo"
 
@@ -76,3 +78,15 @@ def run_on_stack(script: str, *, url: str | None, admin_key: str | None, data_di
             stack.stop()
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def start_search_valkey(children: Children) -> str:
+    """A throwaway Valkey with the search module on a free loopback port (no persistence), started under
+    ``children`` (the caller stops it with ``children.stop_all()``); its ``redis://`` URL."""
+    port = free_port()
+    valkey = children.spawn("valkey", [valkey_binary(), "--bind", "127.0.0.1", "--port", str(port),
+                                       "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+                                       "--loadmodule", str(search_module())])
+    children.wait_ready(valkey, redis_ok(port), timeout=30)
+    print(f"Valkey with the search module on 127.0.0.1:{port} (pid {valkey.process.pid})")
+    return f"redis://127.0.0.1:{port}/0"

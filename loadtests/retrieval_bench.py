@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 from redis.asyncio import Redis
 
-from gateway.dev.processes import Children, free_port, redis_ok
-from gateway.dev.stack import search_module, valkey_binary
+from gateway.dev.processes import Children
+from loadtests._stack import start_search_valkey
 from loadtests._stats import percentile
 from retrieval.chunking import chunk_document
 from retrieval.documents import NewDocument
@@ -268,13 +268,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="banyan-bench-") as tmp:
         children = Children(Path(tmp) / "logs")
         try:
-            port = free_port()
-            valkey = children.spawn("valkey", [valkey_binary(), "--bind", "127.0.0.1", "--port", str(port),
-                                               "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-                                               "--loadmodule", str(search_module())])
-            children.wait_ready(valkey, redis_ok(port), timeout=30)
-            print(f"Valkey with the search module on 127.0.0.1:{port} (pid {valkey.process.pid})")
-            result = asyncio.run(run(args, f"redis://127.0.0.1:{port}/0"))
+            redis_url = start_search_valkey(children)
+            result = asyncio.run(run(args, redis_url))
         finally:
             children.stop_all()
             print("Valkey stopped")

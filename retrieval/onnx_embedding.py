@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.embedding import MINILM_DIMENSION, _Tokenizer, bundled_minilm_path
+from retrieval.embedding import MINILM_DIMENSION, TokenCountingEmbedder, bundled_minilm_path
 from retrieval.errors import RetrievalUnavailable
 
 log = logging.getLogger("banyan.retrieval")
@@ -46,7 +46,7 @@ _FORMAT = 1
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(TokenCountingEmbedder):
     """A BERT-style sentence-transformers folder (default: the bundled all-MiniLM-L6-v2) run by ONNX Runtime.
 
     ``cache_dir`` holds the exported model (one sub-folder per source folder). Constructing is cheap;
@@ -56,27 +56,12 @@ class OnnxEmbedder:
 
     def __init__(self, model_path: Path | None = None, *, cache_dir: Path, dimension: int = MINILM_DIMENSION,
                  threads: int = 1) -> None:
-        self._path = model_path
+        super().__init__(model_path, dimension)
         self._cache_dir = cache_dir
-        self._dimension = dimension
         self._threads = threads
         self._lock = threading.Lock()
         self._session: Any = None
         self._encoder: Any = None
-        self._tokenizer: _Tokenizer | None = None
-        self._tokenizer_lock = threading.Lock()
-
-    @property
-    def dimension(self) -> int:
-        return self._dimension
-
-    @property
-    def max_tokens(self) -> int:
-        return self._load_tokenizer().max_tokens
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        tokenizer = self._load_tokenizer().tokenizer
-        return [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts))]
 
     @property
     def model_file(self) -> Path:
@@ -126,12 +111,6 @@ class OnnxEmbedder:
         log.info("embedding model loaded (ONNX Runtime)", extra={"dimension": dimension, "threads": self._threads})
         self._session, self._encoder = session, encoder
         return session, encoder
-
-    def _load_tokenizer(self) -> _Tokenizer:
-        with self._tokenizer_lock:
-            if self._tokenizer is None:
-                self._tokenizer = _Tokenizer.load(self._path)
-            return self._tokenizer
 
 
 def _mean_pool_normalise(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
