@@ -171,8 +171,11 @@ def translate(exc: Exception) -> BanyanError:
     for cls in type(exc).__mro__:
         factory = _TRANSLATIONS.get(cls)
         if factory is not None:
-            log.debug("translated %s", cls.__name__)
             result: BanyanError = factory(exc)
+            if isinstance(result, DependencyUnavailable):  # the answer says which dependency; the log says why
+                log.warning("dependency unavailable: %s: %s", type(exc).__name__, str(exc)[:300])
+            else:
+                log.debug("translated %s", cls.__name__)
             return result
     return BanyanError("The server had an error while processing your request.")
 

@@ -75,3 +75,18 @@ def test_metrics_count_requests_by_route_template(make_harness: Callable[[Handle
     h.client.get("/v1/models", headers={"Authorization": "Bearer nope"})
     text = h.client.get("/metrics").text
     assert 'banyan_requests_total{method="GET",route="/v1/models",status="401"} 1.0' in text
+
+
+def test_a_dependency_failure_is_503_to_the_client_and_a_warning_naming_why(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from gateway.errors import DependencyUnavailable, translate
+
+    with caplog.at_level(logging.WARNING, logger="banyan.errors"):
+        error = translate(RedisTimeout("Timeout reading from socket"))
+    assert isinstance(error, DependencyUnavailable) and error.body()["error"]["code"] == "dependency_unavailable"
+    assert "database" in error.body()["error"]["message"] and "socket" not in error.body()["error"]["message"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["dependency unavailable: TimeoutError: Timeout reading from socket"]
