@@ -27,6 +27,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadtests.stub_openai import read_request
+
 HOST = "127.0.0.1"  # loopback only
 
 
@@ -224,20 +226,10 @@ class ReplicaServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                    return
-                request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = request_line.split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in
-                           (line.split(":", 1) for line in header_lines if ":" in line)}
-                length = int(headers.get("content-length", "0") or 0)
-                raw = await reader.readexactly(length) if length else b""
-                writer.write(await self.route(method, path.split("?", 1)[0], raw))
+            while (request := await read_request(reader)) is not None:
+                writer.write(await self.route(request.method, request.path, request.body))
                 await writer.drain()
-                if headers.get("connection", "").lower() == "close":
+                if request.close:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return

@@ -17,6 +17,7 @@ import contextlib
 import json
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 _TOKEN = "a"
@@ -36,6 +37,32 @@ def _json(status: str, payload: Any) -> bytes:
 
 def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StubRequest:
+    method: str
+    path: str
+    """Without its query string."""
+    body: bytes
+    close: bool
+    """The client asked to close the connection after the answer."""
+
+
+async def read_request(reader: asyncio.StreamReader) -> StubRequest | None:
+    """The next HTTP/1.1 request on a keep-alive connection (Content-Length bodies only), or None at its end."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        return None
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, v in
+               (line.split(":", 1) for line in header_lines if ":" in line)}
+    length = int(headers.get("content-length", "0") or 0)
+    body = await reader.readexactly(length) if length else b""
+    return StubRequest(method=method, path=path.split("?", 1)[0], body=body,
+                       close=headers.get("connection", "").lower() == "close")
 
 
 class _Stub:
@@ -89,21 +116,11 @@ class _Stub:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = request_line.split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in
-                           (line.split(":", 1) for line in header_lines if ":" in line)}
-                length = int(headers.get("content-length", "0") or 0)
-                raw = await reader.readexactly(length) if length else b""
-                for part in self.route(method, path.split("?", 1)[0], raw):
+            while (request := await read_request(reader)) is not None:
+                for part in self.route(request.method, request.path, request.body):
                     writer.write(part)
                     await writer.drain()
-                if headers.get("connection", "").lower() == "close":
+                if request.close:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
