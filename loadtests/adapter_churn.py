@@ -288,6 +288,8 @@ class Outcome:
     tokens: int = 0
     text: str = ""
     error: str | None = None
+    target: int = 0
+    """Which of the phase's targets (gateways) it went to."""
 
 
 @dataclass(frozen=True)
@@ -361,9 +363,11 @@ async def stream_one(target: Target, adapter: Adapter, *, prompt: int, klass: st
     return outcome
 
 
-async def run_phase(name: str, target: Target, plan: list[tuple[Adapter, int]], *, residency: Residency,
-                    cfg: RunConfig) -> Phase:
-    """Send ``plan`` (adapter, prompt) at ``cfg.concurrency``, classifying each request when it is sent."""
+async def run_phase(name: str, target: Target | Sequence[Target], plan: list[tuple[Adapter, int]], *,
+                    residency: Residency | None, cfg: RunConfig) -> Phase:
+    """Send ``plan`` (adapter, prompt) at ``cfg.concurrency``, classifying each request when it is sent (class
+    ``-`` without ``residency``). With several targets (gateways), request ``i`` goes to target ``i mod n``."""
+    targets = [target] if isinstance(target, Target) else list(target)
     outcomes: list[Outcome] = []
     cursor = 0
     step = max(1, len(plan) // 10)
@@ -374,9 +378,11 @@ async def run_phase(name: str, target: Target, plan: list[tuple[Adapter, int]], 
         nonlocal cursor
         while cursor < len(plan) and time.perf_counter() < deadline:
             adapter, prompt = plan[cursor]
+            which = cursor % len(targets)
             cursor += 1
-            outcome = await stream_one(target, adapter, prompt=prompt, klass=residency.classify(adapter),
-                                       max_tokens=cfg.max_tokens)
+            klass = residency.classify(adapter) if residency is not None else "-"
+            outcome = await stream_one(targets[which], adapter, prompt=prompt, klass=klass, max_tokens=cfg.max_tokens)
+            outcome.target = which
             outcomes.append(outcome)
             if len(outcomes) % step == 0:
                 errors = sum(1 for o in outcomes if o.error)
