@@ -49,7 +49,8 @@ def retrieval_config(settings: Settings) -> RetrievalConfig:
                            max_chunks_per_document=settings.max_chunks_per_document,
                            max_documents_per_tenant=settings.max_documents_per_tenant,
                            max_chunks_per_tenant=settings.max_chunks_per_tenant,
-                           embedding_batch_size=settings.embedding_batch_size)
+                           embedding_batch_size=settings.embedding_batch_size,
+                           vector_type=settings.retrieval_vector_type)
 
 
 def build_embedder(settings: Settings) -> Embedder:

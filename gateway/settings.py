@@ -170,6 +170,9 @@ class Settings(S3Settings):
     """Chunks embedded per batch (each batch runs in a worker thread)."""
     retrieval_index: str = Field(default="banyan-chunks", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     """Name of the Redis search index over the chunks of every tenant (created at start-up if absent)."""
+    retrieval_vector_type: Literal["FLOAT16", "FLOAT32"] = "FLOAT16"
+    """How the index stores chunk vectors (half the memory at FLOAT16, same recall). An existing index of the other
+    type is refused at start-up, naming this setting."""
     embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=256)
     """The id of the retrieval embedder as ``POST /v1/embeddings`` names it (its ``model``, and the model its usage
     is recorded against)."""

@@ -1,7 +1,10 @@
-"""Retrieval benchmark: ingestion rate, and query latency with 100k chunks in one tenant among 300k.
+"""Retrieval benchmark: ingestion rate, query latency and Redis memory per chunk with 100k chunks in one tenant
+among 300k (or 1M), and FLOAT16 against FLOAT32 vectors side by side.
 
     .venv/bin/python -m loadtests.retrieval_bench            # 300k chunks, 100k in one tenant (~15 min)
+    .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000   # the 1M run
     .venv/bin/python -m loadtests.retrieval_bench --quick    # 30k chunks, 10k in one tenant (~2 min)
+    .venv/bin/python -m loadtests.retrieval_bench --compare-types --total 100000 --target 50000
 
 Self-contained and bounded: it starts its own Valkey with the search module on a free loopback port
 (no gateway or engine is needed), stops it (by process id) at the end, and touches nothing else. It
@@ -22,7 +25,17 @@ gateway runs (``retrieval.service.DocumentService``, the production index schema
    (words dropped and shuffled); the query embedding is timed apart from the search. "search" is
    ``DocumentService.search``: the scope lookup, then the vector KNN and the BM25 query (both
    tenant-scoped and planned for the scope's size, in parallel), then ranking; the two Redis queries
-   are also timed alone.
+   are also timed alone. Each query comes from a known document: how often that document is among the
+   results (the search's top 4, the KNN's candidates) is counted too.
+4. Memory: Redis ``used_memory`` after the fill less before the first write, per chunk, and where it goes:
+   the HNSW index (its vectors, ``dimension x`` the type's size each, and the graph: the rest of
+   ``vector_index_sz_mb``), the text/tag/numeric indexes (``FT.INFO`` sizes), the chunk hashes (``MEMORY USAGE``
+   of sampled keys, with the vector bytes they hold), the document records and the per-tenant statistics.
+
+``--compare-types``: two Valkeys, one index ``FLOAT32`` and one ``FLOAT16``, written the same chunks with the same
+vectors (the real ingestion goes to the FLOAT32 one and is copied exactly); both get the same queries, the
+labelled set of the retrieval tests (``tests/integration/retrieval_corpus.py``: recall@4 of the relevant
+document) and the known-item queries; memory per chunk of both at the same size.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from loadtests._stats import percentile
 from retrieval.chunking import chunk_document
 from retrieval.documents import NewDocument
 from retrieval.embedding import SentenceTransformerEmbedder
-from retrieval.index import ChunkRecord, DocumentRecord, query_terms
+from retrieval.index import DEFAULT_VECTOR_TYPE, VECTOR_TYPES, ChunkRecord, DocumentRecord, decode_vector, query_terms
 from retrieval.service import DocumentService, RetrievalConfig, new_document_id
 
 TARGET = "bench-target"
@@ -74,6 +87,18 @@ class Text:
 
     def paragraph(self, sentences: int) -> str:
         return " ".join(self.sentence() for _ in range(sentences))
+
+    def filler_paragraph(self, sentences: int) -> str:
+        """Like :meth:`paragraph` (same word distribution and sentence lengths), with the words of all its
+        sentences drawn at once: the fill makes a million of them."""
+        lengths = [self.rng.randint(8, 22) for _ in range(sentences)]
+        picks = np.minimum(np.searchsorted(self.cumulative, self.np_rng.random(sum(lengths))), len(self.words) - 1)
+        words = [self.words[i] for i in picks.tolist()]
+        out, at = [], 0
+        for n in lengths:
+            out.append(" ".join(words[at:at + n]).capitalize() + ".")
+            at += n
+        return " ".join(out)
 
     def document(self, paragraphs: int) -> str:
         return "\n\n".join(self.paragraph(self.rng.randint(4, 9)) for _ in range(paragraphs))
@@ -121,20 +146,22 @@ async def ingest(service: DocumentService, text: Text, chunks_wanted: int) -> tu
     return end_to_end, embed_only, ids
 
 
-async def fill(redis: Redis, service: DocumentService, text: Text, *, total: int, target: int,
-               others: int, already: int, seed: int) -> float:
-    """Add synthetic documents (4 chunks each) through ``ChunkIndex.add_document`` until the index holds
-    ``total`` chunks, 8 at a time; the write rate in chunks/s."""
+async def fill(services: list[DocumentService], base: np.ndarray, text: Text, *, total: int, target: int,
+               others: int, already: int, seed: int, per_trip: int, writers: int) -> float:
+    """Add synthetic documents (4 chunks each) with ``ChunkIndex.add_documents`` (what ``add_document`` stores,
+    ``per_trip`` documents a transaction) until the index holds ``total`` chunks; ``writers`` transactions in
+    flight at once; every batch goes to each of ``services`` (the same documents and vectors). The write rate in
+    chunks/s."""
     rng = np.random.default_rng(seed)
-    base = await _real_vectors(redis, service)
     plan = [(TARGET, target - already)] + [(f"bench-other-{i}", (total - target) // others) for i in range(others)]
     started = time.perf_counter()
     written = 0
-    next_note = 20_000
+    next_note = 50_000
+    pending: set[asyncio.Future[object]] = set()
     for tenant, count in plan:
-        for start in range(0, count, 32):
+        for start in range(0, count, 4 * per_trip):
             batch = []
-            for first in range(start, min(start + 32, count), 4):
+            for first in range(start, min(start + 4 * per_trip, count), 4):
                 n = min(4, count - first)
                 noise = rng.standard_normal((n, base.shape[1])).astype(np.float32) * 0.035
                 vectors = base[rng.integers(0, len(base), n)] + noise
@@ -142,15 +169,22 @@ async def fill(redis: Redis, service: DocumentService, text: Text, *, total: int
                 record = DocumentRecord(id=new_document_id(), tenant=tenant, title="Synthetic filler",
                                         timestamp=1.6e9 + float(rng.integers(0, 10**8)), collection="default",
                                         chunks=n, created=time.time())
-                chunks = [ChunkRecord(number=j, text=text.paragraph(text.rng.randint(6, 12)), vector=vectors[j])
+                chunks = [ChunkRecord(number=j, text=text.filler_paragraph(text.rng.randint(6, 12)), vector=vectors[j])
                           for j in range(n)]
-                batch.append(service.index.add_document(record, chunks))
+                batch.append((record, chunks))
                 written += n
-            await asyncio.gather(*batch)
+            if len(pending) >= writers:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            pending.add(asyncio.ensure_future(asyncio.gather(*(s.index.add_documents(batch) for s in services))))
             if written + already >= next_note:
-                next_note += 20_000
+                next_note += 50_000
                 rate = written / (time.perf_counter() - started)
-                print(f"  ... {written + already} chunks in the index ({rate:.0f} chunks/s)", flush=True)
+                print(f"  ... {written + already} chunks written ({rate:.0f} chunks/s, load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+    for task in pending:
+        await task
     return written / (time.perf_counter() - started)
 
 
@@ -161,19 +195,120 @@ async def _real_vectors(redis: Redis, service: DocumentService) -> np.ndarray:
         for key in keys:
             pipe.hget(key, "embedding")
         blobs = await pipe.execute()
-    return np.vstack([np.frombuffer(b, dtype=np.float32) for b in blobs if b])
+    index = service.index
+    vectors = [decode_vector(b, index.vector_type, index.dimension) for b in blobs if b]
+    return np.vstack([v for v in vectors if v is not None])
+
+
+async def copy_documents(source: DocumentService, target: DocumentService, tenant: str, ids: list[str]) -> None:
+    """The documents ``ids`` of ``source`` written to ``target`` as they are (records, texts, vectors)."""
+    redis = source.index._redis
+    for document_id in ids:
+        record = await source.index.get_document(tenant, document_id)
+        assert record is not None
+        keys = [source.index.chunk_key(tenant, document_id, n) for n in range(record.chunks)]
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, ["text", "embedding"])
+            rows = await pipe.execute()
+        chunks = []
+        for n, (text, blob) in enumerate(rows):
+            vector = decode_vector(blob, source.index.vector_type, source.index.dimension)
+            assert vector is not None
+            chunks.append(ChunkRecord(number=n, text=_decode(text), vector=vector))
+        await target.index.add_documents([(record, chunks)])
+
+
+async def memory(redis: Redis, service: DocumentService, *, baseline: int, tenants: list[str],
+                 samples: int = 400) -> dict[str, float]:
+    """Redis memory after the fill: the total per chunk, and where it goes (bytes per chunk)."""
+    index = service.index
+    info = await redis.execute_command("FT.INFO", index.name)
+    fields = {_decode(k): v for k, v in (info.items() if isinstance(info, dict)
+                                          else zip(info[0::2], info[1::2], strict=False))}
+    chunks = int(fields["num_docs"])
+    used = int((await redis.info("memory"))["used_memory"])
+
+    def mb(name: str) -> float:
+        return float(fields.get(name) or 0.0) * 2**20
+
+    vectors = chunks * index.dimension * VECTOR_TYPES[index.vector_type].itemsize
+    text_index = sum(mb(n) for n in ("inverted_sz_mb", "offset_vectors_sz_mb", "doc_table_size_mb",
+                                      "key_table_size_mb", "tag_overhead_sz_mb", "text_overhead_sz_mb",
+                                      "sortable_values_size_mb"))
+    keys: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{index.prefix}:chunk:*", count=1000):
+        keys.append(key)
+        if len(keys) >= samples:
+            break
+    doc_keys: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{index.prefix}:doc:*", count=1000):
+        doc_keys.append(key)
+        if len(doc_keys) >= samples:
+            break
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys + doc_keys:
+            pipe.memory_usage(key, samples=0)
+        for key in keys:
+            pipe.hstrlen(key, "text")
+        usage = await pipe.execute()
+    chunk_hash = float(np.mean(usage[:len(keys)]))
+    doc_hash = float(np.mean(usage[len(keys):len(keys) + len(doc_keys)]))
+    text_bytes = float(np.mean(usage[len(keys) + len(doc_keys):]))
+    documents, statistics = 0, 0
+    for tenant in tenants:
+        documents += int(await redis.zcard(f"{index.prefix}:docs:{tenant}"))
+        for key in (f"{index.prefix}:stats:{tenant}", f"{index.prefix}:df:{tenant}"):
+            statistics += int(await redis.memory_usage(key, samples=0) or 0)
+    lists = sum([int(await redis.memory_usage(f"{index.prefix}:docs:{t}", samples=0) or 0) for t in tenants])
+    per = 1.0 / max(1, chunks)
+    return {
+        "chunks": chunks, "used_memory_bytes": used, "used_memory_delta_bytes": used - baseline,
+        "per_chunk_bytes": round((used - baseline) * per),
+        "hnsw_bytes_per_chunk": round(mb("vector_index_sz_mb") * per),
+        "hnsw_vectors_bytes_per_chunk": round(vectors * per),
+        "hnsw_graph_bytes_per_chunk": round((mb("vector_index_sz_mb") - vectors) * per),
+        "text_tag_numeric_index_bytes_per_chunk": round(text_index * per),
+        "inverted_index_bytes_per_chunk": round(mb("inverted_sz_mb") * per),
+        "chunk_hash_bytes": round(chunk_hash),
+        "chunk_hash_vector_bytes": index.dimension * VECTOR_TYPES[index.vector_type].itemsize,
+        "chunk_hash_text_bytes": round(text_bytes),
+        "document_records_bytes_per_chunk": round((doc_hash * documents + lists) * per),
+        "statistics_bytes_per_chunk": round(statistics * per),
+        "statistics_bytes": statistics,
+    }
+
+
+def _memory_lines(label: str, m: dict[str, float]) -> str:
+    return "\n".join([
+        f"  {label}: {m['chunks']:.0f} chunks, used_memory {m['used_memory_bytes'] / 2**30:.2f} GiB, "
+        f"{m['per_chunk_bytes']:.0f} bytes per chunk (delta since before the first write)",
+        f"    HNSW index {m['hnsw_bytes_per_chunk']:.0f} B/chunk: vectors {m['hnsw_vectors_bytes_per_chunk']:.0f}, "
+        f"graph and overhead {m['hnsw_graph_bytes_per_chunk']:.0f}",
+        f"    chunk hash {m['chunk_hash_bytes']:.0f} B (MEMORY USAGE, sampled): vector "
+        f"{m['chunk_hash_vector_bytes']:.0f}, text {m['chunk_hash_text_bytes']:.0f}, other fields and overhead "
+        f"{m['chunk_hash_bytes'] - m['chunk_hash_vector_bytes'] - m['chunk_hash_text_bytes']:.0f}",
+        f"    text/tag/numeric indexes {m['text_tag_numeric_index_bytes_per_chunk']:.0f} B/chunk (inverted "
+        f"{m['inverted_index_bytes_per_chunk']:.0f}); document records {m['document_records_bytes_per_chunk']:.0f}"
+        f" B/chunk; per-tenant statistics {m['statistics_bytes_per_chunk']:.0f} B/chunk "
+        f"({m['statistics_bytes'] / 2**20:.1f} MiB)",
+    ])
 
 
 async def queries(redis: Redis, service: DocumentService, documents: list[str], count: int,
-                  seed: int) -> dict[str, list[float]]:
+                  seed: int) -> tuple[dict[str, list[float]], dict[str, float], list[list[str]]]:
+    """Timings, known-item hit rates (the query's source document among the search's results, and among the
+    KNN's candidates), and the KNN's candidate keys per query."""
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
-        key = service.index.chunk_key(TARGET, rng.choice(documents), 0)
-        texts.append(_decode(await redis.hget(key, "text")))
+        document_id = rng.choice(documents)
+        texts.append((document_id, _decode(await redis.hget(service.index.chunk_key(TARGET, document_id, 0), "text"))))
     timings: dict[str, list[float]] = {"embed": [], "search": [], "knn": [], "bm25": []}
+    found = {"search": 0, "knn": 0}
+    knn_keys: list[list[str]] = []
     n, plan = service.config.candidates(4), service.config.plan
-    for i, source in enumerate(texts):
+    for i, (document_id, source) in enumerate(texts):
         words = source.split()
         start = rng.randrange(max(1, len(words) - 12))
         picked = words[start:start + 12]
@@ -182,68 +317,132 @@ async def queries(redis: Redis, service: DocumentService, documents: list[str], 
         t0 = time.perf_counter()
         vector = (await service.embed([query]))[0]
         t1 = time.perf_counter()
-        await service.search(TARGET, query, vector, top_k=4)
+        passages = await service.search(TARGET, query, vector, top_k=4)
         t2 = time.perf_counter()
         scope = await service.index.scope(TARGET, None, query_terms(query))
         t3 = time.perf_counter()
-        await service.index.knn(TARGET, vector, k=n, collection=None, policy=plan.knn_policy(scope.chunks))
+        knn = await service.index.knn(TARGET, vector, k=n, collection=None, policy=plan.knn_policy(scope.chunks))
         t4 = time.perf_counter()
         await service.index.bm25(TARGET, plan.bm25_terms(query_terms(query), scope.frequencies, scope.chunks),
                                  k=n, collection=None)
         t5 = time.perf_counter()
+        found["search"] += document_id in {p.document_id for p in passages}
+        found["knn"] += document_id in {h.document_id for h in knn}
+        knn_keys.append([h.key for h in knn])
         if i >= 5:  # warm-up
             timings["embed"].append(t1 - t0)
             timings["search"].append(t2 - t1)
             timings["knn"].append(t4 - t3)
             timings["bm25"].append(t5 - t4)
-    return timings
+    hits = {"known_item_search_hit_at_4": found["search"] / len(texts),
+            "known_item_knn_hit_at_candidates": found["knn"] / len(texts)}
+    return timings, hits, knn_keys
 
 
-async def run(args: argparse.Namespace, redis_url: str) -> dict[str, object]:
-    redis = Redis.from_url(redis_url, socket_timeout=60)
+async def labelled_recall(service: DocumentService) -> float:
+    """Recall@4 on the labelled set of the retrieval tests, in a tenant of its own."""
+    from tests.integration.retrieval_corpus import labelled_set
+
+    tenant = "bench-labelled"
+    docs, labelled_queries = labelled_set()
+    keys = {}
+    for doc in docs:
+        record = await service.add(tenant, NewDocument(text=doc.text, title=doc.title, timestamp=doc.timestamp))
+        keys[record.id] = doc.key
+    found = 0
+    for query in labelled_queries:
+        passages = await service.retrieve(tenant, query.text, top_k=4)
+        found += query.relevant in {keys[p.document_id] for p in passages}
+    return found / len(labelled_queries)
+
+
+def _service(redis: Redis, embedder: SentenceTransformerEmbedder, batch: int, vector_type: str) -> DocumentService:
+    return DocumentService(redis, embedder, config=RetrievalConfig(embedding_batch_size=batch,
+                                                                   vector_type=vector_type))  # type: ignore[arg-type]
+
+
+async def run(args: argparse.Namespace, redis_urls: list[str]) -> dict[str, object]:
+    types = ["FLOAT32", "FLOAT16"] if args.compare_types else [args.vector_type]
+    clients = [Redis.from_url(url, socket_timeout=120) for url in redis_urls]
     embedder = SentenceTransformerEmbedder()
-    service = DocumentService(redis, embedder, config=RetrievalConfig(embedding_batch_size=args.batch))
+    services = [_service(r, embedder, args.batch, t) for r, t in zip(clients, types, strict=True)]
+    baselines = [int((await r.info("memory"))["used_memory"]) for r in clients]
     load_started = time.perf_counter()
-    await service.start()
-    print(f"embedding model loaded in {time.perf_counter() - load_started:.1f} s; index created")
+    for service in services:
+        await service.start()
+    print(f"embedding model loaded in {time.perf_counter() - load_started:.1f} s; index created "
+          f"({', '.join(types)})")
     text = Text(args.seed)
+    main, redis = services[0], clients[0]
 
-    print(f"[1/3] ingestion: about {args.embed_chunks} chunks of synthetic documents through "
-          f"DocumentService.add (MiniLM, batches of {args.batch})")
-    rate, embed_rate, documents = await ingest(service, text, args.embed_chunks)
-    real_chunks = sum([(await service.get(TARGET, d)).chunks for d in documents])
+    print(f"[1/4] ingestion: about {args.embed_chunks} chunks of synthetic documents through "
+          f"DocumentService.add (MiniLM, batches of {args.batch})" + (" into FLOAT32, copied to FLOAT16"
+                                                                        if args.compare_types else ""))
+    rate, embed_rate, documents = await ingest(main, text, args.embed_chunks)
+    real_chunks = sum([(await main.get(TARGET, d)).chunks for d in documents])
+    for other in services[1:]:
+        await copy_documents(main, other, TARGET, documents)
     print(f"  {real_chunks} chunks from {len(documents)} documents: {rate:.1f} chunks/s end to end; "
           f"embedding alone {embed_rate:.1f} chunks/s")
 
-    print(f"[2/3] fill to {args.total} chunks ({args.target} in `{TARGET}`, the rest over {args.others} "
-          "other tenants): synthetic text, real vectors plus noise")
-    fill_rate = await fill(redis, service, text, total=args.total, target=args.target, others=args.others,
-                           already=real_chunks, seed=args.seed)
-    info = await redis.execute_command("FT.INFO", service.index.name)
-    fields = dict(zip(info[0::2], info[1::2], strict=False)) if isinstance(info, list) else info
-    num_docs = int(fields.get(b"num_docs", fields.get("num_docs")) or 0)
-    used = (await redis.info("memory"))["used_memory_human"]
-    print(f"  written at {fill_rate:.0f} chunks/s (indexed as written); index holds {num_docs} chunks; "
-          f"Redis memory {used}")
+    print(f"[2/4] fill to {args.total} chunks ({args.target} in `{TARGET}`, the rest over {args.others} "
+          f"other tenants): synthetic text, real vectors plus noise; {args.per_trip} documents a transaction, "
+          f"{args.writers} in flight")
+    base = await _real_vectors(redis, main)
+    fill_rate = await fill(services, base, text, total=args.total, target=args.target, others=args.others,
+                           already=real_chunks, seed=args.seed, per_trip=args.per_trip, writers=args.writers)
+    print(f"  written at {fill_rate:.0f} chunks/s (indexed as written)")
 
-    print(f"[3/3] {args.queries} queries, one at a time, top_k=4, in `{TARGET}` "
-          f"({service.config.candidates(4)} candidates per list)")
-    timings = await queries(redis, service, documents, args.queries, args.seed)
-    print(_line("query embedding (MiniLM)", timings["embed"]))
-    print(_line("search (KNN + BM25 + ranking)", timings["search"]))
-    print(_line("  vector KNN alone (as planned)", timings["knn"]))
-    print(_line("  BM25 alone (as planned)", timings["bm25"]))
-    p99 = _pct(timings["search"], 99)
-    print(f"goal search p99 <= 20 ms: {'met' if p99 <= 20 else 'NOT met'} ({p99:.2f} ms)")
-    await redis.aclose()
+    print("[3/4] Redis memory")
+    tenants = [TARGET] + [f"bench-other-{i}" for i in range(args.others)]
+    memories = {}
+    for vector_type, service, client, baseline in zip(types, services, clients, baselines, strict=True):
+        memories[vector_type] = await memory(client, service, baseline=baseline, tenants=tenants)
+        print(_memory_lines(vector_type, memories[vector_type]))
+
+    print(f"[4/4] {args.queries} queries, one at a time, top_k=4, in `{TARGET}` "
+          f"({main.config.candidates(4)} candidates per list)")
     result: dict[str, object] = {
-        "chunks_total": num_docs, "chunks_target_tenant": args.target, "ingest_chunks": real_chunks,
-        "ingest_chunks_per_s": round(rate, 1), "embed_chunks_per_s": round(embed_rate, 1),
-        "fill_chunks_per_s": round(fill_rate), "redis_memory": used, "queries": len(timings["search"]),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "chunks_total": memories[types[0]]["chunks"], "chunks_target_tenant": args.target,
+        "ingest_chunks": real_chunks, "ingest_chunks_per_s": round(rate, 1), "embed_chunks_per_s": round(embed_rate, 1),
+        "fill_chunks_per_s": round(fill_rate), "vector_types": types,
     }
-    for name, values in timings.items():
-        result[f"{name}_p50_ms"] = round(_pct(values, 50), 2)
-        result[f"{name}_p99_ms"] = round(_pct(values, 99), 2)
+    knn_keys: dict[str, list[list[str]]] = {}
+    for vector_type, service, client in zip(types, services, clients, strict=True):
+        timings, hits, knn_keys[vector_type] = await queries(client, service, documents, args.queries, args.seed)
+        label = f" [{vector_type}]" if len(types) > 1 else ""
+        print(_line("query embedding (MiniLM)" + label, timings["embed"]))
+        print(_line("search (KNN + BM25 + ranking)" + label, timings["search"]))
+        print(_line("  vector KNN alone (as planned)" + label, timings["knn"]))
+        print(_line("  BM25 alone (as planned)" + label, timings["bm25"]))
+        print(f"  known item: source document in the top 4 {hits['known_item_search_hit_at_4']:.3f}, among the "
+              f"KNN candidates {hits['known_item_knn_hit_at_candidates']:.3f}{label}")
+        prefix = f"{vector_type.lower()}_" if len(types) > 1 else ""
+        p99 = _pct(timings["search"], 99)
+        print(f"goal search p99 <= 20 ms{label}: {'met' if p99 <= 20 else 'NOT met'} ({p99:.2f} ms)")
+        for name, values in timings.items():
+            result[f"{prefix}{name}_p50_ms"] = round(_pct(values, 50), 2)
+            result[f"{prefix}{name}_p99_ms"] = round(_pct(values, 99), 2)
+        result.update({f"{prefix}{k}": round(v, 4) for k, v in hits.items()})
+        result[f"{prefix}memory"] = memories[vector_type]
+    if args.compare_types:
+        a, b = knn_keys["FLOAT32"], knn_keys["FLOAT16"]
+        overlap = float(np.mean([len(set(x) & set(y)) / max(1, len(x)) for x, y in zip(a, b, strict=True)]))
+        same_first = float(np.mean([bool(x) and bool(y) and x[0] == y[0] for x, y in zip(a, b, strict=True)]))
+        print(f"  KNN candidates, FLOAT16 against FLOAT32: {overlap:.3f} of them the same, the nearest the same in "
+              f"{same_first:.3f} of the queries")
+        result.update({"knn_candidates_overlap": round(overlap, 4), "knn_same_nearest": round(same_first, 4)})
+        for vector_type, service in zip(types, services, strict=True):
+            recall = await labelled_recall(service)
+            print(f"  labelled set (retrieval tests), recall@4 [{vector_type}]: {recall:.3f}")
+            result[f"{vector_type.lower()}_labelled_recall_at_4"] = round(recall, 4)
+        saved = 1 - memories["FLOAT16"]["per_chunk_bytes"] / memories["FLOAT32"]["per_chunk_bytes"]
+        print(f"  memory per chunk: FLOAT32 {memories['FLOAT32']['per_chunk_bytes']:.0f} B, FLOAT16 "
+              f"{memories['FLOAT16']['per_chunk_bytes']:.0f} B ({saved:.1%} less)")
+    for client in clients:
+        await client.aclose()
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
@@ -257,22 +456,29 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="30k chunks, 10k in the target tenant, 100 queries")
+    parser.add_argument("--vector-type", choices=sorted(VECTOR_TYPES), default=DEFAULT_VECTOR_TYPE)
+    parser.add_argument("--compare-types", action="store_true",
+                        help="two Valkeys, FLOAT32 and FLOAT16, the same chunks and queries (recall and memory)")
+    parser.add_argument("--per-trip", type=int, default=16, help="fill: documents (4 chunks each) per transaction")
+    parser.add_argument("--writers", type=int, default=2, help="fill: transactions in flight at once")
     args = parser.parse_args()
     if args.quick:
         args.total, args.target, args.embed_chunks, args.queries = 30_000, 10_000, 400, 100
     if not 0 < args.embed_chunks < args.target < args.total:
         parser.error("need 0 < --embed-chunks < --target < --total")
 
+    load_start = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {load_start:.1f}")
     with tempfile.TemporaryDirectory(prefix="banyan-bench-") as tmp:
         children = Children(Path(tmp) / "logs")
         try:
-            redis_url = start_search_valkey(children)
-            result = asyncio.run(run(args, redis_url))
+            urls = [start_search_valkey(children) for _ in range(2 if args.compare_types else 1)]
+            result = asyncio.run(run(args, urls))
         finally:
             children.stop_all()
             print("Valkey stopped")
+    result["load_average_start"] = round(load_start, 2)
     print("RESULT " + json.dumps(result))
     return 0
 

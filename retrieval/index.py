@@ -3,7 +3,8 @@
 Layout (``<p>`` is the key prefix, ``banyan`` by default)::
 
     <p>:chunk:<tenant>:<document>:<n>  HASH  one chunk: tenant, collection, document_id, chunk, title,
-                                             text, timestamp (epoch seconds), embedding (float32 bytes)
+                                             text, timestamp (epoch seconds), embedding (the vector's
+                                             little-endian bytes in the index's vector type)
     <p>:doc:<tenant>:<document>        HASH  the document record: title, timestamp, collection, chunks,
                                              created, metadata (JSON)
     <p>:docs:<tenant>                  ZSET  document ids scored by creation time, for listing (and counting)
@@ -12,6 +13,14 @@ Layout (``<p>`` is the key prefix, ``banyan`` by default)::
 
 The search index covers ``<p>:chunk:`` hashes: ``embedding`` VECTOR (HNSW, cosine), ``title`` and
 ``text`` TEXT (BM25), ``tenant`` and ``collection`` TAG, ``timestamp`` NUMERIC.
+
+Vector type: ``FLOAT16`` (the default) or ``FLOAT32`` (:data:`VECTOR_TYPES`), for the index and the stored
+``embedding`` bytes alike (and the KNN query's blob). Vectors are most of what a chunk costs in memory (the hash
+holds one copy, the HNSW index another); at half precision they take half as much and recall is unchanged for
+unit-length MiniLM vectors (BENCHMARKS.md, "At 1M chunks"). A hash whose bytes do not fit the index's type is not
+indexed at all (the search module counts an indexing failure and the chunk cannot be found by any query), so an
+index created with the other type is refused at start (:meth:`ChunkIndex.ensure` raises :class:`IndexMismatch`)
+rather than written to or read wrongly.
 
 The statistics are kept in the same transactions as the chunks, because the search module cannot
 give them cheaply; so a crash leaves them true (a transaction applies whole or not at all) and a deletion
@@ -43,13 +52,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
-from retrieval.errors import InvalidQuery, QuotaExceeded, WriteRefused
+from retrieval.errors import InvalidQuery, QuotaExceeded, RetrievalUnavailable, WriteRefused
 
 # The search module's default English stop words, set explicitly so the index and the query
 # builder agree: a text clause made only of stop words would match every chunk of the tenant.
@@ -66,6 +75,30 @@ _DOCUMENT_RE = re.compile(r"^doc_[0-9a-f]{24}$")
 _SEPARATORS = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
 _ESCAPE_RE = re.compile(r"([^A-Za-z0-9\u0080-\U0010ffff])")
 _RETURNED = ("document_id", "chunk", "title", "text", "timestamp", "collection", "embedding")
+
+VectorType = Literal["FLOAT16", "FLOAT32"]
+VECTOR_TYPES: dict[str, np.dtype[Any]] = {"FLOAT16": np.dtype("<f2"), "FLOAT32": np.dtype("<f4")}
+"""The search module's vector types this index may use, and how their vectors are stored (little-endian)."""
+DEFAULT_VECTOR_TYPE: VectorType = "FLOAT16"
+assert set(get_args(VectorType)) == set(VECTOR_TYPES)
+
+
+def encode_vector(vector: np.ndarray, vector_type: str) -> bytes:
+    """The bytes of ``vector`` as the index of ``vector_type`` stores and queries them."""
+    return np.asarray(vector, dtype=np.float32).astype(VECTOR_TYPES[vector_type], copy=False).tobytes()
+
+
+def decode_vector(blob: bytes, vector_type: str, dimension: int) -> np.ndarray | None:
+    """A stored vector as float32, or None when ``blob`` is not a vector of ``dimension`` in ``vector_type``."""
+    dtype = VECTOR_TYPES[vector_type]
+    if len(blob) != dimension * dtype.itemsize:
+        return None
+    return np.frombuffer(blob, dtype=dtype).astype(np.float32)
+
+
+class IndexMismatch(RetrievalUnavailable):
+    """The search index in Redis was created with another vector type or dimension than this gateway's settings
+    (a start-up error: see :meth:`ChunkIndex.ensure`)."""
 
 
 def escape(value: str) -> str:
@@ -249,12 +282,15 @@ class ChunkIndex:
     """Chunks, document records and the search index, in one Redis."""
 
     def __init__(self, redis: Redis, *, name: str = "banyan-chunks", prefix: str = "banyan", dimension: int = 384,
-                 hnsw: HnswConfig | None = None) -> None:
+                 hnsw: HnswConfig | None = None, vector_type: str = DEFAULT_VECTOR_TYPE) -> None:
+        if vector_type not in VECTOR_TYPES:
+            raise ValueError(f"vector type must be one of {sorted(VECTOR_TYPES)}, not {vector_type!r}")
         self._redis = redis
         self.name = name
         self.prefix = prefix
         self.dimension = dimension
         self.hnsw = hnsw or HnswConfig()
+        self.vector_type = vector_type
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -280,16 +316,47 @@ class ChunkIndex:
         return self.name in {_text(n) for n in names}
 
     async def ensure(self) -> bool:
-        """Create the search index if it is absent; True when this call created it."""
+        """Create the search index if it is absent; True when this call created it. An index that exists is
+        checked: one of another vector type or dimension raises :class:`IndexMismatch` (nothing is changed)."""
         if await self.exists():
+            await self.check()
             return False
         try:
             await self._redis.execute_command("FT.CREATE", *self._schema())
         except ResponseError:
             if await self.exists():  # another gateway replica created it first
+                await self.check()
                 return False
             raise
         return True
+
+    async def vector_field(self) -> tuple[str, int]:
+        """The vector type and dimension of the ``embedding`` field of the index in Redis (``FT.INFO``)."""
+        info = _as_map(await self._redis.execute_command("FT.INFO", self.name))
+        for attribute in _get(info, "attributes") or []:
+            fields = _as_map(attribute)
+            if _text(_get(fields, "identifier")) == "embedding":
+                return _text(_get(fields, "data_type")).upper(), int(_get(fields, "dim"))
+        raise IndexMismatch(f"The search index {self.name!r} has no `embedding` vector field.")
+
+    async def check(self) -> None:
+        """Raise :class:`IndexMismatch` unless the index in Redis stores vectors as this index would write them.
+
+        Refused rather than migrated: gateway replicas share the index, and one still running with the other
+        setting would go on writing vectors the new index cannot hold (each such chunk silently unfindable);
+        re-encoding every chunk also takes minutes at a million chunks, too long for a start-up. Whoever changes
+        the setting recreates the index on purpose (``FT.DROPINDEX`` keeps the chunks; their vectors must then be
+        re-encoded, or the documents added again)."""
+        vector_type, dimension = await self.vector_field()
+        if vector_type != self.vector_type:
+            raise IndexMismatch(
+                f"The search index {self.name!r} stores {vector_type} vectors, but BANYAN_RETRIEVAL_VECTOR_TYPE is "
+                f"{self.vector_type}: set BANYAN_RETRIEVAL_VECTOR_TYPE={vector_type} to use this index, or recreate "
+                "it (another BANYAN_RETRIEVAL_INDEX, or drop it and add the documents again).")
+        if dimension != self.dimension:
+            raise IndexMismatch(
+                f"The search index {self.name!r} holds vectors of dimension {dimension}, but the embedder's are "
+                f"{self.dimension}: use the index's embedder, or another BANYAN_RETRIEVAL_INDEX.")
 
     def _schema(self) -> list[str | int | float]:
         h = self.hnsw
@@ -302,7 +369,7 @@ class ChunkIndex:
             "title", "TEXT", "WEIGHT", 2.0,
             "text", "TEXT",
             "timestamp", "NUMERIC", "SORTABLE",
-            "embedding", "VECTOR", "HNSW", 12, "TYPE", "FLOAT32", "DIM", self.dimension,
+            "embedding", "VECTOR", "HNSW", 12, "TYPE", self.vector_type, "DIM", self.dimension,
             "DISTANCE_METRIC", "COSINE", "M", h.m, "EF_CONSTRUCTION", h.ef_construction, "EF_RUNTIME", h.ef_runtime,
         ]
 
@@ -320,11 +387,7 @@ class ChunkIndex:
         embedded gets no document after its documents were cleaned up)."""
         tenant = document.tenant
         frequencies = _chunk_frequencies(document.title, (c.text for c in chunks))
-        rows: list[tuple[str, dict[Any, Any]]] = [(self.chunk_key(tenant, document.id, chunk.number), {
-            "tenant": tenant, "collection": document.collection, "document_id": document.id,
-            "chunk": chunk.number, "title": document.title or "", "text": chunk.text,
-            "timestamp": repr(document.timestamp), "embedding": np.asarray(chunk.vector, dtype=np.float32).tobytes(),
-        }) for chunk in chunks]
+        rows = self._rows(document, chunks)
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -340,15 +403,48 @@ class ChunkIndex:
                         quota.check(await self._size(pipe, tenant), adding_chunks=len(chunks))
                     if watched:
                         pipe.multi()
-                    for key, mapping in rows:
-                        pipe.hset(key, mapping=mapping)
-                    pipe.hset(self._doc_key(tenant, document.id), mapping=_encode_document(document))
-                    pipe.zadd(self._list_key(tenant), {document.id: document.created})
+                    self._write(pipe, document, rows)
                     self._count(pipe, tenant, document.collection, len(chunks), frequencies)
                     await pipe.execute()
                     return
                 except WatchError:
                     continue
+
+    async def add_documents(self, documents: Sequence[tuple[DocumentRecord, Sequence[ChunkRecord]]]) -> None:
+        """Write several documents and their chunks in one transaction, without quota or guard (bulk loads): the
+        same keys and statistics as :meth:`add_document` for each, in one round trip; the statistics of the batch
+        are summed per tenant first (one increment per word, not one per word and document)."""
+        counts: dict[tuple[str, str], tuple[int, Counter[str]]] = {}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for document, chunks in documents:
+                self._write(pipe, document, self._rows(document, chunks))
+                chunk_count, frequencies = counts.get((document.tenant, document.collection), (0, Counter()))
+                frequencies.update(_chunk_frequencies(document.title, (c.text for c in chunks)))
+                counts[document.tenant, document.collection] = (chunk_count + len(chunks), frequencies)
+            for tenant in {t for t, _ in counts}:
+                total: Counter[str] = Counter()
+                for (t, collection), (chunk_count, frequencies) in counts.items():
+                    if t == tenant:
+                        pipe.hincrby(self._stats_key(tenant), f"chunks:{collection}", chunk_count)
+                        total.update(frequencies)
+                pipe.hincrby(self._stats_key(tenant), "chunks",
+                             sum(n for (t, _), (n, _f) in counts.items() if t == tenant))
+                for term, count in total.items():
+                    pipe.hincrby(self._df_key(tenant), term, count)
+            await pipe.execute()
+
+    def _rows(self, document: DocumentRecord, chunks: Sequence[ChunkRecord]) -> list[tuple[str, dict[Any, Any]]]:
+        return [(self.chunk_key(document.tenant, document.id, chunk.number), {
+            "tenant": document.tenant, "collection": document.collection, "document_id": document.id,
+            "chunk": chunk.number, "title": document.title or "", "text": chunk.text,
+            "timestamp": repr(document.timestamp), "embedding": encode_vector(chunk.vector, self.vector_type),
+        }) for chunk in chunks]
+
+    def _write(self, pipe: Any, document: DocumentRecord, rows: Sequence[tuple[str, dict[Any, Any]]]) -> None:
+        for key, mapping in rows:
+            pipe.hset(key, mapping=mapping)
+        pipe.hset(self._doc_key(document.tenant, document.id), mapping=_encode_document(document))
+        pipe.zadd(self._list_key(document.tenant), {document.id: document.created})
 
     async def size(self, tenant: str) -> CorpusSize:
         """How many documents and chunks the tenant holds."""
@@ -499,7 +595,7 @@ class ChunkIndex:
                   policy: str | None = None) -> list[Hit]:
         """The ``k`` nearest chunks of the tenant (cosine), nearest first. ``policy`` is the search
         module's hybrid policy for the tenant filter (see :class:`QueryPlan`)."""
-        blob = np.asarray(vector, dtype=np.float32).tobytes()
+        blob = encode_vector(vector, self.vector_type)
         if policy == "ADHOC_BF":  # exact: no HNSW parameters
             knn, params = "KNN $k @embedding $vec HYBRID_POLICY ADHOC_BF", ["PARAMS", 4, "k", k, "vec", blob]
         else:
@@ -521,8 +617,8 @@ class ChunkIndex:
         return [self._hit(key, fields) for key, fields in parse_search_reply(reply)]
 
     def _hit(self, key: str, fields: Mapping[str, bytes]) -> Hit:
-        vector = np.frombuffer(fields.get("embedding", b""), dtype=np.float32)
-        if vector.shape != (self.dimension,):
+        vector = decode_vector(fields.get("embedding", b""), self.vector_type, self.dimension)
+        if vector is None:
             vector = np.zeros(self.dimension, dtype=np.float32)
         title = _text(fields.get("title", b""))
         return Hit(key=key, document_id=_text(fields.get("document_id", b"")), number=int(fields.get("chunk", 0)),
@@ -548,6 +644,14 @@ def parse_search_reply(reply: Any) -> list[tuple[str, dict[str, bytes]]]:
         flat = list(values or [])
         out.append((_text(key), {_text(f): _raw(v) for f, v in zip(flat[0::2], flat[1::2], strict=False)}))
     return out
+
+
+def _as_map(value: Any) -> Mapping[Any, Any]:
+    """A reply that is a map (RESP3, recent redis-py) or a flat ``[name, value, ...]`` list (RESP2) as a map."""
+    if isinstance(value, Mapping):
+        return value
+    items = list(value or [])
+    return dict(zip(items[0::2], items[1::2], strict=False))
 
 
 def _get(mapping: Mapping[Any, Any], name: str) -> Any:

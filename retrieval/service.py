@@ -34,13 +34,16 @@ from retrieval.documents import NewDocument, Passage, SourceDocument, check_coll
 from retrieval.embedding import Embedder
 from retrieval.errors import DocumentNotFound, DocumentTooLarge, InvalidQuery, RetrievalUnavailable
 from retrieval.index import (
+    DEFAULT_VECTOR_TYPE,
     ChunkIndex,
     ChunkRecord,
     CorpusQuota,
     DocumentRecord,
     Hit,
     HnswConfig,
+    IndexMismatch,
     QueryPlan,
+    VectorType,
     WriteGuard,
     passage_terms,
     query_terms,
@@ -93,6 +96,7 @@ class RetrievalConfig:
     ranking: RankingConfig = field(default_factory=RankingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
     plan: QueryPlan = field(default_factory=QueryPlan)
+    vector_type: VectorType = DEFAULT_VECTOR_TYPE
 
     def candidates(self, top_k: int) -> int:
         return min(100, max(self.min_candidates, self.candidates_per_result * top_k))
@@ -296,7 +300,8 @@ class DocumentService:
         """Counts tokens of the base model: the unit of the context budget."""
         self.embedder = embedder
         self.index = ChunkIndex(redis, name=self.config.index_name, prefix=self.config.key_prefix,
-                                dimension=embedder.dimension, hnsw=self.config.hnsw)
+                                dimension=embedder.dimension, hnsw=self.config.hnsw,
+                                vector_type=self.config.vector_type)
         self._observer: Observer = observer or _NoObserver()
         self._index_ready = False
         self._index_lock = asyncio.Lock()
@@ -308,6 +313,8 @@ class DocumentService:
         await self.embedding.embed("", ["warm-up"], query=True)
         try:
             await self.ensure_index()
+        except IndexMismatch:  # a setting that does not fit the index: refuse to start (its message says which)
+            raise
         except Exception as e:  # start-up must not fail on a Redis blip; the next call retries
             log.warning("could not create the search index at start-up: %s", type(e).__name__)
 
