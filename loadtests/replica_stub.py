@@ -85,7 +85,8 @@ class Replica:
         await asyncio.sleep(model_s * self.model.time_scale)
 
     async def complete(self, adapter: str | None) -> dict[str, float]:
-        """Serve one request; returns its timings in model seconds (wait, load, service)."""
+        """Serve one request; returns its timings in model seconds (wait, load, service), and ``cold`` 1.0 when
+        this request started a cold load of its adapter (0.0 otherwise)."""
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         if self._waiting or not self._admissible(adapter):
@@ -105,16 +106,16 @@ class Replica:
             in_slot = self._enter(adapter)
         waited = (loop.time() - arrived) / self.model.time_scale
         self.counters.requests += 1
-        load = 0.0
+        load, cold = 0.0, False
         try:
             if adapter is not None:
-                load = await self._load(adapter, in_slot=in_slot)
+                load, cold = await self._load(adapter, in_slot=in_slot)
             service = self.model.service_s(self.running)
             await self._sleep(service)
         finally:
             self._leave(adapter)
         self.counters.busy_s += load + service
-        return {"wait_s": waited, "load_s": load, "service_s": service}
+        return {"wait_s": waited, "load_s": load, "service_s": service, "cold": 1.0 if cold else 0.0}
 
     def _enter(self, adapter: str | None) -> bool:
         """Take a batch place and the adapter's GPU slot; whether the adapter already had a slot."""
@@ -146,31 +147,32 @@ class Replica:
             if self.running >= self.model.max_running:
                 return
 
-    async def _load(self, adapter: str, *, in_slot: bool) -> float:
-        """Make the adapter usable in its slot (load it when not resident, swap it in when resident)."""
+    async def _load(self, adapter: str, *, in_slot: bool) -> tuple[float, bool]:
+        """Make the adapter usable in its slot (load it when not resident, swap it in when resident); the cost,
+        and whether this request started a cold load."""
         if in_slot:
             pending = self._loading.get(adapter)
             if pending is not None:  # its load is under way for another request: wait for it
                 await asyncio.shield(pending)
-                return self.model.cold_load_s
+                return self.model.cold_load_s, False
             if adapter in self.resident:
                 self.resident.move_to_end(adapter)
-            return 0.0
-        cost = await self._make_resident(adapter)
+            return 0.0, False
+        cost, cold = await self._make_resident(adapter)
         if cost == 0.0:
             self.counters.swaps += 1
             cost = self.model.swap_s
             await self._sleep(cost)
-        return cost
+        return cost, cold
 
-    async def _make_resident(self, adapter: str) -> float:
+    async def _make_resident(self, adapter: str) -> tuple[float, bool]:
         if adapter in self.resident:
             self.resident.move_to_end(adapter)
-            return 0.0
+            return 0.0, False
         pending = self._loading.get(adapter)
         if pending is not None:  # another request is loading it: wait for the same load
             await asyncio.shield(pending)
-            return self.model.cold_load_s
+            return self.model.cold_load_s, False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loading[adapter] = future
         self.counters.cold_loads += 1
@@ -182,7 +184,7 @@ class Replica:
         finally:
             del self._loading[adapter]
             future.set_result(None)
-        return self.model.cold_load_s
+        return self.model.cold_load_s, True
 
     def unload(self, adapter: str) -> bool:
         """Drop an adapter from CPU memory (a request running with it keeps its slot); whether it was held."""

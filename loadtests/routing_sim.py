@@ -133,6 +133,12 @@ class RunResult:
     """Of the queueing time: adapter loads and swaps (mean, model seconds); the rest is the gateway and HTTP."""
     errors: int
     wall_s: float
+    placements: dict[str, int]
+    """Measured requests by where ``choose`` placed them (``resident``, ``home``, ``spill``)."""
+    cold_by_placement: dict[str, int]
+    """Cold loads started by measured requests, by their placement: ``resident`` ones mean the pool's view of a
+    replica was stale (the replica had evicted the adapter), ``home`` ones are capacity misses (and first uses),
+    ``spill`` ones are copies made because the holders and the home were over the load bound."""
 
 
 class Zipf:
@@ -165,6 +171,17 @@ async def run_one(policy: str, config: RunConfig, model: ReplicaModel) -> RunRes
     errors = 0
     parts = [0.0, 0.0]  # model seconds summed over measured requests: waiting for a batch slot, loading
     measuring = False
+    placed: dict[asyncio.Task[Any] | None, str] = {}
+    placements: dict[str, int] = {}
+    cold_by: dict[str, int] = {}
+    choose = pool.choose
+
+    def recording_choose(engine_model: str, *, is_adapter: bool) -> tuple[Replica, str]:
+        replica, placement = choose(engine_model, is_adapter=is_adapter)
+        placed[asyncio.current_task()] = placement  # lease() runs choose in the request's own task
+        return replica, placement
+
+    pool.choose = recording_choose  # type: ignore[method-assign]
 
     async def one(name: str, counted: bool) -> None:
         nonlocal errors
@@ -180,9 +197,15 @@ async def run_one(policy: str, config: RunConfig, model: ReplicaModel) -> RunRes
                 queue_s.append((loop.time() - started) / scale - float(timings["service_s"]))
                 parts[0] += float(timings["wait_s"])
                 parts[1] += float(timings["load_s"])
+                placement = placed.get(asyncio.current_task(), "?")
+                placements[placement] = placements.get(placement, 0) + 1
+                if timings.get("cold"):
+                    cold_by[placement] = cold_by.get(placement, 0) + 1
         except (httpx.HTTPError, KeyError, ValueError):
             if counted:
                 errors += 1
+        finally:
+            placed.pop(asyncio.current_task(), None)
 
     async def check_forever() -> None:
         while True:
@@ -241,7 +264,8 @@ async def run_one(policy: str, config: RunConfig, model: ReplicaModel) -> RunRes
         inst_max_over_mean=round(sum(inst) / len(inst), 3) if inst else float("nan"),
         queue_p50_s=round(percentile(queue_s, 50), 3), queue_p99_s=round(percentile(queue_s, 99), 3),
         mean_wait_s=round(parts[0] / max(1, len(queue_s)), 3), mean_load_s=round(parts[1] / max(1, len(queue_s)), 3),
-        errors=errors, wall_s=round(time.perf_counter() - wall, 1))
+        errors=errors, wall_s=round(time.perf_counter() - wall, 1), placements=dict(sorted(placements.items())),
+        cold_by_placement=dict(sorted(cold_by.items())))
 
 
 def _totals(servers: list[ReplicaServer]) -> tuple[int, int, int]:
@@ -283,6 +307,10 @@ def _table(results: list[RunResult]) -> str:
         lines.append(f"{r.replicas:>8} {r.policy:<16} {r.requests:>8} {r.cold_per_1000:>8.1f} "
                      f"{r.swaps_per_1000:>8.1f} {r.imbalance:>9.3f} {r.inst_max_over_mean:>6.2f} "
                      f"{r.queue_p50_s:>9.3f} {r.queue_p99_s:>9.3f} {r.errors:>6}")
+    lines.append("placements of measured requests, and the cold loads they started, by placement:")
+    for r in results:
+        lines.append(f"{r.replicas:>8} {r.policy:<16} placed {json.dumps(r.placements)} cold "
+                     f"{json.dumps(r.cold_by_placement)}")
     return "\n".join(lines)
 
 

@@ -15,17 +15,18 @@ FAST = 0.001  # real seconds per model second
 async def test_a_cold_load_is_counted_once_and_a_resident_adapter_is_warm() -> None:
     replica = Replica(model=ReplicaModel(cold_load_s=0.5, swap_s=0.02, time_scale=FAST))
     first = await replica.complete("banyan.t.a.v1.x")
-    assert first["load_s"] == 0.5 and replica.counters.cold_loads == 1
+    assert first["load_s"] == 0.5 and first["cold"] == 1.0 and replica.counters.cold_loads == 1
     second = await replica.complete("banyan.t.a.v1.x")
-    assert second["load_s"] == 0.0 and replica.counters.cold_loads == 1
+    assert second["load_s"] == 0.0 and second["cold"] == 0.0 and replica.counters.cold_loads == 1
     await replica.complete(None)  # the base model needs no adapter
     assert replica.counters.cold_loads == 1 and replica.counters.requests == 3
 
 
 async def test_concurrent_requests_for_a_cold_adapter_share_one_load() -> None:
     replica = Replica(model=ReplicaModel(time_scale=FAST))
-    await asyncio.gather(*(replica.complete("banyan.t.a.v1.x") for _ in range(5)))
+    timings = await asyncio.gather(*(replica.complete("banyan.t.a.v1.x") for _ in range(5)))
     assert replica.counters.cold_loads == 1
+    assert sorted(t["cold"] for t in timings) == [0.0, 0.0, 0.0, 0.0, 1.0]  # the one that loaded it is marked
 
 
 async def test_residency_is_an_lru_bounded_by_max_resident() -> None:
