@@ -109,7 +109,8 @@ def _served_bases(settings: Settings, *, metrics: Metrics,
         engines = default_engines if i == 0 and default_engines is not None else EnginePool(
             base.engine_urls, api_key=engine_key, connect_timeout=settings.engine_connect_timeout_s,
             read_timeout=settings.engine_read_timeout_s, max_connections=settings.engine_max_connections,
-            max_resident=settings.engine_resident_adapters, metrics=metrics)
+            max_resident=settings.engine_resident_adapters, metrics=metrics,
+            http=settings.engine_http)
         bases[base.id] = ServedBase(id=base.id, spec=BaseModelSpec.from_path(base.config) if base.config else None,
                                     engines=engines, tokens=base_model_tokens(settings, base))
     return bases

@@ -12,7 +12,7 @@ is learned from the replicas (``GET /v1/models`` on each health check) and from 
 Residency is bounded per replica: when a replica holds more adapters than ``max_resident``, the
 gateway unloads the least recently used ones that have no request in flight through it
 (``/v1/unload_lora_adapter``), which also lets the replica's resolver free their disk space.
-Connections are pooled per replica (one ``httpx.AsyncClient`` each).
+Connections are pooled per replica (one ``httpx.AsyncClient`` each, on aiohttp's pool: :mod:`gateway.engine_http`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from adapters.naming import ENGINE_NAME_PREFIX
+from gateway.engine_http import AiohttpTransport
 from gateway.errors import EngineUnavailable
 from gateway.metrics import Metrics
 
@@ -64,17 +65,26 @@ class EnginePool:
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
                  max_resident: int = 64, spill_ratio: float = 1.1, spill_margin: float = 1.0,
-                 metrics: Metrics | None = None,
+                 metrics: Metrics | None = None, http: str = "aiohttp",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``http``: the connection pool under each replica's client, ``aiohttp`` (:mod:`gateway.engine_http`) or
+        ``httpx`` (its own); ``transport``, when given, replaces both (the unit tests' fake engine)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         # Idle connections are dropped before the engine's own 5 s keep-alive ends, so a request never
         # goes out on a connection the engine is closing.
+        keepalive_s = 3.0
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                              keepalive_expiry=3.0)
+                              keepalive_expiry=keepalive_s)
+
+        def pool() -> httpx.AsyncBaseTransport | None:
+            if transport is not None or http == "httpx":
+                return transport
+            return AiohttpTransport(max_connections=max_connections, keepalive_expiry=keepalive_s)
+
         self.replicas = [
             Replica(url=u.rstrip("/"), client=httpx.AsyncClient(
-                base_url=u.rstrip("/"), headers=headers, timeout=timeout, limits=limits, transport=transport))
+                base_url=u.rstrip("/"), headers=headers, timeout=timeout, limits=limits, transport=pool()))
             for u in urls
         ]
         self._saturation = saturation

@@ -201,6 +201,9 @@ class Settings(S3Settings):
     engine_connect_timeout_s: float = 5.0
     engine_read_timeout_s: float = 600.0
     engine_max_connections: int = Field(default=512, ge=1)
+    engine_http: Literal["aiohttp", "httpx"] = "aiohttp"
+    """The connection pool the gateway reaches its replicas through: ``aiohttp`` (constant-time pooling, C parser)
+    or ``httpx``'s own (walks every pooled connection per request: several times the CPU at high concurrency)."""
     body_read_timeout_s: float = Field(default=60.0, gt=0)
     """A request body must have arrived this long after the request began (408 otherwise: a slow-loris body)."""
     max_concurrent_connections: int = Field(default=2048, ge=1)

@@ -1,0 +1,109 @@
+"""The engine pool's HTTP transport: httpx's client API on aiohttp's connection pool.
+
+The gateway speaks to its replicas through ``httpx.AsyncClient`` (its request and response types are the seam the
+unit tests fake with ``httpx.MockTransport``), but httpx's own pool (httpcore) is slow in front of a busy engine:
+to place each request it walks every pooled connection and asks the socket whether it is readable (a ``select``
+per idle connection), which took about a fifth of the gateway's event-loop time at 64 requests in flight
+(``BENCHMARKS.md``, "The gateway's own cost"). aiohttp's pool hands out an idle connection in constant time and
+parses responses in C. :class:`AiohttpTransport` carries each httpx request over it: the request's headers and
+body as they are, its timeouts (connect, and read between chunks), the response streamed back unread (a stream
+relays as before; closing an unfinished response closes its connection, so the engine drops the request), and
+aiohttp's errors raised as the httpx errors the gateway already handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
+from yarl import URL
+
+
+def _timeout(request: httpx.Request) -> aiohttp.ClientTimeout:
+    timeout: dict[str, Any] = request.extensions.get("timeout") or {}
+    connect, read = timeout.get("connect"), timeout.get("read")
+    pool = timeout.get("pool")
+    return aiohttp.ClientTimeout(total=None, connect=pool, sock_connect=connect, sock_read=read)
+
+
+def _translate(e: BaseException, request: httpx.Request, *, connected: bool) -> httpx.TransportError:
+    """aiohttp's error as the httpx error of the same meaning (what :mod:`gateway.engine` turns into a 503)."""
+    message = f"{type(e).__name__}: {e}"
+    error: httpx.TransportError
+    if isinstance(e, aiohttp.SocketTimeoutError):  # no byte within the read timeout (headers or body)
+        error = httpx.ReadTimeout(message, request=request)
+    elif isinstance(e, TimeoutError):
+        error = httpx.ReadTimeout(message, request=request) if connected else httpx.ConnectTimeout(message,
+                                                                                                  request=request)
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        error = httpx.ConnectError(message, request=request)
+    elif isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        error = httpx.RemoteProtocolError(message, request=request)
+    elif not connected:
+        error = httpx.ConnectError(message, request=request)
+    else:
+        error = httpx.ReadError(message, request=request)
+    return error
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """An aiohttp response's body, chunk by chunk as it arrives; closed early, its connection is closed too."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _translate(e, self._request, connected=True) from e
+
+    async def aclose(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # read to the end: the connection goes back to the pool
+        else:
+            self._response.close()  # cut short: drop the connection, which ends the engine's work on it
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport on one aiohttp session: at most ``max_connections`` connections, idle ones dropped after
+    ``keepalive_expiry`` seconds (before the engine's own keep-alive ends)."""
+
+    def __init__(self, *, max_connections: int = 512, keepalive_expiry: float = 3.0) -> None:
+        self._max_connections = max_connections
+        self._keepalive_expiry = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The session, made on first use: aiohttp binds it to the running event loop."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0,
+                                             keepalive_timeout=self._keepalive_expiry)
+            # httpx decodes a compressed body itself (from the headers), as it does over its own pool.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
+                                                  skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._open_session()
+        body = await request.aread()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                   if k.lower() != b"host"]
+        try:
+            response = await session.request(request.method, URL(str(request.url), encoded=True), data=body or None,
+                                             headers=headers, timeout=_timeout(request), allow_redirects=False,
+                                             compress=None, auto_decompress=False)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _translate(e, request, connected=False) from e
+        return httpx.Response(status_code=response.status, headers=list(response.raw_headers),
+                              stream=_ResponseStream(response, request), extensions={"http_version": b"HTTP/1.1"})
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
