@@ -19,7 +19,7 @@ start ``<t>`` (unix seconds),
 - ``banyan:usage:<width>:<t>:tenants`` SET of the tenants with usage in that bucket (the cross-tenant view).
 
 Each of them expires a retention period after its bucket ends (``EXPIREAT``): older buckets read as empty. The
-buckets are written by one script in the request's single pipeline: recording stays one round trip.
+totals and the buckets are written by one script (``EVALSHA``): recording is one command and one round trip.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 
@@ -40,10 +40,11 @@ WIDTH_S: dict[BucketWidth, int] = {"1h": 3600, "1d": 86400}
 """Bucket widths in seconds; buckets start at multiples of them (UTC hours and days: unix time has no leap
 seconds)."""
 
-# Count one request in its hour and day buckets, its user named unless the bucket already names as many users as
-# the cap allows. KEYS: hour hash, hour users, day hash, day users, hour tenants, day tenants. ARGV: tenant, model,
-# user ('' for none), prompt tokens, completion tokens, cap, hour keys' expiry, day keys' expiry (unix s).
-_RECORD_BUCKETS = """
+# Count one request in the tenant's totals (all models and per model) and in its hour and day buckets, its user
+# named unless the bucket already names as many users as the cap allows. KEYS: hour hash, hour users, day hash, day
+# users, hour tenants, day tenants, totals, per-model totals. ARGV: tenant, model, user ('' for none), prompt tokens,
+# completion tokens, cap, hour keys' expiry, day keys' expiry (unix s).
+_RECORD = """
 local function count(hash, users, expire_at)
   local user = ARGV[3]
   if user ~= '' and redis.call('SISMEMBER', users, user) == 0 then
@@ -66,6 +67,12 @@ redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('EXPIREAT', KEYS[5], ARGV[7])
 redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('EXPIREAT', KEYS[6], ARGV[8])
+redis.call('HINCRBY', KEYS[7], 'requests', 1)
+redis.call('HINCRBY', KEYS[7], 'prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[7], 'completion_tokens', ARGV[5])
+redis.call('HINCRBY', KEYS[8], ARGV[2] .. '|requests', 1)
+redis.call('HINCRBY', KEYS[8], ARGV[2] .. '|prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[8], ARGV[2] .. '|completion_tokens', ARGV[5])
 return 1
 """
 
@@ -154,28 +161,23 @@ class UsageStore:
         self._retention_s: dict[BucketWidth, int] = {"1h": hourly_retention_s, "1d": daily_retention_s}
         self._max_users = max_users_per_bucket
         self._clock = clock
+        self._record: Any = redis.register_script(_RECORD)
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
                      user: str | None = None) -> None:
-        """Count one request in the totals and in its time buckets (with its ``user``), in one round trip."""
+        """Count one request in the totals and in its time buckets (with its ``user``): one script, one round trip
+        (a Redis that lost its scripts, after a restart, is sent the script's text again)."""
         totals, per_model = f"banyan:usage:{tenant}", f"banyan:usage:{tenant}:models"
         now = self._clock()
         hour, day = bucket_start(now, "1h"), bucket_start(now, "1d")
         hour_expiry = hour + WIDTH_S["1h"] + self._retention_s["1h"]
         day_expiry = day + WIDTH_S["1d"] + self._retention_s["1d"]
         hour_key, day_key = _bucket_key(tenant, "1h", hour), _bucket_key(tenant, "1d", day)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            # EVAL, not EVALSHA: a pipeline never meets NOSCRIPT (after a restart) and Redis compiles it once.
-            pipe.eval(_RECORD_BUCKETS, 6, hour_key, f"{hour_key}:users", day_key, f"{day_key}:users",
-                      _tenants_key("1h", hour), _tenants_key("1d", day), tenant, model, user or "", prompt_tokens,
-                      completion_tokens, self._max_users, hour_expiry, day_expiry)
-            pipe.hincrby(totals, "requests", 1)
-            pipe.hincrby(totals, "prompt_tokens", prompt_tokens)
-            pipe.hincrby(totals, "completion_tokens", completion_tokens)
-            pipe.hincrby(per_model, f"{model}|requests", 1)
-            pipe.hincrby(per_model, f"{model}|prompt_tokens", prompt_tokens)
-            pipe.hincrby(per_model, f"{model}|completion_tokens", completion_tokens)
-            await pipe.execute()
+        await self._record(
+            keys=[hour_key, f"{hour_key}:users", day_key, f"{day_key}:users", _tenants_key("1h", hour),
+                  _tenants_key("1d", day), totals, per_model],
+            args=[tenant, model, user or "", prompt_tokens, completion_tokens, self._max_users, hour_expiry,
+                  day_expiry])
 
     async def get(self, tenant: str) -> TenantUsage:
         raw_total = await self._redis.hgetall(f"banyan:usage:{tenant}")

@@ -19,6 +19,12 @@ from gateway.openai_api.serving import CompletionService, client_disconnected, g
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+def _body_bytes(http: Request) -> int | None:
+    """The body's declared size (the middleware has held the body to it), if it declared one."""
+    declared = http.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
 @router.get("/models", response_model=ModelList)
 async def models(state: StateDep, tenant: TenantDep) -> ModelList:
     return await list_models(state, tenant)
@@ -32,13 +38,15 @@ async def model(model_id: str, state: StateDep, tenant: TenantDep) -> ModelCard:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: StateDep, tenant: TenantDep) -> Response:
     return await CompletionService(state).handle(tenant=tenant, request=body,
-                                                 disconnected=client_disconnected(http.receive))
+                                                 disconnected=client_disconnected(http.receive),
+                                                 body_bytes=_body_bytes(http))
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, http: Request, state: StateDep, tenant: TenantDep) -> Response:
     return await CompletionService(state).handle(tenant=tenant, request=body,
-                                                 disconnected=client_disconnected(http.receive))
+                                                 disconnected=client_disconnected(http.receive),
+                                                 body_bytes=_body_bytes(http))
 
 
 @router.post("/embeddings")
