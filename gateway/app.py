@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from adapters.basemodel import BaseModelSpec
 from adapters.imports import ImportRunner, ImportStore
@@ -61,13 +61,22 @@ def build_embedder(settings: Settings) -> Embedder:
                         threads=settings.embedder_threads)
 
 
+def redis_client(settings: Settings) -> Redis:
+    """The gateway's Redis client. Its pool is bounded and blocking: with every connection busy (a burst of requests
+    each starting or settling), a command waits for one instead of failing (redis-py's default pool raises
+    ``MaxConnectionsError`` past 100 connections: a 503 for the request)."""
+    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
+                                           timeout=settings.redis_pool_timeout_s, socket_timeout=5.0,
+                                           socket_connect_timeout=5.0, health_check_interval=30)
+    return Redis.from_pool(pool)  # closing the client closes its pool
+
+
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,
                 engines: EnginePool | None = None, metrics: Metrics | None = None,
                 embedder: Embedder | None = None) -> AppState:
     """``engines``, when given, serves the default base model (the others get pools of their own)."""
     metrics = metrics or Metrics()
-    redis = redis if redis is not None else Redis.from_url(settings.redis_url, socket_timeout=5.0,
-                                                         socket_connect_timeout=5.0, health_check_interval=30)
+    redis = redis if redis is not None else redis_client(settings)
     bases = _served_bases(settings, metrics=metrics, default_engines=engines)
     default = next(iter(bases.values()))
     tokens = default.tokens

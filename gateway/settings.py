@@ -79,6 +79,10 @@ class Settings(S3Settings):
     admin_key: SecretStr = SecretStr("")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = Field(default=512, ge=8)
+    """Connections to Redis one gateway opens at most; a command that finds them all busy waits for one (up to
+    ``redis_pool_timeout_s``, then 503) rather than failing at once."""
+    redis_pool_timeout_s: float = Field(default=5.0, gt=0)
 
     engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8100"])
     """Comma-separated base URLs of the vLLM OpenAI servers (``http://host:port``)."""

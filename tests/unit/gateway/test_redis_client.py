@@ -1,0 +1,27 @@
+"""The gateway's Redis client: a burst of commands beyond its pool waits for a connection instead of failing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import BlockingConnectionPool
+
+from gateway.app import redis_client
+from gateway.settings import Settings
+
+
+async def test_a_burst_beyond_the_pool_waits_for_connections_and_all_of_it_succeeds(valkey_url: str) -> None:
+    client = redis_client(Settings(mode="dev", redis_url=valkey_url, redis_max_connections=8,
+                                   redis_pool_timeout_s=10))
+    try:
+        assert isinstance(client.connection_pool, BlockingConnectionPool)
+        # 40 commands that each hold a connection for 50 ms, 8 connections: five waves, none refused.
+        results = await asyncio.gather(*(client.eval("redis.call('INCR', KEYS[1]); return 1", 1, "burst")
+                                         for _ in range(40)),
+                                       *(client.blpop(["nothing-here"], timeout=0.05) for _ in range(40)))
+        assert results[:40] == [1] * 40
+        assert await client.get("burst") == b"40"
+        pool = client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 8
+    finally:
+        await client.aclose()
