@@ -20,6 +20,10 @@ A traffic split (a canary) sends ``percent`` % of an adapter's requests to anoth
 and cleared in the same atomic step as ``active`` (activating without a canary, or an upload activated, ends
 it), read with the active version in one round trip (:meth:`AdapterRegistry.serving`), and ends by itself when
 its version is gone (a split whose version is not recorded is never read).
+
+Every write that can change what :meth:`AdapterRegistry.serving` answers announces it on :data:`CHANGES_CHANNEL`
+(``adapter <tenant>:<name>``, ``adapters <tenant>``) in the same atomic step, so that gateways caching it drop
+their copy (:mod:`gateway.invalidation`); whoever writes (a gateway, the training worker) announces.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ from adapters.layout import UploadRecords
 from adapters.naming import AdapterRef
 
 _PENDING = "banyan:uploads:pending"
+
+CHANGES_CHANNEL = "banyan:invalidate"
+"""The pub/sub channel committed changes are announced on (the message format: :class:`gateway.invalidation.Change`)."""
+
+# Announce a change of the adapter whose hash is KEYS[1] ("banyan:adapter:<tenant>:<name>" -> "<tenant>:<name>").
+_ANNOUNCE = (f"redis.call('PUBLISH', '{CHANGES_CHANNEL}', "
+             f"'adapter ' .. string.sub(KEYS[1], {len('banyan:adapter:') + 1}))")
 
 
 def _pending_member(ref: AdapterRef) -> str:
@@ -175,7 +186,7 @@ return {meta, canary, tostring(split['percent'])}
 """
 
 # Record a version if the fence holds (KEYS[3]; ARGV[5] = number of fields, then field/value pairs).
-_RECORD = """
+_RECORD = f"""
 local n = tonumber(ARGV[5])
 for i = 0, n - 1 do
   if (redis.call('HGET', KEYS[3], ARGV[6 + 2 * i]) or '') ~= ARGV[7 + 2 * i] then return 0 end
@@ -186,12 +197,13 @@ if ARGV[3] == '1' then
   redis.call('HDEL', KEYS[1], 'canary')
 else redis.call('HSETNX', KEYS[1], 'active', 0) end
 redis.call('SADD', KEYS[2], ARGV[4])
+{_ANNOUNCE}
 return 1
 """
 
 # Make version ARGV[1] active and set the split (ARGV[2]: its JSON, '' for none) if the versions exist: the
 # adapter's hash afterwards, or the number of the version that does not exist.
-_ACTIVATE = """
+_ACTIVATE = f"""
 if redis.call('HEXISTS', KEYS[1], 'v' .. ARGV[1]) == 0 then return tonumber(ARGV[1]) end
 if ARGV[2] ~= '' then
   local canary = cjson.decode(ARGV[2])['version']
@@ -201,14 +213,15 @@ else
   redis.call('HSET', KEYS[1], 'active', ARGV[1])
   redis.call('HDEL', KEYS[1], 'canary')
 end
+{_ANNOUNCE}
 return redis.call('HGETALL', KEYS[1])
 """
 
 # Remove every version of an adapter but keep its counter; mark each removed upload pending (score 0: the
 # next sweep removes its files unless the deleter does first). The metadata of the removed versions.
-_DELETE = """
+_DELETE = f"""
 local all = redis.call('HGETALL', KEYS[1])
-local removed = {}
+local removed = {{}}
 for i = 1, #all, 2 do
   local f = all[i]
   if f ~= 'next' then
@@ -221,6 +234,7 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('SREM', KEYS[2], ARGV[1])
+{_ANNOUNCE}
 return removed
 """
 
@@ -357,5 +371,6 @@ class AdapterRegistry:
             for key in sorted(keys):
                 pipe.delete(key)
             pipe.delete(_names_key(tenant))
+            pipe.publish(CHANGES_CHANNEL, f"adapters {tenant}")
             await pipe.execute()
         return names

@@ -27,8 +27,10 @@ from gateway.engine import EnginePool
 from gateway.fine_tuning.api_router import router as fine_tuning_router
 from gateway.fine_tuning.files import FileStore
 from gateway.fine_tuning.service import refresh_job_gauge
+from gateway.invalidation import Invalidator
 from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, RequestContextMiddleware
+from gateway.model_cache import CachedRegistry, ServingCache
 from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
 from gateway.settings import Settings
@@ -81,15 +83,17 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
     default = next(iter(bases.values()))
     tokens = default.tokens
     store = store if store is not None else S3ObjectStore(s3_config(settings))
+    key_cache = KeyCache(ttl_s=settings.key_cache_ttl_s, max_entries=settings.key_cache_max_entries,
+                         fallback_ttl_s=settings.cache_fallback_ttl_s, observe=metrics.key_cache_result)
+    serving_cache = ServingCache(ttl_s=settings.adapter_cache_ttl_s, max_entries=settings.adapter_cache_max_entries,
+                                 fallback_ttl_s=settings.cache_fallback_ttl_s, observe=metrics.adapter_cache_result)
     return AppState(
         settings=settings,
         redis=redis,
         store=store,
         engines=default.engines,
-        tenants=TenantStore(redis, key_cache=KeyCache(ttl_s=settings.key_cache_ttl_s,
-                                                     max_entries=settings.key_cache_max_entries,
-                                                     observe=metrics.key_cache_result)),
-        adapters=AdapterRegistry(redis),
+        tenants=TenantStore(redis, key_cache=key_cache),
+        adapters=CachedRegistry(AdapterRegistry(redis), serving_cache),
         metrics=metrics,
         quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),
         usage=UsageStore(redis, hourly_retention_s=settings.usage_hourly_retention_s,
@@ -106,6 +110,8 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
                              poll_s=settings.import_poll_s),
         tracing=Tracing.from_settings(settings),
         bases=bases,
+        invalidation=Invalidator(redis, [key_cache, serving_cache], observer=metrics)
+        if settings.cache_invalidation else None,
     )
 
 
@@ -166,6 +172,8 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
         watcher = asyncio.create_task(_watch_engines_forever(app_state))
         job_counter = asyncio.create_task(_count_jobs_forever(app_state))
         importer = asyncio.create_task(resume_imports_forever(app_state))  # unfinished bulk imports nobody runs
+        invalidator = (asyncio.create_task(app_state.invalidation.run_forever())
+                       if app_state.invalidation is not None else None)
         try:
             yield
         finally:
@@ -173,6 +181,8 @@ def create_app(settings: Settings, *, state: AppState | None = None) -> FastAPI:
             watcher.cancel()
             job_counter.cancel()
             importer.cancel()
+            if invalidator is not None:
+                invalidator.cancel()
             if app_state.imports is not None:
                 await app_state.imports.aclose()  # their leases given back: another gateway resumes them at once
             for base in app_state.bases.values():

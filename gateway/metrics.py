@@ -13,6 +13,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PASSAGE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 20)
+CACHE_RESULTS = ("hit", "miss", "evict", "invalidate")
 
 
 class Metrics:
@@ -69,8 +70,19 @@ class Metrics:
         self.adapter_uploads = Counter("banyan_adapter_uploads_total", "Adapter uploads, by result.",
                                        ["result"], registry=r)
         self.key_cache = Counter("banyan_key_cache_total", "API key -> tenant cache of the hot path, by result "
-                                 "(hit, miss, evict).", ["result"], registry=r)
-        self._key_cache_results = {result: self.key_cache.labels(result) for result in ("hit", "miss", "evict")}
+                                 "(hit, miss, evict, invalidate).", ["result"], registry=r)
+        self._key_cache_results = {result: self.key_cache.labels(result) for result in CACHE_RESULTS}
+        self.adapter_cache = Counter("banyan_adapter_cache_total", "Adapter -> active version cache of model "
+                                     "resolution, by result (hit, miss, evict, invalidate).", ["result"], registry=r)
+        self._adapter_cache_results = {result: self.adapter_cache.labels(result) for result in CACHE_RESULTS}
+        self.invalidation_events = Counter("banyan_invalidation_events_total",
+                                           "The cache invalidation subscriber, by event: subscribed, lost (the "
+                                           "subscription failed: caches on the short TTL), a message applied by "
+                                           "kind (key, tenant, adapter, adapters), malformed.", ["event"],
+                                           registry=r)
+        self.invalidation_subscribed_gauge = Gauge("banyan_invalidation_subscribed",
+                                                   "1 while the cache invalidation subscription is live.",
+                                                   registry=r)
         self.retrieval_seconds = Histogram("banyan_retrieval_duration_seconds",
                                            "Retrieval time by stage: embed (the query), search (vector and BM25 "
                                            "queries), rank, ingest_embed and ingest_store (a document).", ["stage"],
@@ -85,6 +97,18 @@ class Metrics:
     def key_cache_result(self, result: str) -> None:
         """The :class:`gateway.tenants.KeyCache`'s observer."""
         self._key_cache_results[result].inc()
+
+    def adapter_cache_result(self, result: str) -> None:
+        """The :class:`gateway.model_cache.ServingCache`'s observer."""
+        self._adapter_cache_results[result].inc()
+
+    # The invalidation subscriber's observer (``gateway.invalidation.InvalidationObserver``).
+
+    def invalidation_event(self, event: str) -> None:
+        self.invalidation_events.labels(event).inc()
+
+    def invalidation_subscribed(self, subscribed: bool) -> None:
+        self.invalidation_subscribed_gauge.set(1 if subscribed else 0)
 
     # The retrieval service's observer (``retrieval.service.Observer``): it reports, this records.
 

@@ -214,11 +214,24 @@ class Settings(S3Settings):
     """Connections and requests the server handles at once (uvicorn's ``limit_concurrency``; 503 above it)."""
     keep_alive_timeout_s: int = Field(default=5, ge=1)
     """An idle keep-alive connection is closed after this long."""
-    key_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
-    """How long a gateway replica trusts a key it checked in Redis (0: check every request). A key revoked through
-    one replica stops there at once and on the others within this long."""
+    key_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
+    """How long a gateway replica trusts a key it checked in Redis while its invalidation subscriber is connected
+    (0: check every request). A key revoked through one replica stops there at once and on the others when the
+    invalidation message arrives (:mod:`gateway.invalidation`)."""
     key_cache_max_entries: int = Field(default=10_000, ge=0)
     """Keys the cache holds at most (about 300 bytes each), least recently used evicted first."""
+    adapter_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
+    """How long a gateway replica trusts an adapter's active version and split it read in Redis while its
+    invalidation subscriber is connected (0: read on every request)."""
+    adapter_cache_max_entries: int = Field(default=10_000, ge=0)
+    """Adapters the active-version cache holds at most (1-2 KB each), least recently used evicted first."""
+    cache_invalidation: bool = True
+    """Subscribe to the invalidation channel. Off: the key and adapter caches trust an entry for
+    ``cache_fallback_ttl_s`` only."""
+    cache_fallback_ttl_s: float = Field(default=1.0, ge=0)
+    """How long the key and adapter caches trust an entry while the invalidation subscriber is not connected (a
+    Redis outage, or ``cache_invalidation`` off): the bound on a change reaching this replica when messages are
+    lost."""
     shutdown_drain_s: float = Field(default=10.0, ge=0)
     """On SIGTERM the gateway answers /readyz 503 at once and lets requests finish for up to this long; streams
     still open then end with an error event and ``[DONE]``."""

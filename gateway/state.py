@@ -18,6 +18,7 @@ from gateway.engine import EnginePool
 from gateway.fine_tuning import Jobs
 from gateway.fine_tuning.files import Files
 from gateway.health import Drain, Readiness
+from gateway.invalidation import Invalidator
 from gateway.metrics import Metrics
 from gateway.quotas import Limiter
 from gateway.settings import Settings
@@ -79,6 +80,9 @@ class AppState:
     """Bulk adapter imports (``/admin/imports``); None in a state built without Redis (they answer 503)."""
     tracing: Tracing = field(default_factory=Tracing)
     """Spans of a request's stages (:mod:`gateway.tracing`; off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set)."""
+    invalidation: Invalidator | None = None
+    """The cache invalidation subscriber the lifespan runs (:mod:`gateway.invalidation`); None: none runs (the
+    caches, if any, keep to their short TTL)."""
     bases: dict[str, ServedBase] = field(default_factory=dict)
     """Every served base model by id, the default first. Default: the one base of ``settings.base_model`` with
     ``base_spec``, ``engines`` and ``tokens`` (which are always the default base's)."""

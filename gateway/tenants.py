@@ -15,6 +15,9 @@ the admin service's cleanup, :meth:`TenantStore.finish_delete`). Each step can r
 finished by repeating it. While the tombstone stands the id cannot be created again, its keys do not
 authenticate, no key can be added, and nothing can be committed under :meth:`TenantStore.fence` (the adapter
 registry's uploads): these checks run in Redis in the same atomic step as the write they guard.
+
+Revoking a key and tombstoning a tenant announce it on the invalidation channel in the same atomic step, so every
+gateway's :class:`KeyCache` drops it (:mod:`gateway.invalidation`).
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ import hashlib
 import json
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from adapters.registry import Fence
+from adapters.registry import CHANGES_CHANNEL, Fence
+from gateway.invalidation import Change, TtlCache
 
 KEY_PREFIX = "bk_"
 
@@ -123,10 +125,11 @@ for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# Set the tombstone on an existing record (again, if it is set already).
-_TOMBSTONE = """
+# Set the tombstone on an existing record (again, if it is set already) and announce it (ARGV[1]: the id).
+_TOMBSTONE = f"""
 if redis.call('HEXISTS', KEYS[1], 'id') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'deleting', 'true')
+redis.call('PUBLISH', '{CHANGES_CHANNEL}', 'tenant ' .. ARGV[1])
 return 1
 """
 
@@ -198,60 +201,27 @@ def live_guard(tenant_id: str) -> Fence:
     return Fence(key=_tenant_key(tenant_id), equals={"id": json.dumps(tenant_id), "deleting": ""})
 
 
-class KeyCache:
-    """Key hash -> tenant id of keys that authenticated in the last ``ttl_s`` seconds, at most ``max_entries``
-    (least recently used evicted first): it saves the hot path its key-lookup round trip.
+class KeyCache(TtlCache[str, str]):
+    """Key hash -> tenant id of keys that authenticated lately, at most ``max_entries`` (least recently used
+    evicted first): it saves the hot path its key-lookup round trip.
 
     Keyed by the key's SHA-256, never by the key. A count bound is a byte bound here: an entry is a 64-character
     hash and a tenant id of at most 64 characters (about 300 bytes with the dict's overhead), so 10,000 entries
     hold about 3 MB. Failed lookups are not cached (random keys would evict real ones).
 
-    Revocation: the replica that revokes a key (or tombstones a tenant) drops it at once; any other replica
-    keeps accepting it for at most ``ttl_s`` (the bound a revoked key keeps working anywhere).
+    Revocation: the replica that revokes a key (or tombstones a tenant) drops it at once; the others drop it when
+    the change's pub/sub message arrives (:mod:`gateway.invalidation`), and keep accepting it for at most the
+    short TTL while their subscriber is not connected (``ttl_s`` alone without ``fallback_ttl_s``).
     """
 
-    def __init__(self, *, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic,
-                 observe: Callable[[str], None] | None = None) -> None:
-        self.ttl_s = ttl_s
-        self._max = max_entries
-        self._clock = clock
-        self._observe = observe or (lambda result: None)
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self.generation = 0
-        """Bumped by every drop: a lookup that started before a revocation does not cache what it read."""
-
-    def get(self, key_hash: str) -> str | None:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] <= self._clock():
-            if entry is not None:
-                del self._entries[key_hash]
-            self._observe("miss")
-            return None
-        self._entries.move_to_end(key_hash)
-        self._observe("hit")
-        return entry[0]
-
-    def put(self, key_hash: str, tenant_id: str, *, generation: int) -> None:
-        """Cache what a lookup that started at ``generation`` read (nothing if something was dropped since)."""
-        if self.ttl_s <= 0 or self._max <= 0 or generation != self.generation:
-            return
-        self._entries[key_hash] = (tenant_id, self._clock() + self.ttl_s)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-            self._observe("evict")
-
-    def drop(self, key_hash: str) -> None:
-        self.generation += 1
-        self._entries.pop(key_hash, None)
-
     def drop_tenant(self, tenant_id: str) -> None:
-        self.generation += 1
-        for key_hash in [h for h, (t, _) in self._entries.items() if t == tenant_id]:
-            del self._entries[key_hash]
+        self.drop_where(lambda _, tenant: tenant == tenant_id)
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def invalidate(self, change: Change) -> None:
+        if change.kind == "key":
+            self.drop(change.key_hash)
+        elif change.kind == "tenant":
+            self.drop_tenant(change.tenant)
 
 
 class TenantStore:
@@ -309,7 +279,7 @@ class TenantStore:
     async def begin_delete(self, tenant_id: str) -> Tenant | None:
         """Set the tombstone (again, when a delete is being repeated) and revoke every key; the tenant, or None
         when there is no such tenant. From here on nothing new can be added for it."""
-        if not await self._tombstone(keys=[_tenant_key(tenant_id)]):
+        if not await self._tombstone(keys=[_tenant_key(tenant_id)], args=[tenant_id]):
             return None
         self.key_cache.drop_tenant(tenant_id)
         records = (await self._redis.hgetall(_keys_key(tenant_id))).values()
@@ -362,6 +332,7 @@ class TenantStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hdel(_keys_key(tenant_id), key_id)
             pipe.delete(_lookup_key(key_hash))
+            pipe.publish(CHANGES_CHANNEL, Change("key", key_hash=key_hash).message())
             await pipe.execute()
         self.key_cache.drop(key_hash)
         return True
