@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from adapters.naming import ENGINE_NAME_PREFIX
-from gateway.engine_http import AiohttpTransport
+from gateway.engine_http import AiohttpCaller, AiohttpTransport, EngineCaller, HttpxCaller
 from gateway.errors import EngineUnavailable
 from gateway.metrics import Metrics
 
@@ -42,6 +42,9 @@ log = logging.getLogger("banyan.engine")
 class Replica:
     url: str
     client: httpx.AsyncClient
+    """Health checks, residency and unloads."""
+    caller: EngineCaller
+    """Completions: the hot path (:mod:`gateway.engine_http`)."""
     healthy: bool = True
     inflight: int = 0
     resident: OrderedDict[str, int] = field(default_factory=OrderedDict)
@@ -77,16 +80,17 @@ class EnginePool:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                               keepalive_expiry=keepalive_s)
 
-        def pool() -> httpx.AsyncBaseTransport | None:
+        def replica(url: str) -> Replica:
             if transport is not None or http == "httpx":
-                return transport
-            return AiohttpTransport(max_connections=max_connections, keepalive_expiry=keepalive_s)
+                client = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits,
+                                           transport=transport)
+                return Replica(url=url, client=client, caller=HttpxCaller(client))
+            pool = AiohttpTransport(max_connections=max_connections, keepalive_expiry=keepalive_s)
+            client = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=pool)
+            return Replica(url=url, client=client,
+                           caller=AiohttpCaller(pool, base_url=url, headers=headers, timeout=timeout))
 
-        self.replicas = [
-            Replica(url=u.rstrip("/"), client=httpx.AsyncClient(
-                base_url=u.rstrip("/"), headers=headers, timeout=timeout, limits=limits, transport=pool()))
-            for u in urls
-        ]
+        self.replicas = [replica(u.rstrip("/")) for u in urls]
         self._saturation = saturation
         self._spill_ratio = spill_ratio
         self._spill_margin = spill_margin

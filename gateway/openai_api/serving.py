@@ -55,6 +55,7 @@ from starlette.types import Receive, Send
 from adapters.naming import AdapterRef, is_valid_id
 from adapters.registry import VersionMeta, split_bucket
 from gateway.engine import json_or_none, translate_transport_error
+from gateway.engine_http import EngineResponse
 from gateway.errors import (
     BanyanError,
     EngineUnavailable,
@@ -398,7 +399,7 @@ class CompletionService:
             self.state.metrics.engine_errors.labels("unavailable").inc()
             raise translate_transport_error(e) from e
 
-    async def _open_or_fall_back(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
+    async def _open_or_fall_back(self, call: _Call, held: AsyncExitStack) -> EngineResponse:
         """:meth:`_open`; when the adapter cannot be loaded and the tenant chose ``fallback_to_base``, the base
         model's response instead (``call.resolved`` then says so). The tenant is read only then."""
         try:
@@ -419,7 +420,7 @@ class CompletionService:
                                "version": adapter.version if adapter else None})
             return response
 
-    async def _open(self, call: _Call, held: AsyncExitStack) -> httpx.Response:
+    async def _open(self, call: _Call, held: AsyncExitStack) -> EngineResponse:
         """The engine's 200 response, its body not read yet; ``held`` then holds it and its replica's lease.
 
         A replica may drop an adapter's name (an unload by another gateway replica, or its own disk cache)
@@ -433,10 +434,9 @@ class CompletionService:
             try:
                 replica = await lease.enter_async_context(self.state.bases[resolved.base].engines.lease(
                     resolved.engine, is_adapter=resolved.adapter is not None))
-                request = replica.client.build_request("POST", call.surface.path, json=call.body,
-                                                       headers=self.state.tracing.engine_headers())
                 try:
-                    response = await replica.client.send(request, stream=True)
+                    response = await replica.caller.open(call.surface.path, call.body,
+                                                         headers=self.state.tracing.engine_headers())
                     if response.status_code != 200:
                         try:
                             content = await response.aread()
@@ -520,7 +520,7 @@ class _Relay:
     """The stream of one request, from the engine to the client: :meth:`events` relays, :meth:`finish` (once,
     however the stream ended) closes the engine response, records the usage and releases what is held."""
 
-    def __init__(self, service: CompletionService, call: _Call, upstream: httpx.Response,
+    def __init__(self, service: CompletionService, call: _Call, upstream: EngineResponse,
                  held: AsyncExitStack) -> None:
         self._service = service
         self._call = call

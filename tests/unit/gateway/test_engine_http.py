@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.engine import EnginePool
-from gateway.engine_http import AiohttpTransport
+from gateway.engine_http import AiohttpCaller, AiohttpTransport, HttpxCaller
 
 
 class Server:
@@ -54,6 +54,8 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_post("/echo", state.echo)
     app.router.add_get("/stream", state.stream)
     app.router.add_get("/slow", state.slow)
+    app.router.add_post("/stream", state.stream)
+    app.router.add_post("/slow", state.slow)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -117,13 +119,62 @@ async def test_no_byte_within_the_read_timeout_is_a_read_timeout(server: Server)
 
 
 async def test_the_pool_uses_aiohttp_unless_told_otherwise(server: Server) -> None:
-    pool = EnginePool([server.url])
-    other = EnginePool([server.url], http="httpx")
+    pool = EnginePool([server.url], api_key="engine-key")
+    other = EnginePool([server.url], api_key="engine-key", http="httpx")
     try:
         assert isinstance(pool.replicas[0].client._transport, AiohttpTransport)
+        assert isinstance(pool.replicas[0].caller, AiohttpCaller)
         assert not isinstance(other.replicas[0].client._transport, AiohttpTransport)
-        response = await pool.replicas[0].client.post("/echo", json={"a": 1})
-        assert response.json() == {"got": {"a": 1}}
+        assert isinstance(other.replicas[0].caller, HttpxCaller)
+        for engines in (pool, other):
+            response = await engines.replicas[0].client.post("/echo", json={"a": 1})
+            assert response.json() == {"got": {"a": 1}}
+            opened = await engines.replicas[0].caller.open("/echo", {"b": "é"}, headers={"X-Request-Id": "r2"})
+            assert opened.status_code == 201
+            assert json.loads(await opened.aread()) == {"got": {"b": "é"}}
+            await opened.aclose()
+        for sent in server.seen[1::2]:  # what the callers sent
+            headers = {k.lower(): v for k, v in sent["headers"].items()}  # type: ignore[attr-defined]
+            assert headers["authorization"] == "Bearer engine-key"
+            assert headers["x-request-id"] == "r2"
+            assert headers["content-type"] == "application/json"
     finally:
         await pool.aclose()
         await other.aclose()
+
+
+def _caller(url: str, read_s: float = 60.0) -> tuple[AiohttpTransport, AiohttpCaller]:
+    transport = AiohttpTransport()
+    return transport, AiohttpCaller(transport, base_url=url, headers={}, timeout=httpx.Timeout(read_s, connect=2.0))
+
+
+async def test_the_caller_relays_a_stream_and_closing_it_early_drops_the_connection(server: Server) -> None:
+    transport, caller = _caller(server.url)
+    try:
+        response = await caller.open("/stream", {}, headers={})
+        assert response.status_code == 200
+        received = b""
+        async for chunk in response.aiter_raw():
+            received += chunk
+            if received.count(b"\n\n") >= 3:
+                break
+        assert received.startswith(b"data: 0\n\ndata: 1\n\n")
+        await response.aclose()
+        await asyncio.wait_for(server.stream_cut.wait(), timeout=5)
+    finally:
+        await transport.aclose()
+
+
+async def test_the_caller_raises_httpx_errors(server: Server) -> None:
+    transport, caller = _caller("http://127.0.0.1:9")
+    try:
+        with pytest.raises(httpx.ConnectError):
+            await caller.open("/echo", {}, headers={})
+    finally:
+        await transport.aclose()
+    transport, caller = _caller(server.url, read_s=0.3)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            await caller.open("/slow", {}, headers={})
+    finally:
+        await transport.aclose()
