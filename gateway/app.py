@@ -60,7 +60,7 @@ def build_embedder(settings: Settings) -> Embedder:
     if settings.embedder == "torch":
         return SentenceTransformerEmbedder()
     return OnnxEmbedder(cache_dir=settings.embedder_cache_dir or settings.data_dir / "embedder",
-                        threads=settings.embedder_threads)
+                        threads=settings.embedder_threads, precision=settings.embedder_precision)
 
 
 def redis_client(settings: Settings) -> Redis:

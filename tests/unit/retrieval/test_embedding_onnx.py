@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from retrieval.embedding import MINILM_DIMENSION, SentenceTransformerEmbedder
-from retrieval.onnx_embedding import OnnxEmbedder
+from retrieval.onnx_embedding import OnnxEmbedder, _runs
 
 TEXTS = [
     "When is support open on weekends?",
@@ -102,3 +102,51 @@ def test_the_setting_chooses_the_embedder(tmp_path: Path) -> None:
     elsewhere = build_embedder(Settings(mode="dev", data_dir=tmp_path, embedder_cache_dir=tmp_path / "cache"))
     assert isinstance(elsewhere, OnnxEmbedder) and elsewhere.model_file.is_relative_to(tmp_path / "cache")
     assert isinstance(build_embedder(Settings(mode="dev", embedder="torch")), SentenceTransformerEmbedder)
+    default.embed(["warm-up"])
+    assert default.precision == "bf16"  # this machine's CPU has native bf16 (AVX512_BF16)
+    fp32 = build_embedder(Settings(mode="dev", data_dir=tmp_path, embedder_precision="fp32"))
+    assert isinstance(fp32, OnnxEmbedder)
+    fp32.embed(["warm-up"])
+    assert fp32.precision == "fp32"
+
+
+def test_runs_are_sorted_by_length_and_bounded_in_padded_tokens() -> None:
+    lengths = [200, 3, 256, 10, 9, 256, 4]
+    runs = _runs(lengths, 512)
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+    flat = [lengths[i] for run in runs for i in run]
+    assert flat == sorted(lengths)
+    assert all(len(run) * max(lengths[i] for i in run) <= 512 for run in runs)
+    assert runs[0] == [1, 6, 4, 3]  # the short texts together, not padded to a long one
+    assert _runs([600, 5], 512) == [[1], [0]]  # a text over the budget runs alone
+
+
+def test_order_is_kept_across_runs(onnx: OnnxEmbedder) -> None:
+    # Mixed lengths, more padded tokens than one run holds: sorted, split, and put back in the caller's order.
+    texts = [" ".join(["tide"] * n) + f" {n}" for n in (250, 3, 120, 250, 7, 250, 60, 250, 250, 250, 250, 2)]
+    together = onnx.embed(texts)
+    alone = np.concatenate([onnx.embed([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32_and_queries_stay_fp32(onnx: OnnxEmbedder, cache_dir: Path,
+                                                     torch_embedder: SentenceTransformerEmbedder) -> None:
+    bf16 = OnnxEmbedder(cache_dir=cache_dir, precision="bf16")
+    chunks = [" ".join(f"{word}{i % 7}" for i in range(180)) for word in ("harbour", "meadow", "signal", "copper")]
+    ours, theirs = bf16.embed(TEXTS + chunks), torch_embedder.embed(TEXTS + chunks)
+    assert bf16.precision == "bf16"
+    assert (ours * theirs).sum(axis=1).min() >= 0.999
+    fp32 = onnx.embed(TEXTS + chunks)
+    assert not np.allclose(ours, fp32, atol=1e-6)  # the large batch did run in bf16 ...
+    np.testing.assert_allclose(bf16.embed([TEXTS[0]]), fp32[:1], atol=1e-5)  # ... a single query in fp32
+
+
+def test_bf16_falls_back_to_fp32_without_native_bf16(cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     onnx: OnnxEmbedder) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    embedder = OnnxEmbedder(cache_dir=cache_dir, precision="bf16")
+    chunks = [" ".join(["lantern"] * 200)] * 4
+    np.testing.assert_allclose(embedder.embed(chunks), onnx.embed(chunks), atol=1e-5)
+    assert embedder.precision == "fp32"
