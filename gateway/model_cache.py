@@ -11,8 +11,9 @@ that fails anyway (a 404), while caching it would let
 random names from one tenant push real entries out, or need a second bound of its own; and an adapter just
 uploaded is served by every gateway on its next request, whether or not its announcement has arrived.
 
-Bound: ``max_entries`` entries. An entry is one or two version records (a few hundred bytes each: ids, hash,
-target module names) plus the key, about 1-2 KB, so the default 10,000 entries hold at most about 20 MB.
+Bound: ``max_entries`` entries. An entry is one or two version records (ids, hash, target module names) plus the
+key: measured with ``tracemalloc``, about 1.4 KB (2.3 KB with a split) for an adapter of 7 target modules, so the
+default 10,000 entries hold about 14-23 MB.
 """
 
 from __future__ import annotations
