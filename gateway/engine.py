@@ -3,11 +3,13 @@
 Routing is adapter-aware with bounded loads (consistent hashing with bounded loads). A replica is
 *open* when its requests in flight are below both the absolute ``saturation`` and a bound relative to
 the fleet, ``mean * spill_ratio + spill_margin`` over the healthy replicas. An adapter request goes to
-the least loaded open replica that already holds the adapter, else to the first open replica in the
-adapter's rendezvous-hash order (its ``home`` when that one is open, else a ``spill`` down the same
-order, so a hot adapter spreads over the few replicas that follow its home, not over the fleet), else
-(none open) to the least loaded replica. Base-model requests go to the least loaded replica. Residency
-is learned from the replicas (``GET /v1/models`` on each health check) and from what the gateway routed.
+the least loaded replica that already holds the adapter, if one is below a looser bound for holders
+(``mean * holder_ratio + spill_margin``: a copy elsewhere would cost a cold load and a cache slot), else
+to the first open replica in the adapter's rendezvous-hash order (its ``home`` when that one is open,
+else a ``spill`` down the same order, so a hot adapter spreads over the few replicas that follow its
+home, not over the fleet), else (none open) to the least loaded replica. Base-model requests go to the
+least loaded replica. Residency is learned from the replicas (``GET /v1/models`` on each health check)
+and from what the gateway routed.
 
 Residency is bounded per replica: when a replica holds more adapters than ``max_resident``, the
 gateway unloads the least recently used ones that have no request in flight through it
@@ -68,7 +70,7 @@ class EnginePool:
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
                  max_resident: int = 64, spill_ratio: float = 1.1, spill_margin: float = 1.0,
-                 metrics: Metrics | None = None, http: str = "aiohttp",
+                 holder_ratio: float = 1.1, metrics: Metrics | None = None, http: str = "aiohttp",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``http``: the connection pool under each replica's client, ``aiohttp`` (:mod:`gateway.engine_http`) or
         ``httpx`` (its own); ``transport``, when given, replaces both (the unit tests' fake engine)."""
@@ -94,6 +96,7 @@ class EnginePool:
         self._saturation = saturation
         self._spill_ratio = spill_ratio
         self._spill_margin = spill_margin
+        self._holder_ratio = holder_ratio
         self._max_resident = max_resident
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
@@ -106,9 +109,12 @@ class EnginePool:
             return min(candidates, key=lambda r: r.inflight), "base"
         if len(candidates) == 1:
             return candidates[0], "resident" if engine_model in candidates[0].resident else "home"
-        bound = min(float(self._saturation),
-                    self._spill_ratio * sum(r.inflight for r in candidates) / len(candidates) + self._spill_margin)
-        holders = [r for r in candidates if engine_model in r.resident and r.inflight < bound]
+        mean = sum(r.inflight for r in candidates) / len(candidates)
+        bound = min(float(self._saturation), self._spill_ratio * mean + self._spill_margin)
+        # A replica holding the adapter may run hotter (``holder_ratio``) before the adapter is copied elsewhere:
+        # a copy costs a cold load now and a cache slot for as long as it stays.
+        held = min(float(self._saturation), max(bound, self._holder_ratio * mean + self._spill_margin))
+        holders = [r for r in candidates if engine_model in r.resident and r.inflight < held]
         if holders:
             return min(holders, key=lambda r: r.inflight), "resident"
         order = sorted(candidates, key=lambda r: _score(r.url, engine_model), reverse=True)

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import itertools
 import json
 import random
@@ -96,6 +97,8 @@ class TwoChoicesPool(EnginePool):
 
 POLICIES: dict[str, Callable[..., EnginePool]] = {
     "banyan": EnginePool,
+    "banyan-h1.2": functools.partial(EnginePool, holder_ratio=1.2),
+    "banyan-h1.4": functools.partial(EnginePool, holder_ratio=1.4),
     "banyan-previous": PreviousPool,
     "round-robin": RoundRobinPool,
     "least-loaded": LeastLoadedPool,

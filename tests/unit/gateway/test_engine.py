@@ -165,3 +165,23 @@ def test_the_least_loaded_open_holder_wins_and_a_busy_holder_is_passed_over() ->
     assert pool.choose(name, is_adapter=True) == (pool.replicas[fourth], "resident")
     pool.replicas[fourth].inflight = 9  # both holders busy: back to the adapter's home
     assert pool.choose(name, is_adapter=True) == (pool.replicas[first], "home")
+
+
+def test_a_holder_may_run_hotter_than_the_spill_bound_before_the_adapter_is_copied() -> None:
+    pool = EnginePool(URLS, saturation=256, spill_ratio=1.1, spill_margin=1.0, holder_ratio=1.4,
+                      transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    name = "banyan.t.warm.v1.abcdef012345"
+    first, second, *_ = _ranked(pool, name)
+    pool.replicas[second].resident[name] = 0
+    for replica in pool.replicas:
+        replica.inflight = 4
+    pool.replicas[second].inflight = 7  # mean 4.75: over the spill bound (6.2), under the holder's (7.65)
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[second], "resident")
+    pool.replicas[second].inflight = 9  # mean 5.25: over the holder's bound (8.35) too: a copy at the home
+    assert pool.choose(name, is_adapter=True) == (pool.replicas[first], "home")
+    pool.replicas[second].inflight = 7
+    other = EnginePool(URLS, saturation=256, spill_ratio=1.1, spill_margin=1.0, holder_ratio=1.1,
+                       transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    for mine, theirs in zip(pool.replicas, other.replicas, strict=True):
+        theirs.inflight, theirs.resident = mine.inflight, mine.resident
+    assert other.choose(name, is_adapter=True) == (other.replicas[first], "home")  # without the slack: copied
