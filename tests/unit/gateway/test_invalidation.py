@@ -2,7 +2,8 @@
 through one replica reaches another replica's caches by message (no TTL wait), a write through a replica drops its
 own entry at once, the training worker's plain registry announces too, every (re)subscription clears the caches,
 an unsubscribed cache serves nothing older than the short TTL, the caches stay within their bounds, "no such
-adapter" is never cached, and a broken subscription never reaches a request."""
+adapter" is never cached, a broken subscription never reaches a request, and the app runs one subscriber for both
+caches (none when ``BANYAN_CACHE_INVALIDATION`` is off)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from adapters.registry import AdapterRegistry, Split, VersionMeta
+from gateway.app import build_state, create_app
+from gateway.dev.processes import free_port
 from gateway.invalidation import Change, Invalidator, TtlCache
 from gateway.model_cache import CachedRegistry, ServingCache
+from gateway.settings import Settings
 from gateway.tenants import KeyCache, TenantStore, hash_key
+from tests.unit.gateway.conftest import FakeStore
+from tests.unit.retrieval.conftest import HashingEmbedder
 
 WAIT_S = 10.0
 
@@ -283,8 +290,6 @@ def test_messages_round_trip_and_unknown_ones_are_ignored() -> None:
 
 
 async def test_an_unreachable_redis_never_breaks_the_subscriber(redis: Redis) -> None:
-    from gateway.dev.processes import free_port
-
     events = _Events()
     cache = KeyCache(ttl_s=30, max_entries=10, fallback_ttl_s=1)
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
@@ -297,3 +302,23 @@ async def test_an_unreachable_redis_never_breaks_the_subscriber(redis: Redis) ->
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await dead.aclose()
+
+
+async def test_the_app_runs_one_subscriber_for_both_caches_and_the_switch_turns_it_off(redis: Redis) -> None:
+    settings = Settings(mode="dev", admin_key=SecretStr("adm_" + "x" * 20))
+    state = build_state(settings, redis=redis, store=FakeStore(), embedder=HashingEmbedder())
+    assert isinstance(state.adapters, CachedRegistry) and state.invalidation is not None
+    assert isinstance(state.tenants, TenantStore)
+    assert state.invalidation.caches == [state.tenants.key_cache, state.adapters.cache]
+    assert state.tenants.key_cache.max_age_s == settings.cache_fallback_ttl_s  # not subscribed yet: the short TTL
+    app = create_app(settings, state=state)
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(state.invalidation.subscribed.wait(), WAIT_S)
+        assert state.tenants.key_cache.max_age_s == settings.key_cache_ttl_s == 30
+        assert state.adapters.cache.max_age_s == settings.adapter_cache_ttl_s == 30
+        assert state.metrics.registry.get_sample_value("banyan_invalidation_subscribed") == 1
+    assert not state.invalidation.subscribed.is_set()  # stopped with the app
+    off = build_state(settings.model_copy(update={"cache_invalidation": False}), redis=redis, store=FakeStore(),
+                      embedder=HashingEmbedder())
+    assert off.invalidation is None and isinstance(off.tenants, TenantStore)
+    assert off.tenants.key_cache.max_age_s == 1
