@@ -33,6 +33,7 @@ from gateway.middleware import AuthMiddleware, RequestContextMiddleware
 from gateway.model_cache import CachedRegistry, ServingCache
 from gateway.openai_api.api_router import router as openai_router
 from gateway.quotas import Quotas
+from gateway.redis_batch import ScriptBatcher
 from gateway.settings import Settings
 from gateway.state import AppState, ServedBase
 from gateway.tenants import KeyCache, TenantStore
@@ -79,6 +80,7 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
     """``engines``, when given, serves the default base model (the others get pools of their own)."""
     metrics = metrics or Metrics()
     redis = redis if redis is not None else redis_client(settings)
+    scripts = ScriptBatcher(redis)  # admission, release and usage scripts of the same moment: one pipeline
     bases = _served_bases(settings, metrics=metrics, default_engines=engines)
     default = next(iter(bases.values()))
     tokens = default.tokens
@@ -95,10 +97,10 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
         tenants=TenantStore(redis, key_cache=key_cache),
         adapters=CachedRegistry(AdapterRegistry(redis), serving_cache),
         metrics=metrics,
-        quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s),
+        quotas=Quotas(redis, metrics=metrics, lease_s=settings.concurrency_lease_s, batcher=scripts),
         usage=UsageStore(redis, hourly_retention_s=settings.usage_hourly_retention_s,
                          daily_retention_s=settings.usage_daily_retention_s,
-                         max_users_per_bucket=settings.usage_max_users_per_bucket),
+                         max_users_per_bucket=settings.usage_max_users_per_bucket, batcher=scripts),
         base_spec=default.spec,
         documents=DocumentService(redis, embedder if embedder is not None else build_embedder(settings),
                                   config=retrieval_config(settings), observer=metrics, tokens=tokens),

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
+from gateway.redis_batch import ScriptBatcher
 
 log = logging.getLogger("banyan.quotas")
 
@@ -334,13 +335,16 @@ class Admission:
 
 class Quotas:
     def __init__(self, redis: Redis, *, metrics: Metrics, lease_s: float = 60.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, batcher: ScriptBatcher | None = None) -> None:
+        """``batcher``: sends the admission and release scripts with the other scripts of the same moment
+        (share one with :class:`gateway.usage.UsageStore` so a request's release and usage go out together)."""
         self._redis = redis
         self._metrics = metrics
         self._lease_s = lease_s
         self._clock = clock
-        self._admit: Any = redis.register_script(_ADMIT)
-        self._release: Any = redis.register_script(_RELEASE)
+        self._batch = batcher or ScriptBatcher(redis)
+        self._admit = self._batch.script(_ADMIT)
+        self._release = self._batch.script(_RELEASE)
         self._renew: Any = redis.register_script(_RENEW)
 
     async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
@@ -350,7 +354,7 @@ class Quotas:
         keys = [f"banyan:tenant:{tenant}", requests_key(tenant), tokens_key(tenant), leases_key(tenant),
                 day.key(tenant), month.key(tenant)]
         args = [repr(now), lease, max(0, reserve_tokens), repr(self._lease_s), "1" if budgeted else "0"]
-        reply = [int(v) for v in await self._admit(keys=keys, args=args)]
+        reply = [int(v) for v in await self._batch.run(self._admit, keys=keys, args=args)]
         verdict, leased, reserved, retry_ms = reply[:4]
         limits = RateLimitState(requests=_window(*reply[4:7]), tokens=_window(*reply[7:10]))
         if verdict:
@@ -391,8 +395,8 @@ class Quotas:
         day, month = periods(now)
         tenant = admission.tenant
         try:
-            await self._release(
-                keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant)],
+            await self._batch.run(
+                self._release, keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant)],
                 args=[admission.lease or "", admission.reserved, admission.bucket, admission.spent, int(now),
                       "1" if admission.limits.tokens is not None else "0", day.ends + _PERIOD_GRACE_S,
                       month.ends + _PERIOD_GRACE_S])

@@ -27,10 +27,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from redis.asyncio import Redis
 
+from gateway.redis_batch import ScriptBatcher
 from gateway.tenants import as_text
 
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens")
@@ -156,25 +157,27 @@ class Usage(Protocol):
 
 class UsageStore:
     def __init__(self, redis: Redis, *, hourly_retention_s: int = 31 * 86400, daily_retention_s: int = 400 * 86400,
-                 max_users_per_bucket: int = 100, clock: Callable[[], float] = time.time) -> None:
+                 max_users_per_bucket: int = 100, clock: Callable[[], float] = time.time,
+                 batcher: ScriptBatcher | None = None) -> None:
         self._redis = redis
         self._retention_s: dict[BucketWidth, int] = {"1h": hourly_retention_s, "1d": daily_retention_s}
         self._max_users = max_users_per_bucket
         self._clock = clock
-        self._record: Any = redis.register_script(_RECORD)
+        self._batch = batcher or ScriptBatcher(redis)
+        self._record = self._batch.script(_RECORD)
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
                      user: str | None = None) -> None:
-        """Count one request in the totals and in its time buckets (with its ``user``): one script, one round trip
-        (a Redis that lost its scripts, after a restart, is sent the script's text again)."""
+        """Count one request in the totals and in its time buckets (with its ``user``): one script, sent with the
+        other scripts of the moment (:class:`gateway.redis_batch.ScriptBatcher`)."""
         totals, per_model = f"banyan:usage:{tenant}", f"banyan:usage:{tenant}:models"
         now = self._clock()
         hour, day = bucket_start(now, "1h"), bucket_start(now, "1d")
         hour_expiry = hour + WIDTH_S["1h"] + self._retention_s["1h"]
         day_expiry = day + WIDTH_S["1d"] + self._retention_s["1d"]
         hour_key, day_key = _bucket_key(tenant, "1h", hour), _bucket_key(tenant, "1d", day)
-        await self._record(
-            keys=[hour_key, f"{hour_key}:users", day_key, f"{day_key}:users", _tenants_key("1h", hour),
+        await self._batch.run(
+            self._record, keys=[hour_key, f"{hour_key}:users", day_key, f"{day_key}:users", _tenants_key("1h", hour),
                   _tenants_key("1d", day), totals, per_model],
             args=[tenant, model, user or "", prompt_tokens, completion_tokens, self._max_users, hour_expiry,
                   day_expiry])
