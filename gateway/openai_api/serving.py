@@ -599,32 +599,53 @@ class _RelayResponse(StreamingResponse):
         await self._relay.finish()
 
 
-_CHOICE_INDEX = re.compile(r'"choices":\[\{"index":(\d+)')
-_USAGE_KEY = '"usage":'
-_JSON = json.JSONDecoder()
+_CHOICE_INDEX = re.compile(rb'"choices":\[\{"index":(\d+)')
+_USAGE = b'"usage":{'
+
+
+def _object_end(data: bytes, start: int) -> int:
+    """The end (exclusive) of the JSON object opening at ``data[start]``, for an object of numbers, nulls and
+    objects (a usage object: no strings, so no brace inside a string); -1 if it does not close."""
+    depth, at = 0, start
+    while True:
+        opening, closing = data.find(b"{", at), data.find(b"}", at)
+        if closing < 0:
+            return -1
+        if 0 <= opening < closing:
+            depth, at = depth + 1, opening + 1
+            continue
+        depth, at = depth - 1, closing + 1
+        if depth == 0:
+            return at
+
+
+def _usage_of(raw: bytes) -> dict[str, Any]:
+    parsed = json_or_none(raw)
+    return parsed if isinstance(parsed, dict) else {}
 
 
 @dataclass
 class _UsageMeter:
-    """The usage of a stream so far, from the engine's continuous usage stats: per choice, its completion
-    tokens so far and its prompt's tokens (choice ``i`` is of prompt ``i // n``); the final usage event, once
-    seen, is the total."""
+    """The usage of a stream so far, from the engine's continuous usage stats: per choice, the usage object of its
+    latest event, kept as bytes and parsed only when asked (choice ``i`` is of prompt ``i // n``); the final usage
+    event, once seen, is the total."""
 
     choices_per_prompt: int = 1
-    final: dict[str, Any] | None = None
-    prompts: dict[int, int] = field(default_factory=dict)
-    completions: dict[int, int] = field(default_factory=dict)
-
-    def note(self, index: int, usage: dict[str, Any]) -> None:
-        self.prompts[index // max(1, self.choices_per_prompt)] = int(usage.get("prompt_tokens") or 0)
-        self.completions[index] = int(usage.get("completion_tokens") or 0)
+    final: bytes | None = None
+    latest: dict[int, bytes] = field(default_factory=dict)
 
     def total(self) -> dict[str, Any] | None:
         if self.final is not None:
-            return self.final
-        if not self.prompts:
+            return _usage_of(self.final)
+        if not self.latest:
             return None
-        return {"prompt_tokens": sum(self.prompts.values()), "completion_tokens": sum(self.completions.values())}
+        prompts: dict[int, int] = {}
+        completion = 0
+        for index, raw in self.latest.items():
+            usage = _usage_of(raw)
+            prompts[index // max(1, self.choices_per_prompt)] = int(usage.get("prompt_tokens") or 0)
+            completion += int(usage.get("completion_tokens") or 0)
+        return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion}
 
 
 class _EventRewriter:
@@ -689,31 +710,26 @@ class _EventRewriter:
 
     def _take_usage(self, event: bytes) -> bytes:
         """Note the usage an event carries; cut it out (or drop the final usage-only event) unless asked for.
-        Only the usage object is parsed (it is the one ``"usage":`` key whose value is an object: a key inside
-        a string would have its quotes escaped)."""
+        Nothing is parsed here: the usage object is found in the bytes (it is the one ``"usage":`` key whose value
+        is an object: the same key inside a string would have its quotes escaped) and kept for :meth:`usage`."""
         if not event.startswith(b"data: {"):
             return event + b"\n\n"
-        text = event[len(b"data: "):].decode("utf-8", "replace")
-        at = text.rfind(_USAGE_KEY + "{")
-        if at < 0:
+        at = event.rfind(_USAGE)
+        end = _object_end(event, at + len(_USAGE) - 1) if at >= 0 else -1
+        if end < 0:
             return event + b"\n\n"
-        try:
-            usage, end = _JSON.raw_decode(text, at + len(_USAGE_KEY))
-        except ValueError:
-            return event + b"\n\n"
-        if not isinstance(usage, dict):
-            return event + b"\n\n"
-        if '"choices":[]' in text:  # the final usage event: the whole request's usage
+        usage = event[at + len(_USAGE) - 1:end]
+        if b'"choices":[]' in event:  # the final usage event: the whole request's usage
             self._meter.final = usage
             return event + b"\n\n" if self._show_usage else b""
-        self._meter.note(_choice_index(text), usage)
+        self._meter.latest[_choice_index(event)] = usage
         if self._show_continuous_usage:
             return event + b"\n\n"
-        if text[at - 1:at] == ",":
+        if event[at - 1:at] == b",":
             at -= 1
-        elif text[end:end + 1] == ",":
+        elif event[end:end + 1] == b",":
             end += 1
-        return b"data: " + (text[:at] + text[end:]).encode() + b"\n\n"
+        return event[:at] + event[end:] + b"\n\n"
 
     def _render_error(self, event: bytes) -> bytes:
         if not event.startswith(b'data: {"error"'):
@@ -726,12 +742,12 @@ class _EventRewriter:
         return b"data: " + json.dumps(rendered.body()).encode() + b"\n\n"
 
 
-def _choice_index(event: str) -> int:
+def _choice_index(event: bytes) -> int:
     """The index of the one choice of a stream event (vLLM writes ``index`` first; else the event is parsed)."""
     match = _CHOICE_INDEX.search(event)
     if match:
         return int(match.group(1))
-    parsed = json_or_none(event.encode())
+    parsed = json_or_none(event[len(b"data: "):])
     choices = parsed.get("choices") if isinstance(parsed, dict) else None
     first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     index = first.get("index")
