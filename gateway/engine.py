@@ -70,7 +70,7 @@ class EnginePool:
     def __init__(self, urls: list[str], *, api_key: str | None = None, connect_timeout: float = 5.0,
                  read_timeout: float = 600.0, max_connections: int = 512, saturation: int = 256,
                  max_resident: int = 64, spill_ratio: float = 1.1, spill_margin: float = 1.0,
-                 holder_ratio: float = 1.1, metrics: Metrics | None = None, http: str = "aiohttp",
+                 holder_ratio: float = 1.2, metrics: Metrics | None = None, http: str = "aiohttp",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``http``: the connection pool under each replica's client, ``aiohttp`` (:mod:`gateway.engine_http`) or
         ``httpx`` (its own); ``transport``, when given, replaces both (the unit tests' fake engine)."""

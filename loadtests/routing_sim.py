@@ -97,7 +97,7 @@ class TwoChoicesPool(EnginePool):
 
 POLICIES: dict[str, Callable[..., EnginePool]] = {
     "banyan": EnginePool,
-    "banyan-h1.2": functools.partial(EnginePool, holder_ratio=1.2),
+    "banyan-h1.1": functools.partial(EnginePool, holder_ratio=1.1),  # holders bounded as others (before)
     "banyan-h1.4": functools.partial(EnginePool, holder_ratio=1.4),
     "banyan-previous": PreviousPool,
     "round-robin": RoundRobinPool,
