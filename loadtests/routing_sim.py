@@ -7,7 +7,8 @@ open-loop Poisson arrival stream over ``--adapters`` adapters of Zipf popularity
 the replicas about ``--busy`` busy. ``EnginePool.check()`` runs every 15 model seconds, as the
 gateway's watcher does. Policies differ only in ``choose``:
 
-- ``banyan``: ``EnginePool`` as it is;
+- ``banyan``: ``EnginePool`` as it is; ``banyan-h1.1`` and ``banyan-h1.4`` with another ``holder_ratio`` (1.1:
+  holders bounded like the other replicas, as before the looser bound for holders);
 - ``banyan-previous``: the choose of EnginePool before the load-bounded routing (first replica
   holding the adapter below the absolute saturation, else its rendezvous home, else least loaded);
 - ``round-robin``, ``least-loaded`` and ``two-choices`` (the less loaded of two random replicas).
@@ -317,16 +318,22 @@ def _table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def _goal(results: list[RunResult]) -> dict[str, Any]:
-    """Per fleet size: banyan's cold loads vs round-robin's (goal >= 5x fewer) and its imbalance (<= 1.25)."""
+def _goal(results: list[RunResult], references: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per fleet size: banyan's cold loads vs round-robin's (goal >= 5x fewer) and its imbalance (<= 1.25). Without
+    a round-robin run, against the cache-only round-robin reference of the same stream and window (which the
+    measured round-robin has matched within 2 % in every run)."""
     verdict: dict[str, Any] = {}
     for size in sorted({r.replicas for r in results}):
         by = {r.policy: r for r in results if r.replicas == size}
-        if "banyan" not in by or "round-robin" not in by:
+        if "banyan" not in by:
             continue
-        banyan, rr = by["banyan"], by["round-robin"]
-        fewer = rr.cold_per_1000 / banyan.cold_per_1000 if banyan.cold_per_1000 else float("inf")
+        banyan, ref = by["banyan"], references.get(str(size), {})
+        rr = by["round-robin"].cold_per_1000 if "round-robin" in by else ref.get("round_robin", 0.0)
+        fewer = rr / banyan.cold_per_1000 if banyan.cold_per_1000 else float("inf")
         verdict[str(size)] = {"cold_loads_fewer_than_round_robin_x": round(fewer, 2),
+                              "round_robin": "measured" if "round-robin" in by else "cache-only reference",
+                              "partitioned_reference_x": (round(ref["round_robin"] / ref["partitioned"], 2)
+                                                         if ref.get("partitioned") else None),
                               "imbalance": banyan.imbalance,
                               "met": fewer >= 5.0 and banyan.imbalance <= 1.25}
     return verdict
@@ -353,11 +360,11 @@ async def _main(args: argparse.Namespace) -> None:
     print(_table(results))
     print("cold loads per 1,000 of the LRU caches alone (round-robin vs perfect partition by adapter): "
           + json.dumps(references))
-    print(json.dumps({"goal": _goal(results)}))
+    print(json.dumps({"goal": _goal(results, references)}))
     print("RESULT " + json.dumps({"model": asdict(model), "adapters": args.adapters, "zipf_s": args.zipf_s,
                                   "busy": args.busy, "rate": args.rate, "seed": args.seed,
                                   "runs": [asdict(r) for r in results], "cache_reference": references,
-                                  "goal": _goal(results)}), flush=True)
+                                  "goal": _goal(results, references)}), flush=True)
 
 
 def main() -> None:
