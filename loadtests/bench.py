@@ -47,7 +47,7 @@ from gateway.dev.processes import Child, Children, free_port, http_ok
 from loadtests._stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
-GATEWAY, GATEWAY_B = "gateway+stub", "gw B+stub"
+GATEWAY, GATEWAY_B, FLOOR = "gateway+stub", "gw B+stub", "floor+stub"
 UNLOADED_PAIRS = 3
 UNLOADED_REQUESTS = 12
 PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
@@ -267,6 +267,17 @@ def _start_stub_gateway(children: Children, stack: DevProcess, options: Options,
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
     return gateway, gateway_url
+
+
+def _start_floor(children: Children, options: Options, stub_url: str) -> tuple[Child, str]:
+    """The bare proxy (:mod:`loadtests.minimal_proxy`) in front of the stub, on the gateway's CPUs."""
+    port = free_port()
+    proxy = children.spawn("bench-floor", [*_pinned(options.pin_gateway), sys.executable, "-m",
+                                           "loadtests.minimal_proxy", "--port", str(port), "--upstream", stub_url],
+                           cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    children.wait_ready(proxy, http_ok(url + "/health"), timeout=30)
+    return proxy, url
 
 
 def _tenant_key(gateway_url: str, admin_key: str) -> str:
@@ -539,6 +550,20 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
         print(f"gateway B ({' '.join(f'{k}={v}' for k, v in options.compare_env.items())}) / gateway A req/s at "
               f"c={c}: stream {result['gateway_b_over_a_rps']['stream']}, "
               f"non-stream {result['gateway_b_over_a_rps']['nonstream']}")
+    if f"stream/{FLOOR}/c{c}" in alone:  # the bare proxy: what this machine and client allow any Python proxy
+        result["floor_alone_ratio"] = {
+            mode: round(alone[f"{mode}/{FLOOR}/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
+            if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+        result["floor_cpu_ms_per_request"] = {
+            mode: round(alone[f"{mode}/{FLOOR}/c{c}"]["gateway_cpu_ms_per_request"], 3)
+            for mode in ("stream", "nonstream")}
+        result["gateway_over_floor_rps"] = {
+            mode: round(alone[f"{mode}/{GATEWAY}/c{c}"]["rps"] / alone[f"{mode}/{FLOOR}/c{c}"]["rps"], 4)
+            if alone[f"{mode}/{FLOOR}/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+        print(f"bare proxy ({FLOOR}) / stub direct req/s at c={c}: stream {result['floor_alone_ratio']['stream']}, "
+              f"non-stream {result['floor_alone_ratio']['nonstream']}; gateway / bare proxy: stream "
+              f"{result['gateway_over_floor_rps']['stream']}, "
+              f"non-stream {result['gateway_over_floor_rps']['nonstream']}")
     result["gateway_alone_pinning"] = {"stub": options.pin_stub or None, "gateway": options.pin_gateway or None}
     print(f"gateway+stub / stub direct req/s at c={c}: stream {result['gateway_alone_ratio']['stream']}, "
           f"non-stream {result['gateway_alone_ratio']['nonstream']} (pinning: stub "
@@ -564,6 +589,8 @@ async def _bench(options: Options, stack: DevProcess, children: Children) -> dic
             b, b_url = _start_stub_gateway(children, stack, options, stub_url, name="bench-gateway-stub-b",
                                            extra_env=options.compare_env)
             gateways[GATEWAY_B] = (b_url, psutil.Process(b.process.pid))
+        floor, floor_url = _start_floor(children, options, stub_url)
+        gateways[FLOOR] = (floor_url, psutil.Process(floor.process.pid))
         alone = await _gateway_alone(options, stub_url, gateways, key, info["base_model"])
     return _report(series, unloaded, alone, options)
 
