@@ -44,6 +44,7 @@ import psutil
 
 from gateway.dev.launcher import DevProcess, clean_env, launch_dev
 from gateway.dev.processes import Child, Children, free_port, http_ok
+from gateway.engine_http import AiohttpTransport
 from loadtests._stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,10 @@ class Options:
     compare_env: dict[str, str] = field(default_factory=dict)
     """Settings of a second gateway ("gateway B") measured in the same run, in front of the same stub: an A/B
     of one change (e.g. ``BANYAN_KEY_CACHE_TTL_S=0``); empty: no second gateway."""
+    client: str = "aiohttp"
+    """The connection pool under the bench's httpx client: ``aiohttp`` (:class:`gateway.engine_http.AiohttpTransport`,
+    constant time per request) or ``httpx`` (httpcore's, which walks every connection per request: at 64 in flight
+    it costs the client several ms a request and caps what it can send through a gateway at ~100 req/s here)."""
 
 
 @dataclass
@@ -202,13 +207,15 @@ async def _run_for(client: httpx.AsyncClient, make: Callable[[int], dict[str, An
     return samples, time.perf_counter() - started
 
 
-def _client(url: str, key: str | None, concurrency: int) -> httpx.AsyncClient:
+def _client(url: str, key: str | None, concurrency: int, pool: str = "aiohttp") -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     # Idle connections are dropped after 3 s, before the servers' 5 s keep-alive timeout (uvicorn's default,
     # also vLLM's): reusing one the server is closing at that moment fails the request (ReadError), and a
     # target sits idle while the other one runs its round.
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=3.0)
-    return httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600, connect=10))
+    transport = AiohttpTransport(max_connections=concurrency, keepalive_expiry=3.0) if pool == "aiohttp" else None
+    return httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(600, connect=10),
+                             transport=transport)
 
 
 def _cpu(process: psutil.Process | None) -> float:
@@ -310,8 +317,8 @@ async def _side_by_side(options: Options, info: dict[str, Any], gateway_url: str
     """The loaded rounds (``options.concurrency`` in flight) and a few unloaded ones (one at a time)."""
     model = info["base_model"]
     api_server = _api_server(gateway_process)
-    clients = {"direct": _client(info["engine_url"], info["engine_api_key"], options.concurrency),
-               "gateway": _client(gateway_url, key, options.concurrency)}
+    clients = {"direct": _client(info["engine_url"], info["engine_api_key"], options.concurrency, options.client),
+               "gateway": _client(gateway_url, key, options.concurrency, options.client)}
     series = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
     unloaded = {(t, m): Series() for t in clients for m in ("nonstream", "stream")}
     try:
@@ -371,7 +378,7 @@ async def _gateway_alone(options: Options, stub_url: str, gateways: dict[str, tu
                     return _body(model, f"stub-{_target}-{i}", stream=_mode == "stream",
                                  max_tokens=_tokens(i, options.max_tokens))
 
-                async with _client(url, auth, concurrency) as client:
+                async with _client(url, auth, concurrency, options.client) as client:
                     await _run_for(client, make, concurrency, 1.0)  # warm the connections
                     gw_before, me_before = _cpu(gateway_process), _cpu(me)
                     samples, wall = await _run_for(client, make, concurrency, options.stub_seconds)
@@ -423,6 +430,7 @@ def _report(series: Measured, unloaded: Measured, alone: dict[str, Any], options
     result = _report_side_by_side(series, unloaded, options) if series else {}
     if alone:
         result.update(_report_alone(alone, options))
+    result["client"] = options.client
     result["machine"] = _machine()
     # The goals of GitHub issue #13, item 1, each judged when this run measured it.
     goals: dict[str, bool] = {}
@@ -613,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the stub on these CPUs (`taskset -c` list, e.g. 0)")
     parser.add_argument("--pin-gateway", default="", metavar="CPUS",
                         help="run the gateway in front of the stub on these CPUs (e.g. 1); disjoint from --pin-stub")
+    parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                        help="the bench client's connection pool (httpx's own caps the client near 100 req/s through "
+                             "a gateway here)")
     parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
                         help="also measure a gateway B with this setting (repeatable) in the same run, in front of "
                              "the same stub (e.g. BANYAN_KEY_CACHE_TTL_S=0)")
@@ -628,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                       stub_seconds=args.stub_seconds or (8.0 if quick else 20.0),
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
                       data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub, alone_only=args.alone_only,
-                      pin_stub=args.pin_stub, pin_gateway=args.pin_gateway, compare_env=compare_env)
+                      pin_stub=args.pin_stub, pin_gateway=args.pin_gateway, compare_env=compare_env,
+                      client=args.client)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]
