@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import secrets
 import shlex
@@ -64,6 +65,14 @@ class _DrainingServer(uvicorn.Server):
             seconds=self._drain_s, stop=lambda: super(_DrainingServer, self).handle_exit(sig, frame)))
 
 
+def _freeze_startup_heap() -> None:
+    """Move what start-up allocated (the libraries, the embedding model and tokenizers: millions of objects) out of
+    the cyclic garbage collector's reach. Without it every full collection walks all of them: 24 full collections
+    took 5.9 s of a gateway's 19 s of CPU in a bench run, each one pausing the event loop for about 0.25 s."""
+    gc.collect()
+    gc.freeze()
+
+
 def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
     app = create_app(settings)
     state: AppState = app.state.banyan
@@ -75,20 +84,19 @@ def _serve_forever(settings: Settings, *, after_start: object = None) -> None:
     server = _DrainingServer(config, drain=state.drain, drain_s=settings.shutdown_drain_s)
 
     async def main() -> None:
-        task = None
-        if after_start is not None:
-            async def _after() -> None:
-                while not server.started:
-                    if server.should_exit:
-                        return
-                    await asyncio.sleep(0.05)
+        async def _after() -> None:
+            while not server.started:
+                if server.should_exit:
+                    return
+                await asyncio.sleep(0.05)
+            _freeze_startup_heap()
+            if after_start is not None:
                 await after_start(server)  # type: ignore[operator]
-            task = asyncio.create_task(_after())
+        task = asyncio.create_task(_after())
         await server.serve()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     # Run on the loop uvicorn chose (`loop="auto"`: uvloop when installed, as with `uvicorn[standard]`); a plain
     # asyncio.run() would keep the default asyncio loop whatever the config says.
