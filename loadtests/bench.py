@@ -540,34 +540,30 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
         result[f"stub_direct_{mode}_max_rps"] = round(max(e["rps"] for e in stub), 1)
     # Same run, same concurrency (the main one), target pairs measured back to back.
     c = options.concurrency if options.concurrency in options.stub_concurrency else options.stub_concurrency[0]
-    result["gateway_alone_ratio"] = {
-        mode: round(alone[f"{mode}/gateway+stub/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
-        if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+
+    def ratio(top: str, bottom: str) -> dict[str, float | None]:
+        """``top``'s req/s over ``bottom``'s, per mode, at the main concurrency."""
+        return {mode: round(alone[f"{mode}/{top}/c{c}"]["rps"] / alone[f"{mode}/{bottom}/c{c}"]["rps"], 4)
+                if alone[f"{mode}/{bottom}/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+
+    def cpu(target: str) -> dict[str, float]:
+        return {mode: round(alone[f"{mode}/{target}/c{c}"]["gateway_cpu_ms_per_request"], 3)
+                for mode in ("stream", "nonstream")}
+
+    result["gateway_alone_ratio"] = ratio(GATEWAY, "stub direct")
     result["gateway_alone_concurrency"] = c
     if f"stream/{GATEWAY_B}/c{c}" in alone:  # the A/B: B's req/s over A's, and each one's CPU per request
         result["compare_env"] = options.compare_env
-        result["gateway_b_over_a_rps"] = {
-            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["rps"] / alone[f"{mode}/{GATEWAY}/c{c}"]["rps"], 4)
-            if alone[f"{mode}/{GATEWAY}/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
-        result["gateway_b_alone_ratio"] = {
-            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
-            if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
-        result["gateway_b_cpu_ms_per_request"] = {
-            mode: round(alone[f"{mode}/{GATEWAY_B}/c{c}"]["gateway_cpu_ms_per_request"], 3)
-            for mode in ("stream", "nonstream")}
+        result["gateway_b_over_a_rps"] = ratio(GATEWAY_B, GATEWAY)
+        result["gateway_b_alone_ratio"] = ratio(GATEWAY_B, "stub direct")
+        result["gateway_b_cpu_ms_per_request"] = cpu(GATEWAY_B)
         print(f"gateway B ({' '.join(f'{k}={v}' for k, v in options.compare_env.items())}) / gateway A req/s at "
               f"c={c}: stream {result['gateway_b_over_a_rps']['stream']}, "
               f"non-stream {result['gateway_b_over_a_rps']['nonstream']}")
     if f"stream/{FLOOR}/c{c}" in alone:  # the bare proxy: what this machine and client allow any Python proxy
-        result["floor_alone_ratio"] = {
-            mode: round(alone[f"{mode}/{FLOOR}/c{c}"]["rps"] / alone[f"{mode}/stub direct/c{c}"]["rps"], 4)
-            if alone[f"{mode}/stub direct/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
-        result["floor_cpu_ms_per_request"] = {
-            mode: round(alone[f"{mode}/{FLOOR}/c{c}"]["gateway_cpu_ms_per_request"], 3)
-            for mode in ("stream", "nonstream")}
-        result["gateway_over_floor_rps"] = {
-            mode: round(alone[f"{mode}/{GATEWAY}/c{c}"]["rps"] / alone[f"{mode}/{FLOOR}/c{c}"]["rps"], 4)
-            if alone[f"{mode}/{FLOOR}/c{c}"]["rps"] else None for mode in ("stream", "nonstream")}
+        result["floor_alone_ratio"] = ratio(FLOOR, "stub direct")
+        result["floor_cpu_ms_per_request"] = cpu(FLOOR)
+        result["gateway_over_floor_rps"] = ratio(GATEWAY, FLOOR)
         print(f"bare proxy ({FLOOR}) / stub direct req/s at c={c}: stream {result['floor_alone_ratio']['stream']}, "
               f"non-stream {result['floor_alone_ratio']['nonstream']}; gateway / bare proxy: stream "
               f"{result['gateway_over_floor_rps']['stream']}, "

@@ -17,9 +17,15 @@ from gateway.dev.stack import valkey_binary
 
 @pytest.fixture(scope="module")
 def valkey_url() -> Iterator[str]:
+    yield from throwaway_valkey()
+
+
+def throwaway_valkey(*arguments: str) -> Iterator[str]:
+    """A Valkey on a free loopback port (``arguments`` added to its command line, e.g. ``--loadmodule``) while the
+    generator runs: its ``redis://`` URL."""
     port = free_port()
     child = subprocess.Popen([valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--appendonly", "no", *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         deadline = time.monotonic() + 30

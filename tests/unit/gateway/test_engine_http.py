@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.engine import EnginePool
-from gateway.engine_http import AiohttpCaller, AiohttpTransport, HttpxCaller
+from gateway.engine_http import AiohttpCaller, AiohttpTransport, EngineResponse, HttpxCaller
 
 
 class Server:
@@ -66,6 +66,19 @@ async def server() -> AsyncIterator[Server]:
     await runner.cleanup()
 
 
+async def _read_a_few_events_then_close(response: EngineResponse, server: Server) -> None:
+    """The first events arrive while the server still writes; closing the response then drops the connection
+    (the server's write fails: what makes an engine stop a request whose client left)."""
+    received = b""
+    async for chunk in response.aiter_raw():
+        received += chunk
+        if received.count(b"\n\n") >= 3:
+            break
+    assert received.startswith(b"data: 0\n\ndata: 1\n\n")
+    await response.aclose()
+    await asyncio.wait_for(server.stream_cut.wait(), timeout=5)
+
+
 def _client(url: str, **kwargs: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, transport=AiohttpTransport(), **kwargs)  # type: ignore[arg-type]
 
@@ -95,15 +108,7 @@ async def test_connections_are_kept_alive_and_reused(server: Server) -> None:
 async def test_a_stream_arrives_as_it_is_written_and_closing_it_early_drops_the_connection(server: Server) -> None:
     async with _client(server.url) as client:
         request = client.build_request("GET", "/stream")
-        response = await client.send(request, stream=True)
-        received = b""
-        async for chunk in response.aiter_raw():
-            received += chunk
-            if received.count(b"\n\n") >= 3:
-                break
-        assert received.startswith(b"data: 0\n\ndata: 1\n\n")
-        await response.aclose()
-        await asyncio.wait_for(server.stream_cut.wait(), timeout=5)
+        await _read_a_few_events_then_close(await client.send(request, stream=True), server)
 
 
 async def test_an_engine_that_is_not_there_is_a_connect_error() -> None:
@@ -153,14 +158,7 @@ async def test_the_caller_relays_a_stream_and_closing_it_early_drops_the_connect
     try:
         response = await caller.open("/stream", {}, headers={})
         assert response.status_code == 200
-        received = b""
-        async for chunk in response.aiter_raw():
-            received += chunk
-            if received.count(b"\n\n") >= 3:
-                break
-        assert received.startswith(b"data: 0\n\ndata: 1\n\n")
-        await response.aclose()
-        await asyncio.wait_for(server.stream_cut.wait(), timeout=5)
+        await _read_a_few_events_then_close(response, server)
     finally:
         await transport.aclose()
 

@@ -4,17 +4,14 @@ the search module (a throwaway server on a free loopback port, per module)."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from gateway.dev.processes import free_port
-from gateway.dev.stack import search_module, valkey_binary
+from gateway.dev.stack import search_module
 from retrieval.index import (
     VECTOR_TYPES,
     ChunkIndex,
@@ -25,6 +22,7 @@ from retrieval.index import (
     encode_vector,
 )
 from retrieval.service import DocumentService, RetrievalConfig
+from tests.unit.conftest import throwaway_valkey
 from tests.unit.retrieval.conftest import HashingEmbedder
 
 DIM = 16
@@ -32,25 +30,7 @@ DIM = 16
 
 @pytest.fixture(scope="module")
 def search_url() -> Iterator[str]:
-    port = free_port()
-    child = subprocess.Popen([valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                              "--appendonly", "no", "--loadmodule", str(search_module())],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sync_redis.Redis.from_url(url).ping()
-                break
-            except sync_redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
+    yield from throwaway_valkey("--loadmodule", str(search_module()))
 
 
 @pytest.fixture
