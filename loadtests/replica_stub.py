@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtests.stub_openai import read_request
+from loadtests.stub_openai import StubRequest, serve_connection
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -227,17 +227,10 @@ class ReplicaServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while (request := await read_request(reader)) is not None:
-                writer.write(await self.route(request.method, request.path, request.body))
-                await writer.drain()
-                if request.close:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+        async def answer(request: StubRequest) -> list[bytes]:
+            return [await self.route(request.method, request.path, request.body)]
+
+        await serve_connection(reader, writer, answer)
 
     async def route(self, method: str, path: str, raw: bytes) -> bytes:
         replica = self.replica

@@ -17,6 +17,7 @@ import contextlib
 import json
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,24 @@ class StubRequest:
     body: bytes
     close: bool
     """The client asked to close the connection after the answer."""
+
+
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           answer: Callable[[StubRequest], Awaitable[list[bytes]]]) -> None:
+    """Answer the requests of one keep-alive connection in turn (each answer's parts written as they come), until
+    the client closes it or asks to."""
+    try:
+        while (request := await read_request(reader)) is not None:
+            for part in await answer(request):
+                writer.write(part)
+                await writer.drain()
+            if request.close:
+                return
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 async def read_request(reader: asyncio.StreamReader) -> StubRequest | None:
@@ -115,18 +134,10 @@ class _Stub:
         return [head, *(_chunk(e) for e in events), b"0\r\n\r\n"]
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while (request := await read_request(reader)) is not None:
-                for part in self.route(request.method, request.path, request.body):
-                    writer.write(part)
-                    await writer.drain()
-                if request.close:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+        async def answer(request: StubRequest) -> list[bytes]:
+            return self.route(request.method, request.path, request.body)
+
+        await serve_connection(reader, writer, answer)
 
     def route(self, method: str, path: str, raw: bytes) -> list[bytes]:
         if method == "GET" and path in ("/health", "/ping"):
