@@ -13,6 +13,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.basemodel import BaseModelSpec
 from adapters.imports import ImportRunner, ImportStore
@@ -68,9 +71,12 @@ def redis_client(settings: Settings) -> Redis:
     """The gateway's Redis client. Its pool is bounded and blocking: with every connection busy (a burst of requests
     each starting or settling), a command waits for one instead of failing (redis-py's default pool raises
     ``MaxConnectionsError`` past 100 connections: a 503 for the request)."""
+    # A command that finds its connection closed by the server (a pooled connection from before a Redis restart)
+    # is sent once more on a new connection; a timeout is not retried (the command may have run).
     pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
                                            timeout=settings.redis_pool_timeout_s, socket_timeout=5.0,
-                                           socket_connect_timeout=5.0, health_check_interval=30)
+                                           socket_connect_timeout=5.0, health_check_interval=30,
+                                           retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 

@@ -25,3 +25,17 @@ async def test_a_burst_beyond_the_pool_waits_for_connections_and_all_of_it_succe
         assert len(pool._available_connections) + len(pool._in_use_connections) <= 8
     finally:
         await client.aclose()
+
+
+async def test_a_connection_the_server_closed_is_replaced_without_failing_the_command(valkey_url: str) -> None:
+    client = redis_client(Settings(mode="dev", redis_url=valkey_url, redis_max_connections=8))
+    other = redis_client(Settings(mode="dev", redis_url=valkey_url))
+    try:
+        assert await client.set("before", 1)
+        mine = await client.client_id()
+        assert await other.client_kill_filter(_id=mine) == 1  # what a Redis restart does to every pooled connection
+        assert await client.get("before") == b"1"  # on the closed connection: retried once on a new one
+        assert await client.client_id() != mine
+    finally:
+        await client.aclose()
+        await other.aclose()
