@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import AuthMiddleware, RequestContextMiddleware
 from gateway.model_cache import CachedRegistry, ServingCache
 from gateway.openai_api.api_router import router as openai_router
-from gateway.quotas import Quotas
+from gateway.quotas import Headroom, Quotas
 from gateway.redis_batch import ScriptBatcher
 from gateway.settings import Settings
 from gateway.state import AppState, ServedBase
@@ -117,6 +117,7 @@ def build_state(settings: Settings, *, redis: Redis | None = None, store: Object
                              concurrency=settings.import_concurrency, lease_s=settings.import_lease_s,
                              poll_s=settings.import_poll_s),
         tracing=Tracing.from_settings(settings),
+        headroom=Headroom(window_s=settings.engine_first_window_s),
         bases=bases,
         invalidation=Invalidator(redis, [key_cache, serving_cache], observer=metrics)
         if settings.cache_invalidation else None,

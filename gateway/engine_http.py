@@ -164,18 +164,36 @@ class _AiohttpResponse:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise _translate(e, _request_for(self._response), connected=True) from e
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise _translate(e, _request_for(self._response), connected=True) from e
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return _Chunks(self._response)
 
     async def aclose(self) -> None:
         if self._response.content.at_eof():
             self._response.release()
         else:
             self._response.close()  # cut short: drop the connection, which ends the engine's work on it
+
+
+class _Chunks:
+    """The body's bytes as they arrive: each step one ``readany`` of aiohttp's stream (no generator in between: a
+    stream's relay takes a step per event)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._response.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _translate(e, _request_for(self._response), connected=True) from e
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 def _request_for(response: aiohttp.ClientResponse) -> httpx.Request:

@@ -2,7 +2,8 @@
 
 On SIGTERM (:func:`gateway.cli.serve_forever`) the gateway drains: ``/readyz`` answers 503 at once (load balancers
 stop sending), the requests in flight get up to ``shutdown_drain_s`` to finish, and the streams still open then are
-cut (:func:`next_unless_cut`: the relay sends an error event and ``[DONE]``) before the server stops.
+cut (each relay registers with :meth:`Drain.on_cut`; cut, it sends an error event and ``[DONE]``) before the server
+stops.
 """
 
 from __future__ import annotations
@@ -10,17 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 log = logging.getLogger("banyan.health")
-
-
-class StreamCut(Exception):
-    """The drain time is up: a stream still open ends now."""
 
 
 class Drain:
@@ -31,7 +26,8 @@ class Drain:
         self.requests = 0
         self.draining = False
         self.streams_cut = False
-        self._waits: set[anyio.CancelScope] = set()
+        self._cuts: dict[int, Callable[[], None]] = {}
+        self._next_cut_id = 0
         self._idle: asyncio.Event | None = None
 
     def enter(self) -> None:
@@ -46,11 +42,27 @@ class Drain:
         """Go unready: ``/readyz`` answers 503 from now on."""
         self.draining = True
 
+    def on_cut(self, cut: Callable[[], None]) -> Callable[[], None]:
+        """Call ``cut`` when the streams are cut (at once if they already are); returns what forgets it (a stream
+        that ended). Registered once per stream, nothing per event: a relay waits for the engine's bytes as it
+        would without a drain, and ``cut`` interrupts that wait."""
+        if self.streams_cut:
+            cut()
+            return _nothing
+        key, self._next_cut_id = self._next_cut_id, self._next_cut_id + 1
+        self._cuts[key] = cut
+
+        def forget() -> None:
+            self._cuts.pop(key, None)
+
+        return forget
+
     def cut_streams(self) -> None:
         """End every stream still open (also one waiting for the engine's next bytes)."""
         self.streams_cut = True
-        for scope in list(self._waits):
-            scope.cancel()
+        cuts, self._cuts = list(self._cuts.values()), {}
+        for cut in cuts:
+            cut()
 
     async def run(self, *, seconds: float, stop: Callable[[], None], settle_s: float = 2.0) -> None:
         """The whole drain: unready, up to ``seconds`` for the requests in flight to end, cut the streams still open
@@ -75,20 +87,8 @@ class Drain:
         return True
 
 
-async def next_unless_cut(chunks: AsyncIterator[bytes], drain: Drain) -> bytes | None:
-    """The next chunk of a stream (None at its end); :class:`StreamCut` once the drain cuts streams, also while
-    waiting for the chunk (the wait is cancelled: the caller closes what it reads from)."""
-    if drain.streams_cut:
-        raise StreamCut
-    with anyio.CancelScope() as scope:
-        drain._waits.add(scope)
-        try:
-            return await chunks.__anext__()
-        except StopAsyncIteration:
-            return None
-        finally:
-            drain._waits.discard(scope)
-    raise StreamCut  # only reached when the drain cancelled the wait
+def _nothing() -> None:
+    return None
 
 
 ROLES = ("engine", "redis", "object_store")

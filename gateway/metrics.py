@@ -56,6 +56,10 @@ class Metrics:
         self.budget_refusals = Counter("banyan_budget_refusals_total",
                                        "Requests refused because a tenant's token budget was spent, by period "
                                        "(daily, monthly).", ["period"], registry=r)
+        self.engine_first = Counter("banyan_engine_first_total",
+                                    "Completions started on the engine while their admission was decided "
+                                    "(engine_first), by outcome (granted, refused: the engine call was cancelled).",
+                                    ["outcome"], registry=r)
         self.model_resolutions = Counter("banyan_model_resolutions_total",
                                          "Completion requests by how their model resolved (base, adapter, "
                                          "not_found).", ["result"], registry=r)

@@ -38,9 +38,11 @@ Durations are written the way OpenAI writes them (:func:`format_duration`: ``20m
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -215,7 +217,13 @@ class Period:
 
 def periods(now: float) -> tuple[Period, Period]:
     """The day and the month (UTC) ``now`` falls in."""
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return _periods_of_day(int(now // 86_400))
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_day(day_number: int) -> tuple[Period, Period]:
+    """:func:`periods` of a UTC day (days since the epoch): computed once a day, not per request."""
+    day = datetime.fromtimestamp(day_number * 86_400, UTC)
     month = day.replace(day=1)
     next_month = (month + timedelta(days=32)).replace(day=1)
     return (Period("daily", day.strftime("%Y%m%d"), int((day + timedelta(days=1)).timestamp())),
@@ -331,6 +339,44 @@ class Admission:
             self.renewal.cancel()
         if quotas is not None and (self.lease is not None or self.reserved > 0 or self.spent > 0):
             await quotas.give_back(self)
+
+
+class Headroom:
+    """The room each tenant's last admission on this replica left (bounded, least recently admitted dropped
+    first): whether a request of the tenant may start on the engine before its own admission is decided
+    (:attr:`gateway.settings.Settings.engine_first`)."""
+
+    def __init__(self, *, window_s: float = 5.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._window_s = window_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._last: OrderedDict[str, tuple[float, int | None, int | None]] = OrderedDict()
+        """tenant -> (when, requests left, tokens left); None: no such window."""
+
+    def note(self, tenant: str, admission: Admission) -> None:
+        """A grant: the room it left, unless the tenant has a concurrency cap (a lease: never ample)."""
+        if admission.lease is not None or self._max_entries <= 0:
+            self._last.pop(tenant, None)
+            return
+        requests, tokens = admission.limits.requests, admission.limits.tokens
+        self._last[tenant] = (self._clock(), None if requests is None else requests.limit - requests.used,
+                              None if tokens is None else tokens.limit - tokens.used)
+        self._last.move_to_end(tenant)
+        while len(self._last) > self._max_entries:
+            self._last.popitem(last=False)
+
+    def refused(self, tenant: str) -> None:
+        self._last.pop(tenant, None)
+
+    def ample(self, tenant: str, reserve_tokens: int) -> bool:
+        """Whether the tenant's last grant is recent and left at least two requests and twice ``reserve_tokens``."""
+        last = self._last.get(tenant)
+        if last is None:
+            return False
+        when, requests, tokens = last
+        return (self._clock() - when <= self._window_s and (requests is None or requests >= 2)
+                and (tokens is None or tokens >= 2 * reserve_tokens))
 
 
 class Quotas:

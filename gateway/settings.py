@@ -237,6 +237,15 @@ class Settings(S3Settings):
     """How long the key and adapter caches trust an entry while the invalidation subscriber is not connected (a
     Redis outage, or ``cache_invalidation`` off): the bound on a change reaching this replica when messages are
     lost."""
+    engine_first: bool = True
+    """Start a completion on the engine while its admission is being decided, when this replica's last admission
+    of the tenant (at most ``engine_first_window_s`` ago) left ample room: no concurrency cap, at least two requests
+    and twice this request's tokens left in its windows. A refusal then cancels the engine call (the engine drops
+    the request). Takes the admission's Redis round trip off the time to first token; a tenant refused once waits
+    for its admissions again until one is granted with room, so refused requests never reach the engine in
+    numbers (at most one per grant). Requests with ``rag`` always wait for their admission."""
+    engine_first_window_s: float = Field(default=5.0, ge=0)
+    """How long the room a tenant's last admission left counts for :attr:`engine_first`."""
     shutdown_drain_s: float = Field(default=10.0, ge=0)
     """On SIGTERM the gateway answers /readyz 503 at once and lets requests finish for up to this long; streams
     still open then end with an error event and ``[DONE]``."""

@@ -20,7 +20,7 @@ from gateway.fine_tuning.files import Files
 from gateway.health import Drain, Readiness
 from gateway.invalidation import Invalidator
 from gateway.metrics import Metrics
-from gateway.quotas import Limiter
+from gateway.quotas import Headroom, Limiter
 from gateway.settings import Settings
 from gateway.tenants import Tenants
 from gateway.tracing import Tracing
@@ -83,6 +83,9 @@ class AppState:
     invalidation: Invalidator | None = None
     """The cache invalidation subscriber the lifespan runs (:mod:`gateway.invalidation`); None: none runs (the
     caches, if any, keep to their short TTL)."""
+    headroom: Headroom = field(default_factory=Headroom)
+    """The room each tenant's last admission left: whether a completion may start on the engine before its
+    admission is decided (``engine_first``)."""
     bases: dict[str, ServedBase] = field(default_factory=dict)
     """Every served base model by id, the default first. Default: the one base of ``settings.base_model`` with
     ``base_spec``, ``engines`` and ``tokens`` (which are always the default base's)."""

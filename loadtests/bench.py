@@ -72,6 +72,10 @@ class Options:
     compare_env: dict[str, str] = field(default_factory=dict)
     """Settings of a second gateway ("gateway B") measured in the same run, in front of the same stub: an A/B
     of one change (e.g. ``BANYAN_KEY_CACHE_TTL_S=0``); empty: no second gateway."""
+    event_gap_ms: float = 0.0
+    """The stub's pause between two events of a stream (``--event-gap-ms``): 0 sends a whole stream at once (the
+    gateway relays it in one read); a gap makes it relay event by event, as it does from an engine, so its CPU per
+    streamed token (``gateway_alone_cpu_us_per_token``) is the relay's."""
     client: str = "aiohttp"
     """The connection pool under the bench's httpx client: ``aiohttp`` (:class:`gateway.engine_http.AiohttpTransport`,
     constant time per request) or ``httpx`` (httpcore's, which walks every connection per request: at 64 in flight
@@ -252,7 +256,8 @@ def _start_stub(children: Children, stack: DevProcess, options: Options) -> tupl
     info = stack.info
     stub_port = free_port()
     stub = children.spawn("bench-stub", [*_pinned(options.pin_stub), sys.executable, "-m", "loadtests.stub_openai",
-                                         "--port", str(stub_port), "--model", info["base_model"]], cwd=REPO)
+                                         "--port", str(stub_port), "--model", info["base_model"],
+                                         "--event-gap-ms", str(options.event_gap_ms)], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
     children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
     return stub, stub_url
@@ -384,8 +389,9 @@ async def _gateway_alone(options: Options, stub_url: str, gateways: dict[str, tu
                     samples, wall = await _run_for(client, make, concurrency, options.stub_seconds)
                     gw_cpu, me_cpu = _cpu(gateway_process) - gw_before, _cpu(me) - me_before
                 ok = [s for s in samples if s.ok]
+                tokens = sum(s.tokens for s in ok)
                 entry: dict[str, Any] = {
-                    "mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok),
+                    "mode": mode, "target": target, "concurrency": concurrency, "requests": len(ok), "tokens": tokens,
                     "errors": len(samples) - len(ok), "rps": len(ok) / wall,
                     "p50_ms": _pct_ms(ok, 50), "p99_ms": _pct_ms(ok, 99),
                     "client_cpu_ms_per_request": 1000 * me_cpu / max(1, len(ok))}
@@ -394,6 +400,7 @@ async def _gateway_alone(options: Options, stub_url: str, gateways: dict[str, tu
                 if gateway_process is not None:
                     entry["gateway_cpu_ms_per_request"] = 1000 * gw_cpu / max(1, len(ok))
                     entry["gateway_cpu_cores"] = gw_cpu / wall
+                    entry["gateway_cpu_us_per_token"] = 1e6 * gw_cpu / max(1, tokens)
                 out[f"{mode}/{target}/c{concurrency}"] = entry
                 _say(f"[bench] alone {mode:9s} {target:12s} c={concurrency:<3d} {entry['rps']:8.1f} req/s")
     return out
@@ -523,12 +530,13 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
     print()
     print(f"Gateway alone in front of a local OpenAI stub ({options.stub_seconds:.0f} s closed loop each)")
     header = (f"{'mode':9s} {'target':12s} {'conc':>4s} {'ok':>7s} {'err':>4s} {'req/s':>8s} {'p50 ms':>7s} "
-              f"{'p99 ms':>7s} {'gw cpu ms/req':>13s} {'gw cores':>8s} {'client cpu ms/req':>17s}")
+              f"{'p99 ms':>7s} {'gw cpu ms/req':>13s} {'gw us/token':>11s} {'gw cores':>8s} {'client cpu ms/req':>17s}")
     print(header)
     print("-" * len(header))
     for e in alone.values():
-        gw = (f"{e['gateway_cpu_ms_per_request']:13.2f} {e['gateway_cpu_cores']:8.2f}"
-              if "gateway_cpu_ms_per_request" in e else f"{'-':>13s} {'-':>8s}")
+        gw = (f"{e['gateway_cpu_ms_per_request']:13.2f} {e['gateway_cpu_us_per_token']:11.1f} "
+              f"{e['gateway_cpu_cores']:8.2f}" if "gateway_cpu_ms_per_request" in e
+              else f"{'-':>13s} {'-':>11s} {'-':>8s}")
         print(f"{e['mode']:9s} {e['target']:12s} {e['concurrency']:4d} {e['requests']:7d} {e['errors']:4d} "
               f"{e['rps']:8.1f} {e['p50_ms']:7.1f} {e['p99_ms']:7.1f} {gw} {e['client_cpu_ms_per_request']:17.2f}")
     for mode in ("nonstream", "stream"):
@@ -550,19 +558,26 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
         return {mode: round(alone[f"{mode}/{target}/c{c}"]["gateway_cpu_ms_per_request"], 3)
                 for mode in ("stream", "nonstream")}
 
+    def per_token(target: str) -> float:
+        return round(alone[f"stream/{target}/c{c}"]["gateway_cpu_us_per_token"], 1)
+
     result["gateway_alone_ratio"] = ratio(GATEWAY, "stub direct")
     result["gateway_alone_concurrency"] = c
+    result["stub_event_gap_ms"] = options.event_gap_ms
+    result["gateway_alone_cpu_us_per_token"] = per_token(GATEWAY)
     if f"stream/{GATEWAY_B}/c{c}" in alone:  # the A/B: B's req/s over A's, and each one's CPU per request
         result["compare_env"] = options.compare_env
         result["gateway_b_over_a_rps"] = ratio(GATEWAY_B, GATEWAY)
         result["gateway_b_alone_ratio"] = ratio(GATEWAY_B, "stub direct")
         result["gateway_b_cpu_ms_per_request"] = cpu(GATEWAY_B)
+        result["gateway_b_cpu_us_per_token"] = per_token(GATEWAY_B)
         print(f"gateway B ({' '.join(f'{k}={v}' for k, v in options.compare_env.items())}) / gateway A req/s at "
               f"c={c}: stream {result['gateway_b_over_a_rps']['stream']}, "
               f"non-stream {result['gateway_b_over_a_rps']['nonstream']}")
     if f"stream/{FLOOR}/c{c}" in alone:  # the bare proxy: what this machine and client allow any Python proxy
         result["floor_alone_ratio"] = ratio(FLOOR, "stub direct")
         result["floor_cpu_ms_per_request"] = cpu(FLOOR)
+        result["floor_cpu_us_per_token"] = per_token(FLOOR)
         result["gateway_over_floor_rps"] = ratio(GATEWAY, FLOOR)
         print(f"bare proxy ({FLOOR}) / stub direct req/s at c={c}: stream {result['floor_alone_ratio']['stream']}, "
               f"non-stream {result['floor_alone_ratio']['nonstream']}; gateway / bare proxy: stream "
@@ -620,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
                         help="the bench client's connection pool (httpx's own caps the client near 100 req/s through "
                              "a gateway here)")
+    parser.add_argument("--event-gap-ms", type=float, default=0.0,
+                        help="the stub's pause between two events of a stream (0: a whole stream at once; e.g. 5 to "
+                             "measure the relay event by event, as in front of an engine)")
     parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
                         help="also measure a gateway B with this setting (repeatable) in the same run, in front of "
                              "the same stub (e.g. BANYAN_KEY_CACHE_TTL_S=0)")
@@ -636,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
                       data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub, alone_only=args.alone_only,
                       pin_stub=args.pin_stub, pin_gateway=args.pin_gateway, compare_env=compare_env,
-                      client=args.client)
+                      client=args.client, event_gap_ms=args.event_gap_ms)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]

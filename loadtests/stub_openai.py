@@ -2,11 +2,13 @@
 
 It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON, or SSE with
 ``stream: true``; ``stream_options.include_usage`` honored) with ``max_tokens`` canned one-character
-tokens, immediately, plus ``GET /health``, ``GET /v1/models`` and ``GET /metrics`` (empty). It is a
+tokens (immediately, or one event every ``--event-gap-ms`` like an engine generating; with
+``stream_options.continuous_usage_stats`` every event carries its usage so far, as vLLM's do), plus
+``GET /health``, ``GET /v1/models`` and ``GET /metrics`` (empty). It is a
 hand-written HTTP/1.1 server on asyncio (keep-alive, chunked responses for streams) so that it costs
 as little CPU as possible: whatever the gateway spends shows up next to it.
 
-    python -m loadtests.stub_openai --port 8300 --model banyan-demo
+    python -m loadtests.stub_openai --port 8300 --model banyan-demo [--event-gap-ms 2]
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ class StubRequest:
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           answer: Callable[[StubRequest], Awaitable[list[bytes]]]) -> None:
-    """Answer the requests of one keep-alive connection in turn (each answer's parts written as they come), until
-    the client closes it or asks to."""
+                           answer: Callable[[StubRequest], Awaitable[list[bytes]]], *, part_gap_s: float = 0.0) -> None:
+    """Answer the requests of one keep-alive connection in turn (each answer's parts written as they come, with
+    ``part_gap_s`` between two parts of one answer), until the client closes it or asks to."""
     try:
         while (request := await read_request(reader)) is not None:
-            for part in await answer(request):
+            for i, part in enumerate(await answer(request)):
+                if i and part_gap_s > 0:
+                    await asyncio.sleep(part_gap_s)
                 writer.write(part)
                 await writer.drain()
             if request.close:
@@ -85,9 +89,11 @@ async def read_request(reader: asyncio.StreamReader) -> StubRequest | None:
 
 
 class _Stub:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, event_gap_s: float = 0.0) -> None:
         self.model = model
         self.counter = 0
+        self.event_gap_s = event_gap_s
+        """Between two parts of a streamed answer (its head, each event, its end); 0: all written at once."""
 
     def models(self) -> bytes:
         return _json("200 OK", {"object": "list", "data": [
@@ -117,6 +123,7 @@ class _Stub:
         obj = "chat.completion.chunk" if chat else "text_completion"
         prefix = json.dumps({"id": rid, "object": obj, "created": created, "model": model},
                             separators=(",", ":"))[:-1]
+        continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
         events: list[bytes] = []
         if chat:
             events.append(f'data: {prefix},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},'
@@ -124,7 +131,10 @@ class _Stub:
         for i in range(tokens):
             finish = '"length"' if i == tokens - 1 else "null"
             piece = f'"delta":{{"content":"{_TOKEN}"}}' if chat else f'"text":"{_TOKEN}"'
-            events.append(f'data: {prefix},"choices":[{{"index":0,{piece},"finish_reason":{finish}}}]}}\n\n'.encode())
+            so_far = (f',"usage":{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens + i + 1},'
+                      f'"completion_tokens":{i + 1}}}') if continuous else ""
+            events.append(f'data: {prefix},"choices":[{{"index":0,{piece},"logprobs":null,"finish_reason":{finish}}}]'
+                          f'{so_far}}}\n\n'.encode())
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_json = json.dumps(usage, separators=(",", ":"))
             events.append(f'data: {prefix},"choices":[],"usage":{usage_json}}}\n\n'.encode())
@@ -137,7 +147,7 @@ class _Stub:
         async def answer(request: StubRequest) -> list[bytes]:
             return self.route(request.method, request.path, request.body)
 
-        await serve_connection(reader, writer, answer)
+        await serve_connection(reader, writer, answer, part_gap_s=self.event_gap_s)
 
     def route(self, method: str, path: str, raw: bytes) -> list[bytes]:
         if method == "GET" and path in ("/health", "/ping"):
@@ -159,8 +169,8 @@ class _Stub:
                                                   "code": 404}})]
 
 
-async def _main(port: int, model: str) -> None:
-    stub = _Stub(model)
+async def _main(port: int, model: str, event_gap_s: float = 0.0) -> None:
+    stub = _Stub(model, event_gap_s=event_gap_s)
     server = await asyncio.start_server(stub.serve, HOST, port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -175,8 +185,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=8300)
     parser.add_argument("--model", default="banyan-demo")
+    parser.add_argument("--event-gap-ms", type=float, default=0.0,
+                        help="pause between two events of a stream (0: the whole stream at once)")
     args = parser.parse_args()
-    coro = _main(args.port, args.model)
+    coro = _main(args.port, args.model, args.event_gap_ms / 1000)
     try:
         import uvloop
     except ImportError:

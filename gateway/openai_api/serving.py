@@ -41,16 +41,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 from redis.exceptions import RedisError
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Send
+from starlette.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from adapters.naming import AdapterRef, is_valid_id
 from adapters.registry import VersionMeta, split_bucket
@@ -61,12 +61,13 @@ from gateway.errors import (
     EngineUnavailable,
     InvalidRequest,
     ModelNotFound,
+    RateLimited,
     ServiceUnavailable,
     UpstreamError,
     sse_error_event,
 )
-from gateway.health import StreamCut, next_unless_cut
 from gateway.logs import annotate
+from gateway.metrics import Metrics
 from gateway.openai_api.limits import apply_output_cap, check_caps, prompt_sizes, worst_case_tokens
 from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.openai_api.surfaces import Surface
@@ -83,6 +84,8 @@ _ADAPTER_LOAD_FAILURES = {404: "unresolved", 400: "refused"}
 """How vLLM answers a request whose adapter it cannot load: 404 when no resolver could provide it (Banyan's
 resolver could not fetch it), 400 when it was found and would not load (or when the request itself is bad: the
 base model tells the two apart on a fallback)."""
+_T = TypeVar("_T")
+
 CLIENT_CLOSED_REQUEST = 499
 """The status logged for a request whose client left before its answer (nginx's convention; nobody reads it)."""
 
@@ -284,13 +287,19 @@ class _Call:
     surface: Surface
     body: dict[str, Any]
     resolved: ResolvedModel
-    admission: Admission
+    admitted: asyncio.Future[Admission]
+    """The admission: decided before the engine call, or (``engine_first``) while it starts."""
     started: float
     sources: list[dict[str, Any]] | None = None
     usage_shown: bool = False
     """The client asked for the final usage event (``stream_options.include_usage``)."""
     continuous_usage_shown: bool = False
     """The client asked for usage on every event too (``continuous_usage_stats``)."""
+
+    @property
+    def admission(self) -> Admission:
+        """The admission, once granted (the engine's answer is never used before)."""
+        return self.admitted.result()
 
 
 class CompletionService:
@@ -313,8 +322,14 @@ class CompletionService:
             prompt_sizes, request, body, counted)
         reserve = worst_case_tokens(request, body, prompt_sizes=sizes, settings=settings)
         tracing = self.state.tracing
-        with tracing.stage("admission"):
-            admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
+        rag = request.rag_options()
+        admitted: asyncio.Future[Admission]
+        if rag is None and settings.engine_first and self.state.headroom.ample(tenant, reserve):
+            admitted = asyncio.ensure_future(self._admit(tenant, reserve))  # decided while the engine starts
+        else:
+            admitted = asyncio.get_running_loop().create_future()
+            with tracing.stage("admission"):
+                admitted.set_result(await self._admit(tenant, reserve))
         streaming = False
         try:
             user = body.get("user")
@@ -324,11 +339,10 @@ class CompletionService:
             body["model"] = resolved.engine
             body["cache_salt"] = cache_salt(tenant)
             options = request.stream_options
-            call = _Call(tenant=tenant, surface=request.surface, body=body, resolved=resolved, admission=admission,
+            call = _Call(tenant=tenant, surface=request.surface, body=body, resolved=resolved, admitted=admitted,
                          started=started, usage_shown=bool(options and options.include_usage),
                          continuous_usage_shown=bool(options and options.include_usage
                                                      and options.continuous_usage_stats))
-            rag = request.rag_options()
             if rag is not None:
                 tokens = self.state.bases[resolved.base].tokens
                 prompt_tokens = sizes[0] if tokens is counted else (
@@ -337,15 +351,26 @@ class CompletionService:
                     call.sources = await self._ground(call, rag, prompt_tokens=prompt_tokens,
                                                       output_tokens=request.output_tokens(), tokens=tokens)
             response = await self._send(call, stream=bool(request.stream), disconnected=disconnected)
-            streaming = isinstance(response, StreamingResponse)  # the stream gives the slot back when it ends
-            response.headers.update(admission.headers())
+            streaming = isinstance(response, _RelayResponse)  # the stream gives the slot back when it ends
+            response.headers.update(call.admission.headers())
             return response
         except BanyanError as e:  # an admitted request's error says where its limits stand too
+            admission = await asyncio.shield(admitted)  # a refusal, decided now, is the answer instead
             e.headers = {**admission.headers(), **(e.headers or {})}
             raise
         finally:
             if not streaming:
-                await _finish_whatever_happens(admission.release())
+                await _finish_whatever_happens(_release_once_decided(admitted))
+
+    async def _admit(self, tenant: str, reserve: int) -> Admission:
+        """The tenant's admission, its room noted for ``engine_first``."""
+        try:
+            admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
+        except BanyanError:
+            self.state.headroom.refused(tenant)
+            raise
+        self.state.headroom.note(tenant, admission)
+        return admission
 
     async def _ground(self, call: _Call, rag: RagOptions, *, prompt_tokens: int, output_tokens: int | None,
                       tokens: TokenCounter) -> list[dict[str, Any]]:
@@ -373,9 +398,9 @@ class CompletionService:
         try:
             with self.state.tracing.stage("engine_call", **{"banyan.stream": stream}):
                 if stream:  # until the engine's headers; the relay is the `stream` span
-                    upstream = await self._open_or_fall_back(call, held)
+                    upstream = await _once_admitted(call, self._open_or_fall_back(call, held), metrics)
                 else:  # the engine answers a JSON request when it is done: the client may leave before the headers
-                    content = await _unless_left(self._fetch(call, held), disconnected)
+                    content = await _unless_left(_once_admitted(call, self._fetch(call, held), metrics), disconnected)
         except BaseException:
             await _finish_whatever_happens(held.aclose())
             raise
@@ -383,7 +408,7 @@ class CompletionService:
             await _finish_whatever_happens(held.aclose())  # closing an unread engine response ends its work
             if content is None:
                 metrics.client_disconnects.labels("json").inc()
-                call.admission.keep_reservation()
+                (await asyncio.shield(call.admitted)).keep_reservation()
                 annotate(client_left=True)
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             return await self._render_json(call, content)
@@ -496,6 +521,38 @@ class CompletionService:
                 raise outcome
 
 
+async def _once_admitted(call: _Call, work: Coroutine[Any, Any, _T], metrics: Metrics) -> _T:
+    """What ``work`` (the engine call) returns, once the request is admitted: with an admission still being decided,
+    ``work`` runs meanwhile, and a refusal cancels it (closing the engine connection: the engine drops the request)
+    and is raised."""
+    admitted = call.admitted
+    if admitted.done():
+        admitted.result()  # a refusal is raised here
+        return await work
+    engine = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(admitted)
+    except BaseException as e:
+        if isinstance(e, RateLimited):
+            metrics.engine_first.labels("refused").inc()
+        engine.cancel()
+        await asyncio.wait({engine})
+        if not engine.cancelled():
+            engine.exception()  # retrieved: the refusal (or the cancellation) is what is raised
+        raise
+    metrics.engine_first.labels("granted").inc()
+    return await engine
+
+
+async def _release_once_decided(admitted: asyncio.Future[Admission]) -> None:
+    """Release the admission once it is decided (a refusal holds nothing)."""
+    try:
+        admission = await admitted
+    except Exception:
+        return
+    await admission.release()
+
+
 async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnected | None) -> bytes | None:
     """What ``work`` returns, or None if the client left first (``work`` is then cancelled: an engine call cut
     short closes its connection, and the engine drops the request)."""
@@ -517,7 +574,7 @@ async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnec
 
 
 class _Relay:
-    """The stream of one request, from the engine to the client: :meth:`events` relays, :meth:`finish` (once,
+    """The stream of one request, from the engine to the client: :meth:`pump` relays, :meth:`finish` (once,
     however the stream ended) closes the engine response, records the usage and releases what is held."""
 
     def __init__(self, service: CompletionService, call: _Call, upstream: EngineResponse,
@@ -531,32 +588,59 @@ class _Relay:
                                         choices_per_prompt=int(call.body.get("n") or 1))
         self._ended = False
         self._finished = False
+        self._cutting = False
+        self._pump: asyncio.Task[Any] | None = None
         self._span = service.state.tracing.start("stream")
 
-    async def events(self) -> AsyncIterator[bytes]:
-        metrics, call = self._service.state.metrics, self._call
-        first = True
-        chunks = self._upstream.aiter_raw()
+    async def pump(self, send: Send, start: Message) -> None:
+        """The response on ``send``: ``start``, the engine's events as they arrive (each read rewritten and written
+        at once), an error event if the engine's stream breaks or the drain cuts it, then the end."""
+        self._pump = asyncio.current_task()
+        await send(start)
+        forget = self._service.state.drain.on_cut(self._cut)
         try:
-            while (chunk := await next_unless_cut(chunks, self._service.state.drain)) is not None:
-                out = self._rewriter.feed(chunk)
+            tail = await self._relay_events(send)
+        finally:
+            forget()  # from here on, a cut has nothing to interrupt
+        if tail:
+            await send({"type": "http.response.body", "body": tail, "more_body": True})
+        self._ended = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_events(self, send: Send) -> bytes:
+        """Relay until the engine's stream ends; what is left to send (the rewriter's tail, or an error event)."""
+        call, rewriter = self._call, self._rewriter
+        metrics = self._service.state.metrics
+        next_chunk = self._upstream.aiter_raw().__anext__
+        first = True
+        try:
+            while True:
+                try:
+                    chunk = await next_chunk()
+                except StopAsyncIteration:
+                    return rewriter.flush()
+                out = rewriter.feed(chunk)
                 if out:
                     if first:
                         ttft = time.perf_counter() - call.started
                         metrics.ttft_seconds.labels(call.surface.label).observe(ttft)
                         annotate(ttft_ms=round(ttft * 1000, 2))
                         first = False
-                    yield out
-            tail = self._rewriter.flush()
-            if tail:
-                yield tail
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
         except httpx.HTTPError as e:
             metrics.engine_errors.labels("stream_broken").inc()
             log.warning("engine stream broke: %s", type(e).__name__)
-            yield sse_error_event(EngineUnavailable("The engine stream was interrupted."))
-        except StreamCut:  # the gateway is shutting down and its drain time is up
-            yield sse_error_event(ServiceUnavailable("The gateway is shutting down; send the request again."))
-        self._ended = True
+            return sse_error_event(EngineUnavailable("The engine stream was interrupted."))
+        except asyncio.CancelledError:
+            if not self._cutting or self._pump is None:
+                raise
+            self._pump.uncancel()  # the gateway is shutting down and its drain time is up
+            return sse_error_event(ServiceUnavailable("The gateway is shutting down; send the request again."))
+
+    def _cut(self) -> None:
+        self._cutting = True
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def finish(self) -> None:
         if self._finished:
@@ -577,25 +661,34 @@ class _Relay:
                     self._span.end()
 
 
-class _RelayResponse(StreamingResponse):
-    """A stream whose relay is finished however the response ends: relayed to the end, the client gone (the
-    response task cancelled, or its ``send`` failing), or never started."""
+class _RelayResponse(Response):
+    """A stream relayed straight onto the ASGI ``send`` (no body iterator in between), whose relay is finished
+    however the response ends: relayed to the end, the client gone (its ``http.disconnect`` ends the relay), the
+    response's task cancelled, or its ``send`` failing."""
+
+    media_type = "text/event-stream"
 
     def __init__(self, relay: _Relay, *, headers: dict[str, str]) -> None:
-        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)  # no body: no content-length
         self._relay = relay
 
-    async def stream_response(self, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        pump = asyncio.ensure_future(self._relay.pump(send, start))
+        gone = asyncio.ensure_future(client_disconnected(receive)())
         try:
-            await super().stream_response(send)
+            await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _finish_whatever_happens(self._close())
+            for task in (pump, gone):
+                task.cancel()
+            await _finish_whatever_happens(self._close(pump, gone))
+        if not pump.cancelled() and (error := pump.exception()) is not None:
+            raise error
 
-    async def _close(self) -> None:
-        iterator = self.body_iterator
-        if isinstance(iterator, AsyncIterator) and hasattr(iterator, "aclose"):
-            with suppress(RuntimeError):  # still running: it ends with the task that runs it
-                await iterator.aclose()
+    async def _close(self, *tasks: asyncio.Task[None]) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._relay.finish()
 
 

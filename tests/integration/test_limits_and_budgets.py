@@ -82,6 +82,7 @@ def test_a_spent_daily_budget_refuses_until_raised(stack: RunningStack, admin: h
     assert response.status_code == 200, response.text
     client, base = tenant.client(), stack.info["base_model"]
     refused_before = stack.gateway_metric("banyan_budget_refusals_total", period="daily")
+    cancelled_before = stack.gateway_metric("banyan_engine_first_total", outcome="refused")
     spent = 0
     with pytest.raises(openai.RateLimitError) as refused:
         for _ in range(10):  # each request spends its prompt and 8 tokens: the budget runs out in a few
@@ -96,6 +97,9 @@ def test_a_spent_daily_budget_refuses_until_raised(stack: RunningStack, admin: h
     assert midnight.strftime("%Y-%m-%d 00:00:00 UTC") in error["message"]  # type: ignore[index]
     assert 0 < int(refused.value.response.headers["retry-after"]) <= 86_400
     assert stack.gateway_metric("banyan_budget_refusals_total", period="daily") == refused_before + 1
+    # The tenant has no rpm, tpm or concurrency cap: after its first grant each request started on the engine while
+    # its admission was decided (engine_first), so the refused one was cancelled on the engine, and charged nothing.
+    assert stack.gateway_metric("banyan_engine_first_total", outcome="refused") == cancelled_before + 1
     budget = admin.get(f"/admin/tenants/{tenant.id}").json()["budget"]
     assert budget["daily"] == {"limit": 40, "used": spent, "remaining": 0, "resets_at": int(midnight.timestamp())}
     assert budget["monthly"]["limit"] is None and budget["monthly"]["used"] == spent

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.types import ASGIApp, Message
 
 from gateway.app import create_app
-from gateway.health import Drain, StreamCut, next_unless_cut
+from gateway.health import Drain
 from gateway.openai_api.protocol import CompletionRequest
 from gateway.openai_api.serving import CompletionService
 from gateway.settings import Settings
@@ -200,31 +200,29 @@ async def test_the_drain_waits_for_requests_then_stops() -> None:
 async def test_the_drain_cuts_what_is_still_open_when_its_time_is_up() -> None:
     drain, stopped = Drain(), asyncio.Event()
     waiting = asyncio.Event()
+    cuts: list[str] = []
 
-    async def stalled() -> AsyncIterator[bytes]:
-        yield b"first"
-        waiting.set()
-        await asyncio.sleep(3600)
-        yield b"never"
-
-    chunks = stalled()
-
-    async def relay() -> list[bytes]:
-        got = []
+    async def stalled_relay() -> None:
         drain.enter()
+        task = asyncio.current_task()
+        assert task is not None
+        forget = drain.on_cut(lambda: (cuts.append("cut"), task.cancel()))
         try:
-            while (chunk := await next_unless_cut(chunks, drain)) is not None:
-                got.append(chunk)
-        except StreamCut:
-            got.append(b"cut")
+            waiting.set()
+            await asyncio.sleep(3600)  # waiting for the engine's next bytes
         finally:
+            forget()
             drain.leave()
-        return got
 
-    relayed = asyncio.ensure_future(relay())
+    relayed = asyncio.ensure_future(stalled_relay())
+    forgotten = drain.on_cut(lambda: cuts.append("forgotten"))
+    forgotten()  # a stream that ended is not cut
     await waiting.wait()
     await asyncio.wait_for(drain.run(seconds=0.2, stop=stopped.set), timeout=5)
-    assert await relayed == [b"first", b"cut"] and stopped.is_set()
+    assert relayed.cancelled() and cuts == ["cut"] and stopped.is_set()
+    late: list[str] = []
+    drain.on_cut(lambda: late.append("cut"))  # a stream starting after the cut is cut at once
+    assert late == ["cut"]
 
 
 class _StalledStream(httpx.AsyncByteStream):
