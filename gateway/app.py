@@ -10,11 +10,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from adapters.basemodel import BaseModelSpec
@@ -77,7 +79,19 @@ def redis_client(settings: Settings) -> Redis:
                                            timeout=settings.redis_pool_timeout_s, socket_timeout=5.0,
                                            socket_connect_timeout=5.0, health_check_interval=30,
                                            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    base = pool.connection_class  # the URL's (TCP, TLS or Unix socket)
+    pool.connection_class = type(f"HiredisPacking{base.__name__}", (_HiredisPacking, base), {})
     return Redis.from_pool(pool)  # closing the client closes its pool
+
+
+class _HiredisPacking:
+    """Commands written by hiredis's packer (C) instead of redis-py's asyncio one (Python: about 2 us an argument,
+    30-40 us of a completion's scripts); the same bytes (redis-py's synchronous client uses the same packer)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
 
 
 def build_state(settings: Settings, *, redis: Redis | None = None, store: ObjectStore | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import BlockingConnectionPool, Connection
 
 from gateway.app import redis_client
 from gateway.settings import Settings
@@ -39,3 +39,19 @@ async def test_a_connection_the_server_closed_is_replaced_without_failing_the_co
     finally:
         await client.aclose()
         await other.aclose()
+
+
+async def test_commands_are_packed_by_hiredis_into_the_bytes_redis_py_writes(valkey_url: str) -> None:
+    client = redis_client(Settings(mode="dev", redis_url=valkey_url))
+    try:
+        connection = client.connection_pool.make_connection()
+        assert isinstance(connection, Connection)  # still the URL's connection class underneath
+        args = ("EVALSHA", "0" * 40, 2, "banyan:rl:é:tokens", b"\x00\xff", 1764547200.123456, -1, 2**70, "CONFIG GET")
+        plain = Connection()
+        assert b"".join(connection.pack_command(*args)) == b"".join(plain.pack_command(*args))
+        assert b"".join(connection.pack_commands([args[3:], ("PING",)])) == b"".join(
+            plain.pack_commands([args[3:], ("PING",)]))
+        assert await client.set("packed:é", "é" * 3) and await client.get("packed:é") == "é".encode() * 3
+        assert await client.incrbyfloat("packed:f", 0.25) == 0.25
+    finally:
+        await client.aclose()
