@@ -366,7 +366,7 @@ class CompletionService:
         """The tenant's admission, its room noted for ``engine_first``."""
         try:
             admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
-        except BanyanError:
+        except BaseException:  # refused, or Redis unreachable: the next requests wait for their admission
             self.state.headroom.refused(tenant)
             raise
         self.state.headroom.note(tenant, admission)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.errors import RateLimited
 from gateway.quotas import Admission, Headroom, RateLimitState, Spent, Window
@@ -79,6 +80,8 @@ class _Scripted:
     engine_began: asyncio.Event
     first: RateLimitState = ROOMY
     refuse: bool = False
+    unreachable: bool = False
+    """Later admissions fail as with Redis down (instead of being decided)."""
     wait_s: float = 0.3
     order: list[str] = field(default_factory=list)
     admissions: list[FakeAdmission] = field(default_factory=list)
@@ -89,6 +92,8 @@ class _Scripted:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine_began.wait(), timeout=self.wait_s)
             self.order.append("admission decided")
+            if self.unreachable:
+                raise RedisConnectionError("Connection refused")
             if self.refuse:
                 raise RateLimited("Rate limit reached for requests per minute; retry after 1 s.",
                                   headers={"retry-after": "1"})
@@ -138,11 +143,12 @@ class _Engine:
                                          "usage": usage})
 
 
-def _harness(make_harness: Callable[[Handler], Harness], *, first: RateLimitState = ROOMY,
-             refuse: bool = False) -> tuple[Harness, _Engine, _Scripted]:
+def _harness(make_harness: Callable[[Handler], Harness], *, first: RateLimitState = ROOMY, refuse: bool = False,
+             unreachable: bool = False) -> tuple[Harness, _Engine, _Scripted]:
     engine = _Engine()
     h = make_harness(engine)
-    limiter = _Scripted(engine_began=engine.began, first=first, refuse=refuse, order=engine.order)
+    limiter = _Scripted(engine_began=engine.began, first=first, refuse=refuse, unreachable=unreachable,
+                        order=engine.order)
     h.state.quotas = limiter
     return h, engine, limiter
 
@@ -207,3 +213,14 @@ def test_a_rag_request_waits_for_its_admission(make_harness: Callable[[Handler],
     assert _complete(h).status_code == 200
     assert _complete(h, rag=True).status_code == 200
     assert engine.order[:3] == ["admission asked", "admission decided", "engine called"]
+
+
+def test_an_admission_that_fails_meanwhile_cancels_the_engine_call_and_the_next_ones_wait(
+        make_harness: Callable[[Handler], Harness]) -> None:
+    h, engine, _ = _harness(make_harness, unreachable=True)
+    assert _complete(h).status_code == 200
+    response = _complete(h)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "dependency_unavailable"
+    assert engine.seen == 2 and engine.cancelled == 1
+    assert _complete(h).status_code == 503  # Redis still down: no engine call without an admission
+    assert engine.seen == 2
