@@ -10,7 +10,9 @@ gateway process (``banyan serve``, same Redis and S3) in front of a minimal loca
 (``loadtests.stub_openai``), driven as hard as this machine allows, with the CPU time of the
 gateway process per request (``gateway_alone_ratio``: gateway+stub req/s over stub-direct req/s, same
 concurrency, same run). ``--pin-stub 0 --pin-gateway 1`` runs the two on disjoint CPUs (``taskset -c``) so the
-ratio measures the gateway, not two processes queueing for one core; ``--alone-only`` skips the engine rounds.
+ratio measures the gateway, not two processes queueing for one core; ``--alone-only`` skips the engine rounds;
+``--event-gap-ms`` paces the stub's stream events (the gateway then relays them one by one, as from an engine:
+``gateway_alone_cpu_us_per_token`` beside ``floor_cpu_us_per_token`` is the relay's cost per streamed token).
 Everything it started is stopped at the end, by process id.
 
 It prints a table and, last, one line ``RESULT {json}`` with (gateway / direct) throughput ratios,
