@@ -4,13 +4,18 @@ JSON or relay SSE.
 Everything that can fail for a reason the client should see (auth, the model, retrieval, engine refusal
 of the request) fails before the first byte; after that, a failure becomes an SSE error event and
 ``[DONE]``. JSON and streams take one path to the engine (:meth:`CompletionService._send`). A stream is
-relayed as bytes, event by event: the internal model name is replaced in the bytes, an engine error event
-is re-rendered in the gateway's shape, and the usage the engine puts on every event (``stream_options``
-``continuous_usage_stats``, always asked of it) is read and, unless the client asked for it, cut out of the
-event's bytes; events are never re-encoded.
+relayed as bytes, each read from the engine written at once onto the ASGI ``send`` (:class:`_RelayResponse`: no
+body iterator, nothing per event but the rewrite; the shutdown drain cuts a relay through a callback): the
+internal model name is replaced in the bytes, an engine error event is re-rendered in the gateway's shape, and the
+usage the engine puts on every event (``stream_options`` ``continuous_usage_stats``, always asked of it) is read
+and, unless the client asked for it, cut out of the event's bytes; events are never re-encoded.
 
 Before admission, the request's fields are checked against the surface's allowlist and the per-request caps,
-and its worst case in tokens is reserved against the tenant's ``tpm`` (:mod:`gateway.openai_api.limits`).
+and its worst case in tokens is reserved against the tenant's ``tpm`` (:mod:`gateway.openai_api.limits`). When the
+tenant's last admission on this replica left ample room (``engine_first``, :class:`gateway.quotas.Headroom`), a
+request without ``rag`` starts on the engine while its admission is decided (the Redis round trip is then off the
+time to first token); a refusal cancels the engine call and is the answer, and nothing of the engine's is used
+before the admission is granted.
 Whatever way a request ends (answered, refused by the engine, the engine gone, the client gone, the task
 cancelled), what the engine reported is recorded as usage and the admission is released (its lease given
 back, the reserved tokens it did not use refunded, the tokens used charged to the ``tpm`` window and the
