@@ -11,6 +11,7 @@ from loadtests.bench import FLOOR, GATEWAY, GATEWAY_B, Options, _report_alone
 
 RPS = {"stub direct": 1000.0, GATEWAY: 400.0, GATEWAY_B: 100.0, FLOOR: 800.0}
 CPU = {GATEWAY: 0.8, GATEWAY_B: 2.5, FLOOR: 0.2}
+PER_TOKEN = {GATEWAY: 25.0, GATEWAY_B: 78.1, FLOOR: 6.25}
 
 
 def _alone(targets: list[str]) -> dict[str, Any]:
@@ -22,7 +23,8 @@ def _alone(targets: list[str]) -> dict[str, Any]:
                                      "rps": RPS[target] * factor, "p50_ms": 1.0, "p99_ms": 2.0,
                                      "client_cpu_ms_per_request": 0.3}
             if target != "stub direct":
-                entry |= {"gateway_cpu_ms_per_request": CPU[target] / factor, "gateway_cpu_cores": 0.5}
+                entry |= {"gateway_cpu_ms_per_request": CPU[target] / factor, "gateway_cpu_cores": 0.5,
+                          "gateway_cpu_us_per_token": PER_TOKEN[target] / factor}
             alone[f"{mode}/{target}/c64"] = entry
     return alone
 
@@ -42,6 +44,9 @@ def test_every_ratio_is_its_pair_of_targets(capsys: pytest.CaptureFixture[str]) 
     assert result["floor_alone_ratio"] == {"stream": 0.8, "nonstream": 0.8}
     assert result["floor_cpu_ms_per_request"] == {"stream": 0.4, "nonstream": 0.2}
     assert result["gateway_over_floor_rps"] == {"stream": 0.5, "nonstream": 0.5}
+    assert (result["gateway_alone_cpu_us_per_token"], result["gateway_b_cpu_us_per_token"],
+            result["floor_cpu_us_per_token"]) == (50.0, 156.2, 12.5)  # streamed: per token of the stream mode
+    assert result["stub_event_gap_ms"] == 0.0
     assert result["gateway_alone_nonstream_max_rps"] == 400.0 and result["stub_direct_stream_max_rps"] == 500.0
     assert "bare proxy" in capsys.readouterr().out
 
