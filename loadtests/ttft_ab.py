@@ -8,7 +8,8 @@ streamed chat completion at a time, in rotation, straight to the engine and thro
 lengths for each), and prints the time to the first token of each (p50, p90) and the overhead of A and B over the
 engine's, then ``RESULT {json}``. One request at a time is what the time to first token a gateway adds is made of
 (its own work and its round trips, not a queue); ``loadtests.bench`` measures the same for the dev gateway
-(``unloaded_ttft_p50_overhead_ms``). Everything it started is stopped at the end, by process id.
+(``unloaded_ttft_p50_overhead_ms``). ``engine_first_granted``: how many requests each gateway started on the engine
+while their admission was decided. Everything it started is stopped at the end, by process id.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import aiohttp
 
 from gateway.dev.launcher import DevProcess, clean_env, launch_dev
 from gateway.dev.processes import Child, Children, free_port, http_ok
+from loadtests._stack import metric_sum, scrape
 from loadtests._stats import percentile
 from loadtests.bench import _TOKEN_RE, PROMPT, _tenant_key
 
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ttft_ab] {args.requests} streams to each of the engine, A and B, one at a time ...", file=sys.stderr,
               flush=True)
         seen = asyncio.run(_measure(targets, info["base_model"], requests=args.requests, max_tokens=args.max_tokens))
+        early = {name: metric_sum(scrape(url), "banyan_engine_first_total", outcome="granted")
+                 for name, url in (("A", a_url), ("B", b_url))}
     finally:
         children.stop_all()
         stack.stop()
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare_env": compare_env, "requests_each": args.requests, "ttft_ms": ms,
         "a_overhead_p50_ms": round(ms["A"][50] - ms["engine"][50], 2),
         "b_overhead_p50_ms": round(ms["B"][50] - ms["engine"][50], 2),
+        "engine_first_granted": early,
         "loadavg_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}}
     print(f"time to first token, p50 / p90 ms: engine {ms['engine'][50]} / {ms['engine'][90]}, "
           f"A {ms['A'][50]} / {ms['A'][90]} (+{result['a_overhead_p50_ms']}), "
