@@ -5,6 +5,7 @@ among 300k (or 1M), and FLOAT16 against FLOAT32 vectors side by side.
     .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000   # the 1M run
     .venv/bin/python -m loadtests.retrieval_bench --quick    # 30k chunks, 10k in one tenant (~2 min)
     .venv/bin/python -m loadtests.retrieval_bench --compare-types --total 100000 --target 50000
+    .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000 --postings 8000 --postings 10000
 
 Self-contained and bounded: it starts its own Valkey with the search module on a free loopback port
 (no gateway or engine is needed), stops it (by process id) at the end, and touches nothing else. It
@@ -36,6 +37,10 @@ gateway runs (``retrieval.service.DocumentService``, the production index schema
 vectors (the real ingestion goes to the FLOAT32 one and is copied exactly); both get the same queries, the
 labelled set of the retrieval tests (``tests/integration/retrieval_corpus.py``: recall@4 of the relevant
 document) and the known-item queries; memory per chunk of both at the same size.
+
+``--postings N`` (repeatable): the same queries on the same index also under a BM25 word budget of ``N`` chunks
+(``retrieval.index.QueryPlan.max_postings``, default 15,000) before the default one: search p50 / p99, BM25 p99 and
+the known-item rates per budget (``<type>_postings_<N>_*`` in ``RESULT``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +416,20 @@ async def run(args: argparse.Namespace, redis_urls: list[str]) -> dict[str, obje
     }
     knn_keys: dict[str, list[list[str]]] = {}
     for vector_type, service, client in zip(types, services, clients, strict=True):
+        default_plan = service.config.plan
+        for budget in args.postings:  # the same index and queries under other BM25 word budgets, first
+            service.config = replace(service.config, plan=replace(default_plan, max_postings=budget))
+            timings, hits, _ = await queries(client, service, documents, args.queries, args.seed)
+            print(_line(f"search, BM25 word budget {budget} chunks [{vector_type}]", timings["search"]))
+            print(_line(f"  BM25 alone, budget {budget}", timings["bm25"]))
+            print(f"  known item: in the top 4 {hits['known_item_search_hit_at_4']:.3f}, among the KNN candidates "
+                  f"{hits['known_item_knn_hit_at_candidates']:.3f} (budget {budget})")
+            tag = f"{vector_type.lower()}_postings_{budget}_"
+            result.update({f"{tag}search_p50_ms": round(_pct(timings["search"], 50), 2),
+                           f"{tag}search_p99_ms": round(_pct(timings["search"], 99), 2),
+                           f"{tag}bm25_p99_ms": round(_pct(timings["bm25"], 99), 2),
+                           **{f"{tag}{k}": round(v, 4) for k, v in hits.items()}})
+        service.config = replace(service.config, plan=default_plan)
         timings, hits, knn_keys[vector_type] = await queries(client, service, documents, args.queries, args.seed)
         label = f" [{vector_type}]" if len(types) > 1 else ""
         print(_line("query embedding (MiniLM)" + label, timings["embed"]))
@@ -459,6 +479,9 @@ def main() -> int:
     parser.add_argument("--vector-type", choices=sorted(VECTOR_TYPES), default=DEFAULT_VECTOR_TYPE)
     parser.add_argument("--compare-types", action="store_true",
                         help="two Valkeys, FLOAT32 and FLOAT16, the same chunks and queries (recall and memory)")
+    parser.add_argument("--postings", type=int, action="append", default=[], metavar="CHUNKS",
+                        help="also query under this BM25 word budget (QueryPlan.max_postings; repeatable), on the same "
+                             "index, before the default")
     parser.add_argument("--per-trip", type=int, default=16, help="fill: documents (4 chunks each) per transaction")
     parser.add_argument("--writers", type=int, default=2, help="fill: transactions in flight at once")
     args = parser.parse_args()
