@@ -79,7 +79,7 @@ def test_knn_policy_follows_the_size_of_the_scope() -> None:
 
 
 def test_bm25_leaves_out_words_common_in_a_large_scope_only() -> None:
-    plan = QueryPlan(common_term_share=0.1, common_term_min_chunks=1_000)
+    plan = QueryPlan(common_term_share=0.1, common_term_min_chunks=1_000, max_postings=15_000)
     terms = ["rare", "common", "unseen", "medium"]
     frequencies = {"rare": 12, "common": 95_000, "medium": 9_000}
     assert plan.bm25_terms(terms, frequencies, 100_000) == ["rare", "unseen", "medium"]
