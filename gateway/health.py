@@ -9,6 +9,7 @@ stops.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,8 +27,7 @@ class Drain:
         self.requests = 0
         self.draining = False
         self.streams_cut = False
-        self._cuts: dict[int, Callable[[], None]] = {}
-        self._next_cut_id = 0
+        self._cuts: set[Callable[[], None]] = set()
         self._idle: asyncio.Event | None = None
 
     def enter(self) -> None:
@@ -48,19 +48,14 @@ class Drain:
         would without a drain, and ``cut`` interrupts that wait."""
         if self.streams_cut:
             cut()
-            return _nothing
-        key, self._next_cut_id = self._next_cut_id, self._next_cut_id + 1
-        self._cuts[key] = cut
-
-        def forget() -> None:
-            self._cuts.pop(key, None)
-
-        return forget
+        else:
+            self._cuts.add(cut)
+        return functools.partial(self._cuts.discard, cut)
 
     def cut_streams(self) -> None:
         """End every stream still open (also one waiting for the engine's next bytes)."""
         self.streams_cut = True
-        cuts, self._cuts = list(self._cuts.values()), {}
+        cuts, self._cuts = self._cuts, set()
         for cut in cuts:
             cut()
 
@@ -85,10 +80,6 @@ class Drain:
         except TimeoutError:
             return False
         return True
-
-
-def _nothing() -> None:
-    return None
 
 
 ROLES = ("engine", "redis", "object_store")
