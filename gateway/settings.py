@@ -218,6 +218,12 @@ class Settings(S3Settings):
     """Connections and requests the server handles at once (uvicorn's ``limit_concurrency``; 503 above it)."""
     keep_alive_timeout_s: int = Field(default=5, ge=1)
     """An idle keep-alive connection is closed after this long."""
+    gc_young_threshold: int = Field(default=50_000, ge=0)
+    """The cyclic garbage collector's youngest-generation threshold once the gateway has started (Python's own is
+    700; 0 keeps Python's). At 700, the objects of the requests in flight trigger a young collection every few
+    requests and promote those still alive into the older generations, whose collections then walk them again: about
+    140 us of CPU a request at 64 in flight (BENCHMARKS.md). Request objects are freed by reference counting, not by
+    the collector, so a higher threshold mostly skips work; a cycle waits longer to be collected."""
     key_cache_ttl_s: float = Field(default=30.0, ge=0, le=3600)
     """How long a gateway replica trusts a key it checked in Redis while its invalidation subscriber is connected
     (0: check every request). A key revoked through one replica stops there at once and on the others when the
