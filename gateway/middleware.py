@@ -185,11 +185,11 @@ def _bounded(receive: Receive, *, limit: int, deadline: float, timeout_s: float)
         nonlocal seen, complete
         if complete:
             return await receive()
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
+        if deadline <= asyncio.get_running_loop().time():
             raise _BodyTimeout(timeout_s)
         try:
-            message = await asyncio.wait_for(receive(), timeout=remaining)
+            async with asyncio.timeout_at(deadline):  # no task per receive, as wait_for makes on Python 3.11
+                message = await receive()
         except TimeoutError:
             raise _BodyTimeout(timeout_s) from None
         if message["type"] == "http.request":
