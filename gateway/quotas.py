@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
-from gateway.redis_batch import ScriptBatcher
+from gateway.redis_batch import ONCE_LUA, ScriptBatcher, once_id, once_key
 
 log = logging.getLogger("banyan.quotas")
 
@@ -149,7 +148,7 @@ counters. ARGV: now (s), the lease id, the tokens to reserve, the lease lifetime
 taken, tokens reserved, ms until the refused request could fit, rpm (-1: none), requests in the window, ms until
 the requests window is empty, tpm (-1: none), tokens in the window, ms until the tokens window is empty}."""
 
-_RELEASE = f"""
+_RELEASE = ONCE_LUA + f"""
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 local reserved, spent = tonumber(ARGV[2]), tonumber(ARGV[4])
 if reserved > 0 then
@@ -171,7 +170,8 @@ if spent > 0 then
 end
 return 0
 """
-"""KEYS: the leases, the tokens window, the daily and monthly budget counters. ARGV: the lease id ('' for none),
+"""KEYS: the leases, the tokens window, the daily and monthly budget counters, the release's once-key (a repeat
+changes nothing). ARGV: the lease id ('' for none),
 the tokens to give back, the bucket they were reserved in, the tokens spent, the bucket of now, whether the
 spent tokens go into the window ('1': the tenant had a tpm), the counters' expiries (unix s)."""
 
@@ -313,6 +313,8 @@ class Admission:
     tenant: str
     quotas: Quotas | None = None
     lease: str | None = None
+    id: str = ""
+    """The admission's own id (its release takes effect once for it)."""
     reserved: int = 0
     bucket: int = 0
     """The second (bucket of the tokens window) the reservation went into."""
@@ -395,7 +397,7 @@ class Quotas:
 
     async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
         now = self._clock()
-        lease = secrets.token_hex(8)
+        lease = once_id()  # unique across replicas too: also the admission's id
         day, month = periods(now)
         keys = [f"banyan:tenant:{tenant}", requests_key(tenant), tokens_key(tenant), leases_key(tenant),
                 day.key(tenant), month.key(tenant)]
@@ -406,7 +408,7 @@ class Quotas:
         if verdict:
             raise self._refusal(verdict, now=now, retry_ms=retry_ms, reserve_tokens=reserve_tokens, limits=limits,
                                 budget_periods=(day, month))
-        admission = Admission(tenant=tenant, quotas=self, lease=lease if leased else None, reserved=reserved,
+        admission = Admission(tenant=tenant, quotas=self, lease=lease if leased else None, id=lease, reserved=reserved,
                               bucket=int(now), limits=limits)
         if leased:
             admission.renewal = asyncio.create_task(self._keep_alive(tenant, lease))
@@ -442,7 +444,8 @@ class Quotas:
         tenant = admission.tenant
         try:
             await self._batch.run(
-                self._release, keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant)],
+                self._release, keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant),
+                                     once_key("release", admission.id or once_id())],
                 args=[admission.lease or "", admission.reserved, admission.bucket, admission.spent, int(now),
                       "1" if admission.limits.tokens is not None else "0", day.ends + _PERIOD_GRACE_S,
                       month.ends + _PERIOD_GRACE_S])

@@ -12,11 +12,18 @@ sends each script at once, as before.
 Scripts go by ``EVALSHA``; a Redis that has lost them (a restart) answers ``NOSCRIPT``, and those are sent again
 as ``EVAL`` with their text (which loads them). Each caller gets its own script's reply or error; a connection
 error fails every script of its batch, as it would have failed each one.
+
+A connection that breaks after Redis ran a script but before its reply arrived makes the script run again: redis-py
+sends a failed pipeline once more on a new connection, and a usage record that failed is tried again in the
+background. A script that counts (usage, the tokens a release charges) must not count twice: it starts with
+:data:`ONCE_LUA`, and its last key is :func:`once_key` of an id its caller chose once for all the tries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +32,27 @@ from redis.exceptions import NoScriptError, ResponseError
 
 MAX_BATCH = 256
 """Most scripts one pipeline carries (a longer queue goes out in several)."""
+
+ONCE_TTL_S = 120
+"""How long a script run once remembers its id: longer than every try of it (redis-py's at once, a usage record's
+for about a minute)."""
+
+ONCE_LUA = f"if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', {ONCE_TTL_S}) == false then return 0 end\n"
+"""The first line of a script that takes effect once per id, however often it is sent: its last key is
+:func:`once_key` of that id; a repeat does nothing and returns 0."""
+
+_PROCESS = secrets.token_hex(6)
+_SERIAL = itertools.count()
+
+
+def once_id() -> str:
+    """An id no other call of this process or of another gateway replica uses (a random prefix per process)."""
+    return f"{_PROCESS}{next(_SERIAL):x}"
+
+
+def once_key(kind: str, id_: str) -> str:
+    """The key that marks the script ``kind`` as run for ``id_`` (it expires after :data:`ONCE_TTL_S`)."""
+    return f"banyan:once:{kind}:{id_}"
 
 
 class Script:

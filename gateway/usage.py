@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 from redis.asyncio import Redis
 
-from gateway.redis_batch import ScriptBatcher
+from gateway.redis_batch import ONCE_LUA, ScriptBatcher, once_id, once_key
 from gateway.tenants import as_text
 
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens")
@@ -43,9 +43,10 @@ seconds)."""
 
 # Count one request in the tenant's totals (all models and per model) and in its hour and day buckets, its user
 # named unless the bucket already names as many users as the cap allows. KEYS: hour hash, hour users, day hash, day
-# users, hour tenants, day tenants, totals, per-model totals. ARGV: tenant, model, user ('' for none), prompt tokens,
-# completion tokens, cap, hour keys' expiry, day keys' expiry (unix s).
-_RECORD = """
+# users, hour tenants, day tenants, totals, per-model totals, the record's once-key (a repeat counts nothing).
+# ARGV: tenant, model, user ('' for none), prompt tokens, completion tokens, cap, hour keys' expiry, day keys'
+# expiry (unix s).
+_RECORD = ONCE_LUA + """
 local function count(hash, users, expire_at)
   local user = ARGV[3]
   if user ~= '' and redis.call('SISMEMBER', users, user) == 0 then
@@ -147,7 +148,7 @@ class Usage(Protocol):
     (:class:`UsageStore`; the unit tests' in-memory fake)."""
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
-                     user: str | None = None) -> None: ...
+                     user: str | None = None, record_id: str | None = None) -> None: ...
     async def get(self, tenant: str) -> TenantUsage: ...
     async def delete(self, tenant: str) -> None: ...
     async def buckets(self, tenant: str, *, width: BucketWidth, starts: list[int]) -> list[Bucket]: ...
@@ -167,9 +168,11 @@ class UsageStore:
         self._record = self._batch.script(_RECORD)
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
-                     user: str | None = None) -> None:
+                     user: str | None = None, record_id: str | None = None) -> None:
         """Count one request in the totals and in its time buckets (with its ``user``): one script, sent with the
-        other scripts of the moment (:class:`gateway.redis_batch.ScriptBatcher`)."""
+        other scripts of the moment (:class:`gateway.redis_batch.ScriptBatcher`). A record is counted once per
+        ``record_id`` (a caller that tries again passes the same one; default: a new one, which still covers the
+        client's own re-send of the script)."""
         totals, per_model = f"banyan:usage:{tenant}", f"banyan:usage:{tenant}:models"
         now = self._clock()
         hour, day = bucket_start(now, "1h"), bucket_start(now, "1d")
@@ -178,7 +181,7 @@ class UsageStore:
         hour_key, day_key = _bucket_key(tenant, "1h", hour), _bucket_key(tenant, "1d", day)
         await self._batch.run(
             self._record, keys=[hour_key, f"{hour_key}:users", day_key, f"{day_key}:users", _tenants_key("1h", hour),
-                  _tenants_key("1d", day), totals, per_model],
+                  _tenants_key("1d", day), totals, per_model, once_key("usage", record_id or once_id())],
             args=[tenant, model, user or "", prompt_tokens, completion_tokens, self._max_users, hour_expiry,
                   day_expiry])
 

@@ -30,6 +30,7 @@ from gateway.errors import BanyanError, InvalidRequest, ModelNotFound
 from gateway.logs import annotate
 from gateway.openai_api.protocol import EmbeddingRequest
 from gateway.openai_api.serving import _finish_whatever_happens, _keep, _record_later
+from gateway.redis_batch import once_id
 from gateway.settings import Settings
 from gateway.state import AppState
 
@@ -115,9 +116,11 @@ async def create_embeddings(state: AppState, *, tenant: str, request: EmbeddingR
 
 
 async def _record(state: AppState, *, tenant: str, tokens: int, user: str | None) -> None:
+    record_id = once_id()  # every try of this record counts once
+
     async def record() -> None:
         await state.usage.record(tenant, model=state.settings.embedding_model, prompt_tokens=tokens,
-                                 completion_tokens=0, user=user)
+                                 completion_tokens=0, user=user, record_id=record_id)
 
     try:
         await record()

@@ -77,6 +77,7 @@ from gateway.openai_api.limits import apply_output_cap, check_caps, prompt_sizes
 from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.openai_api.surfaces import Surface
 from gateway.quotas import Admission
+from gateway.redis_batch import once_id
 from gateway.settings import Settings
 from gateway.state import AppState
 from retrieval.context import TokenCounter
@@ -513,7 +514,8 @@ class CompletionService:
         user = call.body.get("user")  # checked to be a short string (or absent) before admission
         record = functools.partial(self.state.usage.record, call.tenant, model=call.resolved.served,
                                    prompt_tokens=prompt, completion_tokens=completion,
-                                   user=user if isinstance(user, str) and user else None)
+                                   user=user if isinstance(user, str) and user else None,
+                                   record_id=once_id())  # every try of this record counts once
         # The usage write and the admission's release (which charges what was spent: it is known now) are two
         # independent round trips: sent together, the request waits for one. Release is idempotent, so the
         # `finally` that releases on every other path stays as it is.

@@ -378,9 +378,12 @@ class FakeUsage:
     """The ``user`` of each of those requests."""
     unreachable_for: int = 0
     """How many more calls to :meth:`record` fail as if Redis were down."""
+    tries: list[str | None] = field(default_factory=list)
+    """The ``record_id`` of every call, failed ones included."""
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
-                     user: str | None = None) -> None:
+                     user: str | None = None, record_id: str | None = None) -> None:
+        self.tries.append(record_id)
         if self.unreachable_for > 0:
             self.unreachable_for -= 1
             raise RedisConnectionError("Redis is down")

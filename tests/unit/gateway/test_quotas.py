@@ -305,6 +305,23 @@ async def test_a_spent_monthly_budget_refuses_with_its_period(redis: Redis) -> N
     await (await quotas.admit(tenant)).release()
 
 
+async def test_a_release_sent_again_gives_back_and_charges_once(redis: Redis) -> None:
+    """The release script run a second time (its reply lost after it ran: redis-py sends the pipeline again)
+    changes nothing: the reservation is given back and the spent tokens charged once."""
+    tenant = await _tenant(redis, tpm=10_000, daily_token_budget=1_000)
+    quotas = _replica(redis, Clock())
+    admission = await quotas.admit(tenant, reserve_tokens=500)
+    admission.spend(40)
+    for _ in range(2):
+        await quotas.give_back(admission)
+    assert (await quotas.spent([tenant]))[tenant].daily == 40
+    assert sum(int(v) for v in (await redis.hgetall(tokens_key(tenant))).values()) == 40
+    other = await quotas.admit(tenant, reserve_tokens=10)  # another admission's release is its own
+    other.spend(5)
+    await other.release()
+    assert (await quotas.spent([tenant]))[tenant].daily == 45
+
+
 async def test_forgetting_a_tenant_drops_its_windows_and_counters(redis: Redis) -> None:
     tenant = await _tenant(redis, rpm=5, tpm=100, max_concurrency=2)
     quotas = _replica(redis, Clock())

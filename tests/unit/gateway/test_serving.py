@@ -251,6 +251,7 @@ async def test_usage_refused_by_redis_is_recorded_once_it_is_back(
             break
         await asyncio.sleep(0.01)
     assert h.usage.records == [("acme", "banyan-demo", 3, 2)]
+    assert len(h.usage.tries) == 4 and len(set(h.usage.tries)) == 1 and h.usage.tries[0]  # one id: counted once
     h.usage.unreachable_for = 10  # longer than the retries: given up, not retried forever
     await CompletionService(h.state).handle(tenant="acme", request=request)
     await asyncio.sleep(0.2)

@@ -8,6 +8,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from gateway.redis_batch import ONCE_TTL_S
 from gateway.usage import Bucket, UsageStore, bucket_start
 
 DAY = 1_800_057_600  # a UTC midnight (divisible by 86400)
@@ -90,6 +91,22 @@ async def test_recording_is_one_round_trip(redis: Redis) -> None:
     redis.connection_pool.get_connection = counting  # type: ignore[method-assign]
     await store.record("acme", model="bot", prompt_tokens=1, completion_tokens=1, user="alice")
     assert len(sent) == 1
+
+
+async def test_a_record_sent_again_counts_once(redis: Redis) -> None:
+    """A record whose reply was lost after Redis ran it (a connection that broke) is sent again, by redis-py or by
+    the background retry, with the same id: it counts once; a record of its own id counts again."""
+    store = UsageStore(redis, clock=Clock(DAY))
+    for _ in range(3):
+        await store.record("acme", model="bot", prompt_tokens=3, completion_tokens=4, user="alice", record_id="r1")
+    await store.record("acme", model="bot", prompt_tokens=1, completion_tokens=1, record_id="r2")
+    await store.record("acme", model="bot", prompt_tokens=1, completion_tokens=1)  # each one a new id
+    await store.record("acme", model="bot", prompt_tokens=1, completion_tokens=1)
+    total = (await store.get("acme")).total
+    assert (total.requests, total.prompt_tokens, total.completion_tokens) == (4, 6, 7)
+    (hour,) = await store.buckets("acme", width="1h", starts=[DAY])
+    assert _table(hour) == [("bot", None, 3, 3, 3), ("bot", "alice", 1, 3, 4)]
+    assert 0 < await redis.ttl("banyan:once:usage:r1") <= ONCE_TTL_S  # the mark goes by itself
 
 
 async def test_deleting_a_tenant_removes_its_buckets_only(redis: Redis) -> None:
