@@ -7,7 +7,7 @@ No tenant or adapter labels: per-tenant usage is counted in Redis instead.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -22,6 +22,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's CPU seconds, memory and open files (`process_*`), and the garbage collector's collections
+        # by generation (`python_gc_*`: BANYAN_GC_YOUNG_THRESHOLD's effect), as on any Python exporter.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter("banyan_requests_total", "HTTP requests answered, by route template and status.",
                                 ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("banyan_request_duration_seconds",

@@ -75,6 +75,7 @@ def test_metrics_count_requests_by_route_template(make_harness: Callable[[Handle
     h.client.get("/v1/models", headers={"Authorization": "Bearer nope"})
     text = h.client.get("/metrics").text
     assert 'banyan_requests_total{method="GET",route="/v1/models",status="401"} 1.0' in text
+    assert "process_cpu_seconds_total " in text and 'python_gc_collections_total{generation="0"}' in text
 
 
 def test_a_dependency_failure_is_503_to_the_client_and_a_warning_naming_why(caplog: pytest.LogCaptureFixture) -> None:
