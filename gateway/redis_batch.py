@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +42,18 @@ ONCE_LUA = f"if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', {ONCE_TTL_S}) ==
 """The first line of a script that takes effect once per id, however often it is sent: its last key is
 :func:`once_key` of that id; a repeat does nothing and returns 0."""
 
-_PROCESS = secrets.token_hex(6)
+_PROCESS = ""
 _SERIAL = itertools.count()
+
+
+def _new_process() -> None:
+    """A fresh prefix and count (at import, and in a forked child: it must not repeat its parent's ids)."""
+    global _PROCESS, _SERIAL
+    _PROCESS, _SERIAL = secrets.token_hex(6), itertools.count()
+
+
+_new_process()
+os.register_at_fork(after_in_child=_new_process)
 
 
 def once_id() -> str:

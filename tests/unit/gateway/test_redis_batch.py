@@ -112,3 +112,22 @@ async def test_a_caller_that_stops_waiting_does_not_stop_its_script(redis: Redis
     waiting.cancel()
     await batcher.aclose()
     assert await redis.get("kept") == b"4"
+
+
+def test_once_ids_do_not_repeat_within_a_process_or_in_a_forked_child() -> None:
+    import os
+
+    from gateway.redis_batch import once_id
+
+    ids = {once_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its ids, to the parent
+        os.write(write, " ".join(once_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split())
+    assert len(theirs) == 100 and not theirs & (ids | {once_id() for _ in range(100)})
