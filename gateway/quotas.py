@@ -52,7 +52,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
-from gateway.redis_batch import ONCE_LUA, ScriptBatcher, once_id, once_key
+from gateway.redis_batch import ScriptBatcher, once_id
 
 log = logging.getLogger("banyan.quotas")
 
@@ -148,7 +148,7 @@ counters. ARGV: now (s), the lease id, the tokens to reserve, the lease lifetime
 taken, tokens reserved, ms until the refused request could fit, rpm (-1: none), requests in the window, ms until
 the requests window is empty, tpm (-1: none), tokens in the window, ms until the tokens window is empty}."""
 
-_RELEASE = ONCE_LUA + f"""
+_RELEASE = f"""
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 local reserved, spent = tonumber(ARGV[2]), tonumber(ARGV[4])
 if reserved > 0 then
@@ -170,8 +170,8 @@ if spent > 0 then
 end
 return 0
 """
-"""KEYS: the leases, the tokens window, the daily and monthly budget counters, the release's once-key (a repeat
-changes nothing). ARGV: the lease id ('' for none),
+"""KEYS: the leases, the tokens window, the daily and monthly budget counters (and the batcher's once-mark: a
+repeat changes nothing). ARGV: the lease id ('' for none),
 the tokens to give back, the bucket they were reserved in, the tokens spent, the bucket of now, whether the
 spent tokens go into the window ('1': the tenant had a tpm), the counters' expiries (unix s)."""
 
@@ -392,7 +392,7 @@ class Quotas:
         self._clock = clock
         self._batch = batcher or ScriptBatcher(redis)
         self._admit = self._batch.script(_ADMIT)
-        self._release = self._batch.script(_RELEASE)
+        self._release = self._batch.script(_RELEASE, once="release")
         self._renew: Any = redis.register_script(_RENEW)
 
     async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
@@ -444,11 +444,10 @@ class Quotas:
         tenant = admission.tenant
         try:
             await self._batch.run(
-                self._release, keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant),
-                                     once_key("release", admission.id or once_id())],
+                self._release, keys=[leases_key(tenant), tokens_key(tenant), day.key(tenant), month.key(tenant)],
                 args=[admission.lease or "", admission.reserved, admission.bucket, admission.spent, int(now),
                       "1" if admission.limits.tokens is not None else "0", day.ends + _PERIOD_GRACE_S,
-                      month.ends + _PERIOD_GRACE_S])
+                      month.ends + _PERIOD_GRACE_S], run_id=admission.id or None)
         except RedisError as e:
             log.warning("giving back an admission failed (%s): its lease expires by itself", type(e).__name__)
 

@@ -15,8 +15,9 @@ error fails every script of its batch, as it would have failed each one.
 
 A connection that breaks after Redis ran a script but before its reply arrived makes the script run again: redis-py
 sends a failed pipeline once more on a new connection, and a usage record that failed is tried again in the
-background. A script that counts (usage, the tokens a release charges) must not count twice: it starts with
-:data:`ONCE_LUA`, and its last key is :func:`once_key` of an id its caller chose once for all the tries.
+background. A script that counts (usage, the tokens a release charges) must not count twice: it is made with
+``once=<kind>`` (:meth:`ScriptBatcher.script`) and run with the id its caller chose once for all its tries
+(``run_id``); the batcher puts that id's mark in front of it, and a repeat does nothing.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ ONCE_TTL_S = 120
 """How long a script run once remembers its id: longer than every try of it (redis-py's at once, a usage record's
 for about a minute)."""
 
-ONCE_LUA = f"if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', {ONCE_TTL_S}) == false then return 0 end\n"
-"""The first line of a script that takes effect once per id, however often it is sent: its last key is
-:func:`once_key` of that id; a repeat does nothing and returns 0."""
+_ONCE_LUA = f"if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', {ONCE_TTL_S}) == false then return 0 end\n"
+"""The first line of a script made ``once``: its last key marks the run's id; a repeat does nothing, returns 0."""
 
 _PROCESS = ""
 _SERIAL = itertools.count()
@@ -61,17 +61,14 @@ def once_id() -> str:
     return f"{_PROCESS}{next(_SERIAL):x}"
 
 
-def once_key(kind: str, id_: str) -> str:
-    """The key that marks the script ``kind`` as run for ``id_`` (it expires after :data:`ONCE_TTL_S`)."""
-    return f"banyan:once:{kind}:{id_}"
-
-
 class Script:
-    """A Lua script the batcher runs: its text and SHA1."""
+    """A Lua script the batcher runs: its text and SHA1; ``once``: the kind of a script that takes effect once per
+    run id (its runs marked ``banyan:once:<kind>:<id>`` for :data:`ONCE_TTL_S`)."""
 
-    def __init__(self, redis: Redis, text: str) -> None:
-        self.text = text
-        self.sha: str = redis.register_script(text).sha
+    def __init__(self, redis: Redis, text: str, *, once: str | None = None) -> None:
+        self.once = once
+        self.text = _ONCE_LUA + text if once else text
+        self.sha: str = redis.register_script(self.text).sha
 
 
 _Item = tuple[Script, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
@@ -85,12 +82,16 @@ class ScriptBatcher:
         self._flushing = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    def script(self, text: str) -> Script:
-        return Script(self._redis, text)
+    def script(self, text: str, *, once: str | None = None) -> Script:
+        return Script(self._redis, text, once=once)
 
-    async def run(self, script: Script, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def run(self, script: Script, *, keys: Sequence[Any], args: Sequence[Any], run_id: str | None = None) -> Any:
         """The script's reply (or its error), sent with whatever else was called in this turn of the loop. A
-        caller cancelled while waiting stops waiting; its script still runs (as a sent command would)."""
+        caller cancelled while waiting stops waiting; its script still runs (as a sent command would). ``run_id``
+        (a script made ``once``): the same for every try of one run (default: a new one, which still covers the
+        client's own re-send of the pipeline)."""
+        if script.once:
+            keys = [*keys, f"banyan:once:{script.once}:{run_id or once_id()}"]
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, done))

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 from redis.asyncio import Redis
 
-from gateway.redis_batch import ONCE_LUA, ScriptBatcher, once_id, once_key
+from gateway.redis_batch import ScriptBatcher
 from gateway.tenants import as_text
 
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens")
@@ -43,10 +43,10 @@ seconds)."""
 
 # Count one request in the tenant's totals (all models and per model) and in its hour and day buckets, its user
 # named unless the bucket already names as many users as the cap allows. KEYS: hour hash, hour users, day hash, day
-# users, hour tenants, day tenants, totals, per-model totals, the record's once-key (a repeat counts nothing).
+# users, hour tenants, day tenants, totals, per-model totals (and the batcher's once-mark: a repeat counts nothing).
 # ARGV: tenant, model, user ('' for none), prompt tokens, completion tokens, cap, hour keys' expiry, day keys'
 # expiry (unix s).
-_RECORD = ONCE_LUA + """
+_RECORD = """
 local function count(hash, users, expire_at)
   local user = ARGV[3]
   if user ~= '' and redis.call('SISMEMBER', users, user) == 0 then
@@ -165,7 +165,7 @@ class UsageStore:
         self._max_users = max_users_per_bucket
         self._clock = clock
         self._batch = batcher or ScriptBatcher(redis)
-        self._record = self._batch.script(_RECORD)
+        self._record = self._batch.script(_RECORD, once="usage")
 
     async def record(self, tenant: str, *, model: str, prompt_tokens: int, completion_tokens: int,
                      user: str | None = None, record_id: str | None = None) -> None:
@@ -181,9 +181,9 @@ class UsageStore:
         hour_key, day_key = _bucket_key(tenant, "1h", hour), _bucket_key(tenant, "1d", day)
         await self._batch.run(
             self._record, keys=[hour_key, f"{hour_key}:users", day_key, f"{day_key}:users", _tenants_key("1h", hour),
-                  _tenants_key("1d", day), totals, per_model, once_key("usage", record_id or once_id())],
+                  _tenants_key("1d", day), totals, per_model],
             args=[tenant, model, user or "", prompt_tokens, completion_tokens, self._max_users, hour_expiry,
-                  day_expiry])
+                  day_expiry], run_id=record_id)
 
     async def get(self, tenant: str) -> TenantUsage:
         raw_total = await self._redis.hgetall(f"banyan:usage:{tenant}")

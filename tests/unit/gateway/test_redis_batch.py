@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.dev.processes import free_port
-from gateway.redis_batch import ScriptBatcher
+from gateway.redis_batch import ONCE_TTL_S, ScriptBatcher
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 FAIL = "return redis.error_reply('refused ' .. ARGV[1])"
@@ -112,6 +112,26 @@ async def test_a_caller_that_stops_waiting_does_not_stop_its_script(redis: Redis
     waiting.cancel()
     await batcher.aclose()
     assert await redis.get("kept") == b"4"
+
+
+
+async def test_a_once_script_takes_effect_once_per_run_id(redis: Redis) -> None:
+    """Sent again with the same run id (its reply lost after it ran), a script made ``once`` does nothing; alone in
+    a lone command or among others in a pipeline; without a run id every run is its own."""
+    batcher = ScriptBatcher(redis)
+    incr = batcher.script(INCR, once="test")
+    assert await batcher.run(incr, keys=["n"], args=[5], run_id="a") == 5
+    assert await batcher.run(incr, keys=["n"], args=[5], run_id="a") == 0  # the repeat: nothing, 0
+    replies = await asyncio.gather(batcher.run(incr, keys=["n"], args=[1], run_id="a"),
+                                   batcher.run(incr, keys=["n"], args=[2], run_id="b"),
+                                   batcher.run(incr, keys=["n"], args=[2], run_id="b"))
+    assert replies == [0, 7, 0] and await redis.get("n") == b"7"
+    await batcher.run(incr, keys=["n"], args=[1])
+    await batcher.run(incr, keys=["n"], args=[1])
+    assert await redis.get("n") == b"9"
+    assert 0 < await redis.ttl("banyan:once:test:a") <= ONCE_TTL_S  # the mark goes by itself
+    plain = batcher.script(INCR)
+    assert [await batcher.run(plain, keys=["m"], args=[1], run_id="a") for _ in range(2)] == [1, 2]
 
 
 def test_once_ids_do_not_repeat_within_a_process_or_in_a_forked_child() -> None:
