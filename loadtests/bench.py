@@ -265,22 +265,32 @@ def _start_stub(children: Children, stack: DevProcess, options: Options) -> tupl
     return stub, stub_url
 
 
-def _start_stub_gateway(children: Children, stack: DevProcess, options: Options, stub_url: str, *,
-                        name: str = "bench-gateway-stub", extra_env: dict[str, str] | None = None) -> tuple[Child, str]:
-    """A second gateway (``banyan serve``) on the dev stack's Redis and S3, in front of the local OpenAI stub."""
+def start_serve_gateway(children: Children, stack: DevProcess, *, name: str, engine_url: str,
+                        engine_api_key: str | None = None, pin: str = "",
+                        extra_env: dict[str, str] | None = None) -> tuple[Child, str]:
+    """Another gateway (``banyan serve``) on the dev stack's Redis and S3, in front of ``engine_url`` (the stack's
+    engine, or a stub), on the CPUs ``pin`` (a ``taskset -c`` list; empty: any)."""
     info = stack.info
     gateway_port = free_port()
     env = clean_env({
-        "BANYAN_DATA_DIR": str(options.data_dir), "BANYAN_PORT": str(gateway_port), "BANYAN_ADMIN_KEY": stack.admin_key,
+        "BANYAN_DATA_DIR": str(stack.data_dir), "BANYAN_PORT": str(gateway_port), "BANYAN_ADMIN_KEY": stack.admin_key,
         "BANYAN_MODE": "prod", "BANYAN_HOST": "127.0.0.1", "BANYAN_REDIS_URL": info["redis_url"],
-        **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": info["base_model"],
+        **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": engine_url, "BANYAN_BASE_MODEL": info["base_model"],
+        **({"BANYAN_ENGINE_API_KEY": engine_api_key} if engine_api_key else {}),
         "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
         "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})})
     banyan = str(Path(sys.executable).parent / "banyan")
-    gateway = children.spawn(name, [*_pinned(options.pin_gateway), banyan, "serve"], env=env, cwd=REPO)
+    gateway = children.spawn(name, [*_pinned(pin), banyan, "serve"], env=env, cwd=REPO)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
     return gateway, gateway_url
+
+
+def compare_env_of(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--compare-env NAME=VALUE`` items as a mapping (a usage error otherwise)."""
+    if any("=" not in item for item in items):
+        parser.error("--compare-env takes NAME=VALUE")
+    return dict(item.split("=", 1) for item in items)
 
 
 def _start_floor(children: Children, options: Options, stub_url: str) -> tuple[Child, str]:
@@ -604,11 +614,12 @@ async def _bench(options: Options, stack: DevProcess, children: Children) -> dic
     if not options.skip_stub:
         _say("[bench] the gateway alone: a second gateway in front of a local OpenAI stub")
         _, stub_url = _start_stub(children, stack, options)
-        gateway, alone_url = _start_stub_gateway(children, stack, options, stub_url)
+        gateway, alone_url = start_serve_gateway(children, stack, name="bench-gateway-stub", engine_url=stub_url,
+                                                 pin=options.pin_gateway)
         gateways = {GATEWAY: (alone_url, psutil.Process(gateway.process.pid))}
         if options.compare_env:
-            b, b_url = _start_stub_gateway(children, stack, options, stub_url, name="bench-gateway-stub-b",
-                                           extra_env=options.compare_env)
+            b, b_url = start_serve_gateway(children, stack, name="bench-gateway-stub-b", engine_url=stub_url,
+                                           pin=options.pin_gateway, extra_env=options.compare_env)
             gateways[GATEWAY_B] = (b_url, psutil.Process(b.process.pid))
         floor, floor_url = _start_floor(children, options, stub_url)
         gateways[FLOOR] = (floor_url, psutil.Process(floor.process.pid))
@@ -644,9 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure a gateway B with this setting (repeatable) in the same run, in front of "
                              "the same stub (e.g. BANYAN_KEY_CACHE_TTL_S=0)")
     args = parser.parse_args(argv)
-    if any("=" not in item for item in args.compare_env):
-        parser.error("--compare-env takes NAME=VALUE")
-    compare_env = dict(item.split("=", 1) for item in args.compare_env)
+    compare_env = compare_env_of(parser, args.compare_env)
     if args.alone_only and args.skip_stub:
         parser.error("--alone-only and --skip-stub leave nothing to measure")
     quick = args.quick

@@ -5,7 +5,7 @@ among 300k (or 1M), and FLOAT16 against FLOAT32 vectors side by side.
     .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000   # the 1M run
     .venv/bin/python -m loadtests.retrieval_bench --quick    # 30k chunks, 10k in one tenant (~2 min)
     .venv/bin/python -m loadtests.retrieval_bench --compare-types --total 100000 --target 50000
-    .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000 --postings 8000 --postings 10000
+    .venv/bin/python -m loadtests.retrieval_bench --total 1000000 --target 100000 --postings 11000 --postings 15000
 
 Self-contained and bounded: it starts its own Valkey with the search module on a free loopback port
 (no gateway or engine is needed), stops it (by process id) at the end, and touches nothing else. It
@@ -39,7 +39,7 @@ labelled set of the retrieval tests (``tests/integration/retrieval_corpus.py``: 
 document) and the known-item queries; memory per chunk of both at the same size.
 
 ``--postings N`` (repeatable): the same queries on the same index also under a BM25 word budget of ``N`` chunks
-(``retrieval.index.QueryPlan.max_postings``, default 15,000) before the default one: search p50 / p99, BM25 p99 and
+(``retrieval.index.QueryPlan.max_postings``, default 8,000) before the default one: search p50 / p99, BM25 p99 and
 the known-item rates per budget (``<type>_postings_<N>_*`` in ``RESULT``).
 """
 

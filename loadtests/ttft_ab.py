@@ -26,29 +26,13 @@ from typing import Any
 
 import aiohttp
 
-from gateway.dev.launcher import DevProcess, clean_env, launch_dev
-from gateway.dev.processes import Child, Children, free_port, http_ok
+from gateway.dev.launcher import launch_dev
+from gateway.dev.processes import Children
 from loadtests._stack import metric_sum, scrape
 from loadtests._stats import percentile
-from loadtests.bench import _TOKEN_RE, PROMPT, _tenant_key
+from loadtests.bench import _TOKEN_RE, PROMPT, _tenant_key, compare_env_of, start_serve_gateway
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _gateway(children: Children, stack: DevProcess, name: str, env: dict[str, str]) -> tuple[Child, str]:
-    """A ``banyan serve`` on the dev stack's Redis and S3, in front of its engine."""
-    info, port = stack.info, free_port()
-    settings = clean_env({
-        "BANYAN_DATA_DIR": str(stack.data_dir), "BANYAN_PORT": str(port), "BANYAN_MODE": "prod",
-        "BANYAN_ADMIN_KEY": "adm_" + secrets.token_hex(20), "BANYAN_HOST": "127.0.0.1",
-        "BANYAN_REDIS_URL": info["redis_url"], **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": info["engine_url"],
-        "BANYAN_ENGINE_API_KEY": info["engine_api_key"], "BANYAN_BASE_MODEL": info["base_model"],
-        "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"), "BANYAN_LOG_LEVEL": "warning",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env})
-    child = children.spawn(name, [str(Path(sys.executable).parent / "banyan"), "serve"], env=settings, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    children.wait_ready(child, http_ok(url + "/readyz"), timeout=120)
-    return child, url
 
 
 async def _ttft(session: aiohttp.ClientSession, url: str, key: str, model: str, tag: str, max_tokens: int) -> float:
@@ -97,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO / ".banyan" / "bench",
                         help="banyan dev's data dir (the demo model is built there once)")
     args = parser.parse_args(argv)
-    if any("=" not in item for item in args.compare_env):
-        parser.error("--compare-env takes NAME=VALUE")
-    compare_env = dict(item.split("=", 1) for item in args.compare_env)
+    compare_env = compare_env_of(parser, args.compare_env)
     data_dir = args.data_dir.resolve()
     (data_dir / "stack.json").unlink(missing_ok=True)
     children = Children(data_dir / "logs")
@@ -110,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.wait_ready()
         info = stack.info
         key = _tenant_key(stack.url, stack.admin_key)
-        _, a_url = _gateway(children, stack, "ttft-gateway-a", {})
-        _, b_url = _gateway(children, stack, "ttft-gateway-b", compare_env)
+        engine = {"engine_url": info["engine_url"], "engine_api_key": info["engine_api_key"]}
+        _, a_url = start_serve_gateway(children, stack, name="ttft-gateway-a", **engine)
+        _, b_url = start_serve_gateway(children, stack, name="ttft-gateway-b", extra_env=compare_env, **engine)
         targets = {"engine": (info["engine_url"], info["engine_api_key"]), "A": (a_url, key), "B": (b_url, key)}
         print(f"[ttft_ab] {args.requests} streams to each of the engine, A and B, one at a time ...", file=sys.stderr,
               flush=True)
