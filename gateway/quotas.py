@@ -16,7 +16,10 @@ atomically in one round trip: a refused attempt changes nothing. The same round 
   (its worst case alone is over ``tpm``) is refused outright. When it is released, the reservation is taken back
   out of its bucket (unless that bucket has left the window already) and the tokens it really used
   (:meth:`Admission.spend`) go into the bucket of the release; so the window holds what was used plus what
-  requests in flight may still use, exactly.
+  requests in flight may still use, exactly. Counting a prompt's tokens costs the gateway more CPU than anything
+  else a short request needs (36-69 us on this project's machine), so a tenant seen without a ``tpm`` has its
+  requests admitted uncounted (``reserve_tokens=None``); should it have a ``tpm`` by then, the script changes
+  nothing and says so (:class:`CountNeeded`), and the request is counted and asked again.
 - ``max_concurrency``: per-request leases, a sorted set of request ids scored by their expiry. Admission
   drops expired leases, counts the rest and adds its own; release removes its own (a release after its
   lease expired removes nothing). The replica holding a lease renews it every third of its lifetime
@@ -111,6 +114,7 @@ if tpm then tokens, t_live, t_newest = window(KEYS[3], now) end
 local verdict, retry = 0, 0
 if daily and tonumber(redis.call('GET', KEYS[5]) or '0') >= daily then verdict = 5
 elseif monthly and tonumber(redis.call('GET', KEYS[6]) or '0') >= monthly then verdict = 6
+elseif tpm and reserve < 0 then verdict = 7
 elseif tpm and reserve > tpm then verdict = 4
 elseif tpm and tokens + reserve > tpm then verdict = 2; retry = wait_ms(t_live, tokens + reserve - tpm, now)
 elseif rpm and requests >= rpm then verdict = 1; retry = wait_ms(r_live, requests - rpm + 1, now)
@@ -143,8 +147,9 @@ return {{verdict, leased, reserved, retry, rpm or -1, requests, reset_ms(r_newes
         reset_ms(t_newest, now)}}
 """
 """KEYS: the tenant's record, its requests window, its tokens window, its leases, its daily and monthly budget
-counters. ARGV: now (s), the lease id, the tokens to reserve, the lease lifetime (s), whether the budgets apply
-('1'). Returns {verdict, lease
+counters. ARGV: now (s), the lease id, the tokens to reserve (-1: not counted; a tenant with a tpm then gets
+verdict 7, "count it", and nothing changes), the lease lifetime (s), whether the budgets apply ('1'). Returns
+{verdict, lease
 taken, tokens reserved, ms until the refused request could fit, rpm (-1: none), requests in the window, ms until
 the requests window is empty, tpm (-1: none), tokens in the window, ms until the tokens window is empty}."""
 
@@ -187,6 +192,12 @@ still there (an expired one is gone for good)."""
 _REASONS = {1: ("rpm", "requests per minute"), 2: ("tpm", "tokens per minute"),
             3: ("concurrency", "concurrent requests")}
 _BUDGETS = {5: "daily", 6: "monthly"}
+_COUNT_IT = 7
+
+
+class CountNeeded(Exception):
+    """An admission asked without the request's tokens (``reserve_tokens=None``) for a tenant that has a ``tpm``:
+    nothing was counted or taken; ask again with them."""
 
 
 def requests_key(tenant: str) -> str:
@@ -291,9 +302,16 @@ class Limiter(Protocol):
     """What the gateway needs of the tenant limits (:class:`Quotas`; the unit tests' in-memory fake): the request
     path admits, the admin service reads and forgets budgets."""
 
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
+    async def admit(self, tenant: str, *, reserve_tokens: int | None = 0, budgeted: bool = True) -> Admission:
         """Let a request of ``tenant`` in, reserving ``reserve_tokens`` against its ``tpm``, or raise
-        :class:`RateLimited`; ``budgeted``: a spent token budget refuses it too (generation)."""
+        :class:`RateLimited`; ``budgeted``: a spent token budget refuses it too (generation). ``None``: the
+        request's tokens were not counted (:meth:`needs_count` said so); a tenant with a ``tpm`` then raises
+        :class:`CountNeeded`, having changed nothing."""
+        ...
+
+    def needs_count(self, tenant: str) -> bool:
+        """Whether admitting a request of ``tenant`` needs its tokens counted: False only when the tenant's last
+        admission here found no ``tpm`` (a guess: a tpm set since then costs one :class:`CountNeeded`)."""
         ...
 
     async def spent(self, tenants: list[str]) -> dict[str, Spent]:
@@ -322,6 +340,8 @@ class Admission:
     """Tokens the request used (prompt + completion), charged to the window and the budgets on release."""
     limits: RateLimitState = field(default_factory=RateLimitState)
     renewal: asyncio.Task[None] | None = field(default=None, repr=False)
+    released: bool = False
+    """Whether :meth:`release` was called (a second call does nothing)."""
 
     def headers(self) -> dict[str, str]:
         """The ``x-ratelimit-*`` headers for the response (what admission saw, this request included)."""
@@ -336,6 +356,7 @@ class Admission:
         self.reserved = 0
 
     async def release(self) -> None:
+        self.released = True
         quotas, self.quotas = self.quotas, None
         if self.renewal is not None:
             self.renewal.cancel()
@@ -383,10 +404,16 @@ class Headroom:
 
 class Quotas:
     def __init__(self, redis: Redis, *, metrics: Metrics, lease_s: float = 60.0,
-                 clock: Callable[[], float] = time.time, batcher: ScriptBatcher | None = None) -> None:
+                 clock: Callable[[], float] = time.time, batcher: ScriptBatcher | None = None,
+                 max_untimed: int = 10_000) -> None:
         """``batcher``: sends the admission and release scripts with the other scripts of the same moment
-        (share one with :class:`gateway.usage.UsageStore` so a request's release and usage go out together)."""
+        (share one with :class:`gateway.usage.UsageStore` so a request's release and usage go out together).
+        ``max_untimed``: how many tenants seen without a ``tpm`` are remembered (least recently admitted dropped
+        first; a tenant forgotten has its requests counted again)."""
         self._redis = redis
+        self._max_untimed = max_untimed
+        self._untimed: OrderedDict[str, None] = OrderedDict()
+        """Tenants whose last admission here found no tpm: their requests are admitted without counting."""
         self._metrics = metrics
         self._lease_s = lease_s
         self._clock = clock
@@ -395,16 +422,20 @@ class Quotas:
         self._release = self._batch.script(_RELEASE, once="release")
         self._renew: Any = redis.register_script(_RENEW)
 
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
+    async def admit(self, tenant: str, *, reserve_tokens: int | None = 0, budgeted: bool = True) -> Admission:
         now = self._clock()
         lease = once_id()  # unique across replicas too: also the admission's id
         day, month = periods(now)
         keys = [f"banyan:tenant:{tenant}", requests_key(tenant), tokens_key(tenant), leases_key(tenant),
                 day.key(tenant), month.key(tenant)]
-        args = [repr(now), lease, max(0, reserve_tokens), repr(self._lease_s), "1" if budgeted else "0"]
+        reserve = -1 if reserve_tokens is None else max(0, reserve_tokens)
+        args = [repr(now), lease, reserve, repr(self._lease_s), "1" if budgeted else "0"]
         reply = [int(v) for v in await self._batch.run(self._admit, keys=keys, args=args)]
         verdict, leased, reserved, retry_ms = reply[:4]
         limits = RateLimitState(requests=_window(*reply[4:7]), tokens=_window(*reply[7:10]))
+        self._note_tpm(tenant, timed=limits.tokens is not None)
+        if verdict == _COUNT_IT:
+            raise CountNeeded(tenant)
         if verdict:
             raise self._refusal(verdict, now=now, retry_ms=retry_ms, reserve_tokens=reserve_tokens, limits=limits,
                                 budget_periods=(day, month))
@@ -414,7 +445,20 @@ class Quotas:
             admission.renewal = asyncio.create_task(self._keep_alive(tenant, lease))
         return admission
 
-    def _refusal(self, verdict: int, *, now: float, retry_ms: int, reserve_tokens: int, limits: RateLimitState,
+    def needs_count(self, tenant: str) -> bool:
+        return tenant not in self._untimed
+
+    def _note_tpm(self, tenant: str, *, timed: bool) -> None:
+        if timed or self._max_untimed <= 0:
+            self._untimed.pop(tenant, None)
+            return
+        self._untimed[tenant] = None
+        self._untimed.move_to_end(tenant)
+        while len(self._untimed) > self._max_untimed:
+            self._untimed.popitem(last=False)
+
+    def _refusal(self, verdict: int, *, now: float, retry_ms: int, reserve_tokens: int | None,
+                 limits: RateLimitState,
                  budget_periods: tuple[Period, Period]) -> RateLimited:
         headers = limits.headers()
         if verdict in _BUDGETS:

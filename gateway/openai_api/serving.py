@@ -76,7 +76,7 @@ from gateway.metrics import Metrics
 from gateway.openai_api.limits import apply_output_cap, check_caps, prompt_sizes, worst_case_tokens
 from gateway.openai_api.protocol import GenerationRequest, ModelCard, ModelList, RagOptions
 from gateway.openai_api.surfaces import Surface
-from gateway.quotas import Admission
+from gateway.quotas import Admission, CountNeeded
 from gateway.redis_batch import once_id
 from gateway.settings import Settings
 from gateway.state import AppState
@@ -324,18 +324,25 @@ class CompletionService:
         # after admission) in the default base's, and is counted again for `rag` if its base differs.
         counted = self.state.bases[request.model].tokens if request.model in self.state.bases else self.state.tokens
         small = body_bytes is not None and body_bytes <= INLINE_COUNT_MAX_BYTES
-        sizes = prompt_sizes(request, body, counted) if small else await asyncio.to_thread(
-            prompt_sizes, request, body, counted)
-        reserve = worst_case_tokens(request, body, prompt_sizes=sizes, settings=settings)
+        sizes: list[int] = []
+
+        async def reserve_of() -> int:  # the prompts are counted once: admission and `rag` both use them
+            if not sizes:
+                sizes.extend(prompt_sizes(request, body, counted) if small else await asyncio.to_thread(
+                    prompt_sizes, request, body, counted))
+            return worst_case_tokens(request, body, prompt_sizes=sizes, settings=settings)
+
         tracing = self.state.tracing
         rag = request.rag_options()
+        # Counted only if admission needs it (the tenant has a tpm, as far as this replica knows) or `rag` does.
+        reserve = await reserve_of() if rag is not None or self.state.quotas.needs_count(tenant) else None
         admitted: asyncio.Future[Admission]
-        if rag is None and settings.engine_first and self.state.headroom.ample(tenant, reserve):
-            admitted = asyncio.ensure_future(self._admit(tenant, reserve))  # decided while the engine starts
+        if rag is None and settings.engine_first and self.state.headroom.ample(tenant, reserve or 0):
+            admitted = asyncio.ensure_future(self._admit(tenant, reserve, reserve_of))  # decided as the engine starts
         else:
             admitted = asyncio.get_running_loop().create_future()
             with tracing.stage("admission"):
-                admitted.set_result(await self._admit(tenant, reserve))
+                admitted.set_result(await self._admit(tenant, reserve, reserve_of))
         streaming = False
         try:
             user = body.get("user")
@@ -365,13 +372,18 @@ class CompletionService:
             e.headers = {**admission.headers(), **(e.headers or {})}
             raise
         finally:
-            if not streaming:
+            if not streaming and not _released(admitted):  # an answer's usage record has released it already
                 await _finish_whatever_happens(_release_once_decided(admitted))
 
-    async def _admit(self, tenant: str, reserve: int) -> Admission:
-        """The tenant's admission, its room noted for ``engine_first``."""
+    async def _admit(self, tenant: str, reserve: int | None, reserve_of: Callable[[], Awaitable[int]]) -> Admission:
+        """The tenant's admission, its room noted for ``engine_first``. ``reserve``: None when the request was
+        not counted (``reserve_of`` counts it if the tenant turns out to have a tpm)."""
+        quotas = self.state.quotas
         try:
-            admission = await self.state.quotas.admit(tenant, reserve_tokens=reserve)
+            try:
+                admission = await quotas.admit(tenant, reserve_tokens=reserve)
+            except CountNeeded:
+                admission = await quotas.admit(tenant, reserve_tokens=await reserve_of())
         except BaseException:  # refused, or Redis unreachable: the next requests wait for their admission
             self.state.headroom.refused(tenant)
             raise
@@ -549,6 +561,11 @@ async def _once_admitted(call: _Call, work: Coroutine[Any, Any, _T], metrics: Me
         raise
     metrics.engine_first.labels("granted").inc()
     return await engine
+
+
+def _released(admitted: asyncio.Future[Admission]) -> bool:
+    """Whether the admission was granted and released already (nothing to do: no task to start for it)."""
+    return admitted.done() and not admitted.cancelled() and admitted.exception() is None and admitted.result().released
 
 
 async def _release_once_decided(admitted: asyncio.Future[Admission]) -> None:

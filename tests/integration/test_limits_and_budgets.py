@@ -51,6 +51,24 @@ def test_answers_and_429s_carry_the_rate_limit_headers(stack: RunningStack, admi
     assert not [h for h in raw.headers if h.startswith("x-ratelimit-")]
 
 
+def test_a_tpm_set_on_a_tenant_served_uncounted_holds_at_once(stack: RunningStack, admin: httpx.Client) -> None:
+    """A tenant without a tpm has its prompts admitted uncounted; once an admin sets one, the very next request is
+    counted and reserved against it (asked again by the admission script, not let through on the stale view)."""
+    tenant = make_tenant(stack, admin, "tpm-late")
+    client, base = tenant.client(), stack.info["base_model"]
+    for _ in range(2):  # the first admission finds no tpm: the next request comes uncounted
+        raw = client.completions.with_raw_response.create(model=base, prompt="hello", max_tokens=2)
+        assert not [h for h in raw.headers if h.startswith("x-ratelimit-")]
+    response = admin.patch(f"/admin/tenants/{tenant.id}", json={"tpm": 60})
+    assert response.status_code == 200, response.text
+    with pytest.raises(openai.RateLimitError) as too_large:  # its worst case alone is over the tpm
+        client.completions.create(model=base, prompt="hello", max_tokens=100)
+    assert too_large.value.body["param"] == "max_tokens"  # type: ignore[index]
+    raw = client.completions.with_raw_response.create(model=base, prompt="hello", max_tokens=2)
+    assert raw.headers["x-ratelimit-limit-tokens"] == "60"
+    assert 0 < int(raw.headers["x-ratelimit-remaining-tokens"]) <= 60 - 2  # its prompt and 2 tokens reserved
+
+
 def _second_of_minute() -> float:
     return time.time() % 60
 

@@ -32,7 +32,7 @@ from gateway.app import create_app
 from gateway.engine import EnginePool
 from gateway.fine_tuning.files import FileRecord, FileRefused, TooManyFiles
 from gateway.metrics import Metrics
-from gateway.quotas import Admission, RateLimitState, Spent
+from gateway.quotas import Admission, CountNeeded, RateLimitState, Spent
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.tenants import KEY_PREFIX, KeyInfo, Tenant
@@ -426,18 +426,28 @@ class FakeQuotas:
     """:class:`gateway.quotas.Limiter` that admits everything (the limits themselves are tested against a real
     Valkey in test_quotas.py); notes the tokens each admission asked to reserve, and the admissions."""
 
-    reserved: list[int] = field(default_factory=list)
+    reserved: list[int | None] = field(default_factory=list)
     admissions: list[FakeAdmission] = field(default_factory=list)
     limits: RateLimitState = field(default_factory=RateLimitState)
     """What every admission says of the limits (its ``x-ratelimit-*`` headers)."""
     forgotten: list[str] = field(default_factory=list)
     budgeted: list[bool] = field(default_factory=list)
     """Whether each admission was subject to the token budgets."""
+    uncounted: set[str] = field(default_factory=set)
+    """Tenants whose requests :meth:`needs_count` says may come uncounted (the real one: seen without a tpm)."""
+    timed: set[str] = field(default_factory=set)
+    """Tenants with a tpm: an uncounted admission of theirs raises :class:`CountNeeded` (noted as None)."""
 
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
+    def needs_count(self, tenant: str) -> bool:
+        return tenant not in self.uncounted
+
+    async def admit(self, tenant: str, *, reserve_tokens: int | None = 0, budgeted: bool = True) -> Admission:
+        if reserve_tokens is None and tenant in self.timed:
+            self.reserved.append(None)
+            raise CountNeeded(tenant)
         self.reserved.append(reserve_tokens)
         self.budgeted.append(budgeted)
-        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens, limits=self.limits))
+        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens or 0, limits=self.limits))
         return self.admissions[-1]
 
     async def spent(self, tenants: list[str]) -> dict[str, Spent]:

@@ -86,7 +86,10 @@ class _Scripted:
     order: list[str] = field(default_factory=list)
     admissions: list[FakeAdmission] = field(default_factory=list)
 
-    async def admit(self, tenant: str, *, reserve_tokens: int = 0, budgeted: bool = True) -> Admission:
+    def needs_count(self, tenant: str) -> bool:
+        return True
+
+    async def admit(self, tenant: str, *, reserve_tokens: int | None = 0, budgeted: bool = True) -> Admission:
         if self.admissions or self.order:
             self.order.append("admission asked")
             with contextlib.suppress(TimeoutError):
@@ -97,7 +100,7 @@ class _Scripted:
             if self.refuse:
                 raise RateLimited("Rate limit reached for requests per minute; retry after 1 s.",
                                   headers={"retry-after": "1"})
-        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens, limits=self.first))
+        self.admissions.append(FakeAdmission(tenant=tenant, reserved=reserve_tokens or 0, limits=self.first))
         return self.admissions[-1]
 
     async def spent(self, tenants: list[str]) -> dict[str, Spent]:

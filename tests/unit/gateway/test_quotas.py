@@ -12,7 +12,16 @@ from redis.asyncio import Redis
 from gateway.dev.processes import free_port
 from gateway.errors import RateLimited
 from gateway.metrics import Metrics
-from gateway.quotas import Admission, Quotas, format_duration, leases_key, periods, requests_key, tokens_key
+from gateway.quotas import (
+    Admission,
+    CountNeeded,
+    Quotas,
+    format_duration,
+    leases_key,
+    periods,
+    requests_key,
+    tokens_key,
+)
 
 LEASE_S = 60.0
 T0 = 1_800_000_000.0  # the start of a minute
@@ -129,6 +138,47 @@ async def test_tpm_reserves_the_worst_case_and_refunds_what_was_not_used(redis: 
     await first.release()
     assert await _window(redis, tokens_key(tenant)) == {int(T0) + 2: 10}
     await (await quotas.admit(tenant, reserve_tokens=90)).release()
+
+
+async def test_an_uncounted_request_is_admitted_only_while_the_tenant_has_no_tpm(redis: Redis) -> None:
+    tenant = await _tenant(redis, rpm=5)
+    quotas = _replica(redis, Clock())
+    assert quotas.needs_count(tenant)  # nothing seen of it yet
+    await (await quotas.admit(tenant, reserve_tokens=30)).release()
+    assert not quotas.needs_count(tenant)  # its admission found no tpm
+    admitted = await quotas.admit(tenant, reserve_tokens=None)
+    assert admitted.reserved == 0 and admitted.limits.requests is not None and admitted.limits.tokens is None
+    await admitted.release()
+    # An admin sets a tpm: the next uncounted request changes nothing and is asked for its count.
+    await redis.hset("banyan:tenant:acme", "tpm", "100")
+    with pytest.raises(CountNeeded):
+        await quotas.admit(tenant, reserve_tokens=None)
+    assert await _window(redis, requests_key(tenant)) == {int(T0): 2}  # the two admitted, not the uncounted one
+    assert await _window(redis, tokens_key(tenant)) == {}
+    assert quotas.needs_count(tenant)  # from now on counted first
+    with pytest.raises(RateLimited) as never:
+        await quotas.admit(tenant, reserve_tokens=101)
+    assert never.value.param == "max_tokens"
+    counted = await quotas.admit(tenant, reserve_tokens=40)
+    assert counted.reserved == 40 and await _window(redis, tokens_key(tenant)) == {int(T0): 40}
+    await counted.release()
+
+
+async def test_a_spent_budget_refuses_an_uncounted_request_too(redis: Redis) -> None:
+    tenant = await _tenant(redis, daily_token_budget=10, tpm=1000)
+    quotas = _replica(redis, Clock())
+    day, _ = periods(T0)
+    await redis.set(day.key(tenant), 10)
+    with pytest.raises(RateLimited) as refused:  # the budget's refusal comes before the request for a count
+        await quotas.admit(tenant, reserve_tokens=None)
+    assert refused.value.code == "quota_exceeded"
+
+
+async def test_the_tenants_known_without_a_tpm_are_bounded(redis: Redis) -> None:
+    quotas = Quotas(redis, metrics=Metrics(), lease_s=LEASE_S, clock=Clock(), max_untimed=2)
+    for tenant in ("a", "b", "c"):
+        await (await quotas.admit(tenant, reserve_tokens=1)).release()
+    assert [quotas.needs_count(t) for t in ("a", "b", "c")] == [True, False, False]  # the oldest dropped
 
 
 async def test_a_refund_goes_back_to_the_bucket_it_was_reserved_in(redis: Redis) -> None:

@@ -127,6 +127,34 @@ def test_caps_are_400_with_param_before_admission(make_harness: Callable[[Handle
     assert within.status_code == 200
 
 
+def test_a_tenant_seen_without_a_tpm_is_admitted_uncounted(make_harness: Callable[[Handler], Harness]) -> None:
+    h = make_harness(_echo_engine)
+    counted: list[str] = []
+    tokens = h.state.tokens
+    count = tokens.count
+
+    def spy(text: str) -> int:
+        counted.append(text)
+        return count(text)
+
+    setattr(tokens, "count", spy)  # noqa: B010 (the harness's counter, watched)
+    assert h.state.bases["banyan-demo"].tokens is tokens
+    h.quotas.uncounted.add("acme")
+    body = {"model": "banyan-demo", "prompt": "x" * 10, "max_tokens": 5}
+    assert h.client.post("/v1/completions", json=body, headers=h.tenant_headers()).status_code == 200
+    assert h.quotas.reserved == [None] and counted == []  # admitted without counting the prompt
+    # The tenant got a tpm since: the limiter asks for the count, and the request is admitted with it.
+    h.quotas.timed.add("acme")
+    assert h.client.post("/v1/completions", json={**body, "stream": True},
+                         headers=h.tenant_headers()).status_code == 200
+    assert h.quotas.reserved == [None, None, (10 + 8) + 5] and len(counted) == 1
+    # `rag` needs the count for its context budget whatever the limits: counted once, before admission.
+    counted.clear()
+    rag = {**body, "rag": {"top_k": 1}}
+    assert h.client.post("/v1/completions", json=rag, headers=h.tenant_headers()).status_code == 200
+    assert h.quotas.reserved[-1] == (10 + 8) + 5 + h.state.settings.rag_max_context_tokens and len(counted) == 1
+
+
 def test_the_worst_case_is_reserved(make_harness: Callable[[Handler], Harness]) -> None:
     h = make_harness(_echo_engine)
     state = h.state
