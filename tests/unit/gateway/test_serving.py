@@ -424,3 +424,33 @@ async def test_a_json_client_that_leaves_ends_the_engine_call(make_harness: Call
     assert closed.is_set() and h.usage.records == []
     assert quotas.admissions[0].released and quotas.admissions[0].kept
     assert 'banyan_client_disconnects_total{kind="json"} 1.0' in h.client.get("/metrics").text
+
+
+async def test_end_of_request_work_finishes_though_its_caller_is_cancelled() -> None:
+    gate, finished = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:  # accounting that waits on Redis
+        await gate.wait()
+        finished.set()
+
+    before = set(serving._detached)
+    caller = asyncio.ensure_future(serving._finish_whatever_happens(work()))
+    await asyncio.sleep(0.01)
+    caller.cancel()  # the request's task is cancelled (a shutdown, a client gone)
+    with pytest.raises(asyncio.CancelledError):
+        await caller  # the caller stops waiting at once ...
+    (held,) = serving._detached - before
+    assert not finished.is_set() and not held.done()
+    gate.set()
+    await asyncio.wait_for(finished.wait(), 1)  # ... and the work goes on to its end, referenced until done
+    await asyncio.sleep(0)
+    assert held.done() and held not in serving._detached
+
+
+async def test_end_of_request_work_that_fails_raises_in_its_caller() -> None:
+    async def work() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("the usage store refused it")
+
+    with pytest.raises(ValueError, match="refused"):
+        await serving._finish_whatever_happens(work())
