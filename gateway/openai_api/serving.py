@@ -47,7 +47,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -579,22 +579,38 @@ async def _release_once_decided(admitted: asyncio.Future[Admission]) -> None:
 
 async def _unless_left(work: Coroutine[Any, Any, bytes], disconnected: Disconnected | None) -> bytes | None:
     """What ``work`` returns, or None if the client left first (``work`` is then cancelled: an engine call cut
-    short closes its connection, and the engine drops the request)."""
+    short closes its connection, and the engine drops the request). ``work`` runs in the caller's task, which the
+    client's leaving cancels (as ``asyncio.timeout`` does: told apart from any other cancellation by
+    ``uncancel``); only the watcher of the client is a task."""
     if disconnected is None:
         return await work
-    done = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(disconnected())
+    me = asyncio.current_task()
+    assert me is not None
+    waiting, left = True, False
+
+    def leave(gone: asyncio.Future[None]) -> None:
+        nonlocal left
+        if gone.cancelled() or not waiting:
+            return
+        gone.exception()  # a receive that failed: the client is gone too
+        left = True
+        me.cancel()
+
+    watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(leave)
     try:
-        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        content = await work
+    except asyncio.CancelledError:
+        if left and me.uncancel() == 0:
+            return None
+        raise
     finally:
-        for task in (done, gone):
-            if not task.done():
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
-    if done.done() and not done.cancelled():
-        return done.result()
-    return None
+        waiting = False
+        watcher.cancel()
+    if left:  # the work swallowed the cancellation
+        me.uncancel()
+        return None
+    return content
 
 
 class _Relay:

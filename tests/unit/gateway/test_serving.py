@@ -454,3 +454,46 @@ async def test_end_of_request_work_that_fails_raises_in_its_caller() -> None:
 
     with pytest.raises(ValueError, match="refused"):
         await serving._finish_whatever_happens(work())
+
+
+async def test_unless_left_answers_none_when_the_client_leaves_and_cancels_the_work() -> None:
+    gone, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def engine_call() -> bytes:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b"never"
+
+    async def disconnected() -> None:
+        await gone.wait()
+
+    waiting = asyncio.ensure_future(serving._unless_left(engine_call(), disconnected))
+    await asyncio.sleep(0.01)
+    gone.set()
+    assert await asyncio.wait_for(waiting, 1) is None and cancelled.is_set()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_unless_left_passes_the_answer_an_error_and_the_callers_own_cancellation() -> None:
+    async def never_leaves() -> None:
+        await asyncio.sleep(10)
+
+    async def answer() -> bytes:
+        await asyncio.sleep(0)
+        return b"{}"
+
+    async def fails() -> bytes:
+        await asyncio.sleep(0)
+        raise httpx.ReadError("engine gone")
+
+    assert await serving._unless_left(answer(), never_leaves) == b"{}"
+    with pytest.raises(httpx.ReadError):
+        await serving._unless_left(fails(), never_leaves)
+    caller = asyncio.ensure_future(serving._unless_left(asyncio.sleep(10, b""), never_leaves))
+    await asyncio.sleep(0.01)
+    caller.cancel()  # the request's task cancelled: not mistaken for the client leaving
+    with pytest.raises(asyncio.CancelledError):
+        await caller
