@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import psutil
 
-from gateway.dev.launcher import DevProcess, clean_env, launch_dev
+from gateway.dev.launcher import DevProcess, launch_dev, serve_env, start_serve
 from gateway.dev.processes import Child, Children, free_port, http_ok
 from gateway.engine_http import AiohttpTransport
 from loadtests._stats import percentile
@@ -271,19 +271,11 @@ def start_serve_gateway(children: Children, stack: DevProcess, *, name: str, eng
     """Another gateway (``banyan serve``) on the dev stack's Redis and S3, in front of ``engine_url`` (the stack's
     engine, or a stub), on the CPUs ``pin`` (a ``taskset -c`` list; empty: any)."""
     info = stack.info
-    gateway_port = free_port()
-    env = clean_env({
-        "BANYAN_DATA_DIR": str(stack.data_dir), "BANYAN_PORT": str(gateway_port), "BANYAN_ADMIN_KEY": stack.admin_key,
-        "BANYAN_MODE": "prod", "BANYAN_HOST": "127.0.0.1", "BANYAN_REDIS_URL": info["redis_url"],
-        **stack.s3_settings().s3_env(), "BANYAN_ENGINE_URLS": engine_url, "BANYAN_BASE_MODEL": info["base_model"],
-        **({"BANYAN_ENGINE_API_KEY": engine_api_key} if engine_api_key else {}),
-        "BANYAN_BASE_MODEL_CONFIG": str(Path(info["model_path"]) / "config.json"),
-        "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})})
-    banyan = str(Path(sys.executable).parent / "banyan")
-    gateway = children.spawn(name, [*_pinned(pin), banyan, "serve"], env=env, cwd=REPO)
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    children.wait_ready(gateway, http_ok(gateway_url + "/readyz"), timeout=120)
-    return gateway, gateway_url
+    env = serve_env(port=free_port(), admin_key=stack.admin_key, data_dir=stack.data_dir,
+                    redis_url=info["redis_url"], s3=stack.s3_settings(), engine_urls=engine_url,
+                    base_model=info["base_model"], model_config=Path(info["model_path"]) / "config.json",
+                    engine_api_key=engine_api_key, extra=extra_env)
+    return start_serve(children, name, env, cwd=REPO, timeout=120, cpus=pin)
 
 
 def compare_env_of(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:

@@ -44,9 +44,9 @@ import numpy as np
 from pydantic import SecretStr
 
 from adapters.store import S3Settings
-from gateway.dev.launcher import clean_env
+from gateway.dev.launcher import serve_env, start_serve
 from gateway.dev.models import dev_model
-from gateway.dev.processes import free_port, http_ok
+from gateway.dev.processes import free_port
 from gateway.dev.stack import DevStack, dev_settings
 from gateway.settings import Settings
 from loadtests._stack import Sample, metric_by_label, metric_sum, scrape
@@ -158,21 +158,13 @@ class FleetStack:
 
     def _start_gateway(self, i: int) -> str:
         s, c = self.stacks[0].settings, self.cfg.churn
-        port = free_port()
-        env = clean_env({
-            "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": self.admin_key, "BANYAN_HOST": "127.0.0.1",
-            "BANYAN_PORT": str(port), "BANYAN_DATA_DIR": str(self.root), "BANYAN_REDIS_URL": self.redis_url,
-            "BANYAN_ENGINE_URLS": ",".join(self.engine_urls), "BANYAN_ENGINE_API_KEY": self.stacks[0].engine_api_key,
-            "BANYAN_BASE_MODEL": s.base_model, "BANYAN_BASE_MODEL_CONFIG": str(self.model_path / "config.json"),
-            "BANYAN_MAX_MODEL_LEN": str(s.max_model_len), "BANYAN_LOG_LEVEL": "warning",
-            "BANYAN_PREFETCH_ON_ACTIVATE": "false", "BANYAN_ENGINE_RESIDENT_ADAPTERS": str(c.resident),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.s3.s3_env(),
-        })
-        banyan = str(Path(sys.executable).parent / "banyan")
-        children = self.stacks[0].children
-        child = children.spawn(f"gateway-{i}", [banyan, "serve"], env=env, cwd=self.root)
-        url = f"http://127.0.0.1:{port}"
-        children.wait_ready(child, http_ok(url + "/readyz"), timeout=240)
+        env = serve_env(port=free_port(), admin_key=self.admin_key, data_dir=self.root, redis_url=self.redis_url,
+                        s3=self.s3, engine_urls=",".join(self.engine_urls), base_model=s.base_model,
+                        model_config=self.model_path / "config.json", engine_api_key=self.stacks[0].engine_api_key,
+                        max_model_len=s.max_model_len,
+                        extra={"BANYAN_PREFETCH_ON_ACTIVATE": "false",
+                               "BANYAN_ENGINE_RESIDENT_ADAPTERS": str(c.resident)})
+        child, url = start_serve(self.stacks[0].children, f"gateway-{i}", env, cwd=self.root)
         _say(f"  gateway {i} (banyan serve, pid {child.process.pid}) ready at {url}")
         return url
 

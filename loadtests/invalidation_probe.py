@@ -39,7 +39,7 @@ import httpx
 from redis.asyncio import Redis
 
 from adapters.registry import AdapterRegistry, VersionMeta
-from gateway.dev.launcher import clean_env
+from gateway.dev.launcher import serve_env, start_serve
 from gateway.dev.processes import Children, free_port, http_ok
 from gateway.dev.stack import dev_s3_settings
 from gateway.invalidation import CHANNEL
@@ -90,18 +90,13 @@ class Stack:
         self.children.wait_ready(stub, http_ok(stub_url + "/health"), timeout=30)
         s3 = dev_s3_settings(f"http://127.0.0.1:{free_port()}", bucket="banyan-probe")  # never reached
         for name, extra in (("a", {}), ("b", {}), ("c", {"BANYAN_CACHE_INVALIDATION": "false"})):
-            port = free_port()
-            env = clean_env({
-                "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": self.admin_key, "BANYAN_HOST": "127.0.0.1",
-                "BANYAN_PORT": str(port), "BANYAN_DATA_DIR": str(self.work), "BANYAN_REDIS_URL": self.redis_url,
-                "BANYAN_ENGINE_URLS": stub_url, "BANYAN_BASE_MODEL": BASE_MODEL, "BANYAN_LOG_LEVEL": "warning",
-                "BANYAN_KEY_CACHE_TTL_S": "30", "BANYAN_ADAPTER_CACHE_TTL_S": "30", "BANYAN_CACHE_FALLBACK_TTL_S": "1",
-                "BANYAN_PREFETCH_ON_ACTIVATE": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                **s3.s3_env(), **extra})
-            child = self.children.spawn(f"gateway-{name}", [str(Path(sys.executable).parent / "banyan"), "serve"],
-                                        env=env, cwd=self.work)
-            url = f"http://127.0.0.1:{port}"
-            self.children.wait_ready(child, http_ok(url + "/healthz"), timeout=240)  # first: exports the embedder
+            env = serve_env(port=free_port(), admin_key=self.admin_key, data_dir=self.work, redis_url=self.redis_url,
+                            s3=s3, engine_urls=stub_url, base_model=BASE_MODEL,
+                            extra={"BANYAN_KEY_CACHE_TTL_S": "30", "BANYAN_ADAPTER_CACHE_TTL_S": "30",
+                                   "BANYAN_CACHE_FALLBACK_TTL_S": "1", "BANYAN_PREFETCH_ON_ACTIVATE": "false",
+                                   **extra})
+            # /healthz, not /readyz: the first start exports the embedder
+            child, url = start_serve(self.children, f"gateway-{name}", env, cwd=self.work, ready_path="/healthz")
             _say(f"gateway {name} (pid {child.process.pid}) at {url}{' (invalidation off)' if extra else ''}")
             self.urls[name] = url
 

@@ -29,7 +29,6 @@ import json
 import secrets
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,9 +41,9 @@ from pydantic import SecretStr
 
 from adapters.layout import ADAPTER_FILES
 from adapters.store import S3Settings
-from gateway.dev.launcher import clean_env
+from gateway.dev.launcher import serve_env, start_serve
 from gateway.dev.models import dev_model
-from gateway.dev.processes import free_port, http_ok
+from gateway.dev.processes import free_port
 from gateway.dev.stack import DevStack, dev_settings
 from gateway.settings import Settings
 
@@ -140,19 +139,12 @@ class FaultStack:
 
     def start_gateway(self, *, timeout: float = 240.0) -> None:
         s = self.dev.settings
-        env = clean_env({
-            "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": self.admin_key, "BANYAN_HOST": "127.0.0.1",
-            "BANYAN_PORT": str(self.gateway_port), "BANYAN_DATA_DIR": str(self.root),
-            "BANYAN_REDIS_URL": self.redis_url, "BANYAN_ENGINE_URLS": self.engine_url,
-            "BANYAN_ENGINE_API_KEY": self.dev.engine_api_key,
-            "BANYAN_BASE_MODEL": s.base_model, "BANYAN_BASE_MODEL_CONFIG": str(self.model_path / "config.json"),
-            "BANYAN_MAX_MODEL_LEN": str(s.max_model_len), "BANYAN_LOG_LEVEL": "warning",
-            "BANYAN_SHUTDOWN_DRAIN_S": str(self.drain_s), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            **self.s3.s3_env(), **self._gateway_env,
-        })
-        banyan = str(Path(sys.executable).parent / "banyan")
-        child = self.dev.children.spawn("gateway", [banyan, "serve"], env=env, cwd=self.root)
-        self.dev.children.wait_ready(child, http_ok(self.url + "/readyz"), timeout=timeout)
+        env = serve_env(port=self.gateway_port, admin_key=self.admin_key, data_dir=self.root,
+                        redis_url=self.redis_url, s3=self.s3, engine_urls=self.engine_url,
+                        base_model=s.base_model, model_config=self.model_path / "config.json",
+                        engine_api_key=self.dev.engine_api_key, max_model_len=s.max_model_len,
+                        extra={"BANYAN_SHUTDOWN_DRAIN_S": str(self.drain_s), **self._gateway_env})
+        start_serve(self.dev.children, "gateway", env, cwd=self.root, timeout=timeout)
 
     def stop_gateway(self, *, sig: signal.Signals = signal.SIGTERM, grace: float = 60.0) -> float:
         """Send ``sig`` to the gateway and wait for it to exit (SIGKILL after ``grace`` s); return how long it took."""

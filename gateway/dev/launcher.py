@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.store import S3Settings
-from gateway.dev.processes import free_port
+from gateway.dev.processes import Child, Children, free_port, http_ok
 from gateway.dev.stack import dev_s3_settings
 
 READY_LINE = "banyan dev is ready"
@@ -132,6 +132,34 @@ def clean_env(settings: Mapping[str, str]) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("BANYAN_")}
     env.update(settings)
     return env
+
+
+def serve_env(*, port: int, admin_key: str, data_dir: Path, redis_url: str, s3: S3Settings, engine_urls: str,
+              base_model: str, model_config: Path | None = None, engine_api_key: str | None = None,
+              max_model_len: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a production gateway (``banyan serve``) on a local stack's Valkey and S3, in front of
+    ``engine_urls`` (comma-separated: the stack's engines, or a stub), offline, logging warnings only; ``extra``
+    adds or overrides settings (the caller's own)."""
+    return clean_env({
+        "BANYAN_MODE": "prod", "BANYAN_ADMIN_KEY": admin_key, "BANYAN_HOST": "127.0.0.1", "BANYAN_PORT": str(port),
+        "BANYAN_DATA_DIR": str(data_dir), "BANYAN_REDIS_URL": redis_url, **s3.s3_env(),
+        "BANYAN_ENGINE_URLS": engine_urls, "BANYAN_BASE_MODEL": base_model,
+        **({"BANYAN_BASE_MODEL_CONFIG": str(model_config)} if model_config is not None else {}),
+        **({"BANYAN_ENGINE_API_KEY": engine_api_key} if engine_api_key else {}),
+        **({"BANYAN_MAX_MODEL_LEN": str(max_model_len)} if max_model_len is not None else {}),
+        "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra or {})})
+
+
+def start_serve(children: Children, name: str, env: Mapping[str, str], *, cwd: Path, timeout: float = 240.0,
+                ready_path: str = "/readyz", cpus: str = "") -> tuple[Child, str]:
+    """Start ``banyan serve`` with ``env`` (:func:`serve_env`) as the child ``name``, on the CPUs ``cpus`` (a
+    ``taskset -c`` list; empty: any), and wait until ``ready_path`` answers 200; the child and its URL."""
+    url = f"http://127.0.0.1:{env['BANYAN_PORT']}"
+    banyan = str(Path(sys.executable).parent / "banyan")
+    child = children.spawn(name, [*(["taskset", "-c", cpus] if cpus else []), banyan, "serve"], env=dict(env),
+                           cwd=cwd)
+    children.wait_ready(child, http_ok(url + ready_path), timeout=timeout)
+    return child, url
 
 
 def launch_dev(data_dir: Path, *, empty: bool = True, model: str = "tiny", admin_key: str | None = None,
