@@ -12,7 +12,8 @@ gateway process per request (``gateway_alone_ratio``: gateway+stub req/s over st
 concurrency, same run). ``--pin-stub 0 --pin-gateway 1`` runs the two on disjoint CPUs (``taskset -c``) so the
 ratio measures the gateway, not two processes queueing for one core; ``--alone-only`` skips the engine rounds;
 ``--event-gap-ms`` paces the stub's stream events (the gateway then relays them one by one, as from an engine:
-``gateway_alone_cpu_us_per_token`` beside ``floor_cpu_us_per_token`` is the relay's cost per streamed token).
+``gateway_alone_cpu_us_per_token`` beside ``floor_cpu_us_per_token`` is the relay's cost per streamed token;
+``--proto-floor`` adds ``proto_floor_cpu_us_per_token``, the same through a relay at the protocol level).
 Everything it started is stopped at the end, by process id.
 
 It prints a table and, last, one line ``RESULT {json}`` with (gateway / direct) throughput ratios,
@@ -50,7 +51,7 @@ from gateway.engine_http import AiohttpTransport
 from loadtests._stats import percentile
 
 REPO = Path(__file__).resolve().parents[1]
-GATEWAY, GATEWAY_B, FLOOR = "gateway+stub", "gw B+stub", "floor+stub"
+GATEWAY, GATEWAY_B, FLOOR, PROTO_FLOOR = "gateway+stub", "gw B+stub", "floor+stub", "proto+stub"
 UNLOADED_PAIRS = 3
 UNLOADED_REQUESTS = 12
 PROMPT = "Request {tag}: write a short poem about the sea, the wind and the old lighthouse keeper."
@@ -74,6 +75,8 @@ class Options:
     compare_env: dict[str, str] = field(default_factory=dict)
     """Settings of a second gateway ("gateway B") measured in the same run, in front of the same stub: an A/B
     of one change (e.g. ``BANYAN_KEY_CACHE_TTL_S=0``); empty: no second gateway."""
+    proto_floor: bool = False
+    """Also measure :mod:`loadtests.proto_proxy` (a relay at the protocol level) beside the bare proxy."""
     event_gap_ms: float = 0.0
     """The stub's pause between two events of a stream (``--event-gap-ms``): 0 sends a whole stream at once (the
     gateway relays it in one read); a gap makes it relay event by event, as it does from an engine, so its CPU per
@@ -285,12 +288,12 @@ def compare_env_of(parser: argparse.ArgumentParser, items: list[str]) -> dict[st
     return dict(item.split("=", 1) for item in items)
 
 
-def _start_floor(children: Children, options: Options, stub_url: str) -> tuple[Child, str]:
-    """The bare proxy (:mod:`loadtests.minimal_proxy`) in front of the stub, on the gateway's CPUs."""
+def _start_floor(children: Children, options: Options, stub_url: str, *,
+                 module: str = "loadtests.minimal_proxy") -> tuple[Child, str]:
+    """A bare proxy (:mod:`loadtests.minimal_proxy`, or ``module``) in front of the stub, on the gateway's CPUs."""
     port = free_port()
-    proxy = children.spawn("bench-floor", [*_pinned(options.pin_gateway), sys.executable, "-m",
-                                           "loadtests.minimal_proxy", "--port", str(port), "--upstream", stub_url],
-                           cwd=REPO)
+    cmd = [*_pinned(options.pin_gateway), sys.executable, "-m", module, "--port", str(port), "--upstream", stub_url]
+    proxy = children.spawn("bench-" + module.rsplit(".", 1)[-1], cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     children.wait_ready(proxy, http_ok(url + "/health"), timeout=30)
     return proxy, url
@@ -587,6 +590,12 @@ def _report_alone(alone: dict[str, Any], options: Options) -> dict[str, Any]:
               f"non-stream {result['floor_alone_ratio']['nonstream']}; gateway / bare proxy: stream "
               f"{result['gateway_over_floor_rps']['stream']}, "
               f"non-stream {result['gateway_over_floor_rps']['nonstream']}")
+    if f"stream/{PROTO_FLOOR}/c{c}" in alone:  # a relay at the protocol level: what no task per event saves
+        result["proto_floor_cpu_ms_per_request"] = cpu(PROTO_FLOOR)
+        result["proto_floor_cpu_us_per_token"] = per_token(PROTO_FLOOR)
+        print(f"protocol-level relay ({PROTO_FLOOR}): CPU per streamed token {result['proto_floor_cpu_us_per_token']} "
+              f"us, against the bare proxy's {result.get('floor_cpu_us_per_token')} and the gateway's "
+              f"{result['gateway_alone_cpu_us_per_token']}")
     result["gateway_alone_pinning"] = {"stub": options.pin_stub or None, "gateway": options.pin_gateway or None}
     print(f"gateway+stub / stub direct req/s at c={c}: stream {result['gateway_alone_ratio']['stream']}, "
           f"non-stream {result['gateway_alone_ratio']['nonstream']} (pinning: stub "
@@ -615,6 +624,9 @@ async def _bench(options: Options, stack: DevProcess, children: Children) -> dic
             gateways[GATEWAY_B] = (b_url, psutil.Process(b.process.pid))
         floor, floor_url = _start_floor(children, options, stub_url)
         gateways[FLOOR] = (floor_url, psutil.Process(floor.process.pid))
+        if options.proto_floor:
+            proto, proto_url = _start_floor(children, options, stub_url, module="loadtests.proto_proxy")
+            gateways[PROTO_FLOOR] = (proto_url, psutil.Process(proto.process.pid))
         alone = await _gateway_alone(options, stub_url, gateways, key, info["base_model"])
     return _report(series, unloaded, alone, options)
 
@@ -643,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-gap-ms", type=float, default=0.0,
                         help="the stub's pause between two events of a stream (0: a whole stream at once; e.g. 5 to "
                              "measure the relay event by event, as in front of an engine)")
+    parser.add_argument("--proto-floor", action="store_true",
+                        help="also measure loadtests.proto_proxy, a relay at the protocol level (no task, future or "
+                             "ASGI layer per event), beside the bare proxy")
     parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
                         help="also measure a gateway B with this setting (repeatable) in the same run, in front of "
                              "the same stub (e.g. BANYAN_KEY_CACHE_TTL_S=0)")
@@ -657,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                       stub_concurrency=[args.concurrency] if quick else sorted({16, args.concurrency, 128}),
                       data_dir=args.data_dir.resolve(), skip_stub=args.skip_stub, alone_only=args.alone_only,
                       pin_stub=args.pin_stub, pin_gateway=args.pin_gateway, compare_env=compare_env,
-                      client=args.client, event_gap_ms=args.event_gap_ms)
+                      client=args.client, event_gap_ms=args.event_gap_ms, proto_floor=args.proto_floor)
     children = Children(options.data_dir / "logs")
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]

@@ -1,4 +1,5 @@
-"""The bare proxy the bench measures the gateway against: it relays JSON and streams from the stub unchanged."""
+"""The bare proxies the bench measures the gateway against (the ASGI one, and the relay at the protocol level):
+each relays JSON, streams and the upstream's status from the stub unchanged."""
 
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ def _wait(url: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def urls() -> Iterator[tuple[str, str]]:
+@pytest.fixture(scope="module", params=["loadtests.minimal_proxy", "loadtests.proto_proxy"])
+def urls(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     stub_port, proxy_port = free_port(), free_port()
     stub_url, proxy_url = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{proxy_port}"
     stub = subprocess.Popen([sys.executable, "-m", "loadtests.stub_openai", "--port", str(stub_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proxy = subprocess.Popen([sys.executable, "-m", "loadtests.minimal_proxy", "--port", str(proxy_port),
+    proxy = subprocess.Popen([sys.executable, "-m", request.param, "--port", str(proxy_port),
                               "--upstream", stub_url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(stub_url + "/health")
@@ -61,3 +62,11 @@ def test_a_stream_is_relayed_to_its_end(urls: tuple[str, str]) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         text = b"".join(response.iter_raw()).decode()
     assert text.count("data: ") >= 2 and text.rstrip().endswith("data: [DONE]")
+
+
+def test_the_upstreams_status_comes_back(urls: tuple[str, str]) -> None:
+    stub_url, proxy_url = urls
+    direct = httpx.post(stub_url + "/v1/nothing-here", json=BODY)
+    relayed = httpx.post(proxy_url + "/v1/nothing-here", json=BODY)
+    assert direct.status_code >= 400 and relayed.status_code == direct.status_code
+    assert relayed.json() == direct.json()
