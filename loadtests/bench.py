@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import psutil
 
-from gateway.dev.launcher import DevProcess, launch_dev, serve_env, start_serve
+from gateway.dev.launcher import DevProcess, launch_dev, pinned, serve_env, start_serve
 from gateway.dev.processes import Child, Children, free_port, http_ok
 from gateway.engine_http import AiohttpTransport
 from loadtests._stats import percentile
@@ -251,16 +251,11 @@ def _start_dev(options: Options) -> DevProcess:
     return stack
 
 
-def _pinned(cpus: str) -> list[str]:
-    """The command prefix that runs a child on ``cpus`` (a ``taskset -c`` list), or nothing."""
-    return ["taskset", "-c", cpus] if cpus else []
-
-
 def _start_stub(children: Children, stack: DevProcess, options: Options) -> tuple[Child, str]:
     """A local OpenAI stub serving the dev stack's base model."""
     info = stack.info
     stub_port = free_port()
-    stub = children.spawn("bench-stub", [*_pinned(options.pin_stub), sys.executable, "-m", "loadtests.stub_openai",
+    stub = children.spawn("bench-stub", [*pinned(options.pin_stub), sys.executable, "-m", "loadtests.stub_openai",
                                          "--port", str(stub_port), "--model", info["base_model"],
                                          "--event-gap-ms", str(options.event_gap_ms)], cwd=REPO)
     stub_url = f"http://127.0.0.1:{stub_port}"
@@ -292,7 +287,7 @@ def _start_floor(children: Children, options: Options, stub_url: str, *,
                  module: str = "loadtests.minimal_proxy") -> tuple[Child, str]:
     """A bare proxy (:mod:`loadtests.minimal_proxy`, or ``module``) in front of the stub, on the gateway's CPUs."""
     port = free_port()
-    cmd = [*_pinned(options.pin_gateway), sys.executable, "-m", module, "--port", str(port), "--upstream", stub_url]
+    cmd = [*pinned(options.pin_gateway), sys.executable, "-m", module, "--port", str(port), "--upstream", stub_url]
     proxy = children.spawn("bench-" + module.rsplit(".", 1)[-1], cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     children.wait_ready(proxy, http_ok(url + "/health"), timeout=30)

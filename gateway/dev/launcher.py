@@ -150,14 +150,18 @@ def serve_env(*, port: int, admin_key: str, data_dir: Path, redis_url: str, s3: 
         "BANYAN_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra or {})})
 
 
+def pinned(cpus: str) -> list[str]:
+    """The command prefix that runs a child on ``cpus`` (a ``taskset -c`` list), or nothing for an empty list."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 def start_serve(children: Children, name: str, env: Mapping[str, str], *, cwd: Path, timeout: float = 240.0,
                 ready_path: str = "/readyz", cpus: str = "") -> tuple[Child, str]:
     """Start ``banyan serve`` with ``env`` (:func:`serve_env`) as the child ``name``, on the CPUs ``cpus`` (a
     ``taskset -c`` list; empty: any), and wait until ``ready_path`` answers 200; the child and its URL."""
     url = f"http://127.0.0.1:{env['BANYAN_PORT']}"
     banyan = str(Path(sys.executable).parent / "banyan")
-    child = children.spawn(name, [*(["taskset", "-c", cpus] if cpus else []), banyan, "serve"], env=dict(env),
-                           cwd=cwd)
+    child = children.spawn(name, [*pinned(cpus), banyan, "serve"], env=dict(env), cwd=cwd)
     children.wait_ready(child, http_ok(url + ready_path), timeout=timeout)
     return child, url
 
