@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.dev.launcher import READY_LINE, DevNotReady, launch_dev
+from gateway.dev.launcher import READY_LINE, DevNotReady, launch_dev, pinned, serve_env
+from gateway.dev.stack import dev_s3_settings
 
 # Stands in for `banyan dev`: records its arguments and BANYAN_* environment in stack.json, prints the ready line
 # (unless told to fail first), then serves until SIGINT, like the real one.
@@ -94,3 +95,25 @@ def test_stop_escalates_when_sigint_is_ignored(tmp_path: Path, fake_banyan: list
     monkeypatch.setenv("FAKE_MODE", "ignore-sigint")
     dev = launch_dev(tmp_path / "data", command=fake_banyan).wait_ready(timeout=30)
     assert dev.stop(timeout=0.5) == -signal.SIGTERM
+
+
+def test_a_serve_gateways_environment_is_the_callers_settings_only(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANYAN_ENGINE_FIRST", "false")  # inherited: must not leak into the child
+    s3 = dev_s3_settings("http://127.0.0.1:9", bucket="b")
+    env = serve_env(port=8123, admin_key="adm_x", data_dir=tmp_path, redis_url="redis://127.0.0.1:6", s3=s3,
+                    engine_urls="http://127.0.0.1:7,http://127.0.0.1:8", base_model="m",
+                    extra={"BANYAN_LOG_LEVEL": "debug", "BANYAN_KEY_CACHE_TTL_S": "0"})
+    banyan = {k: v for k, v in env.items() if k.startswith("BANYAN_")}
+    assert banyan["BANYAN_MODE"] == "prod" and banyan["BANYAN_PORT"] == "8123"
+    assert banyan["BANYAN_ENGINE_URLS"] == "http://127.0.0.1:7,http://127.0.0.1:8"
+    assert banyan["BANYAN_LOG_LEVEL"] == "debug" and banyan["BANYAN_KEY_CACHE_TTL_S"] == "0"  # the caller's win
+    assert "BANYAN_ENGINE_FIRST" not in banyan
+    # Optional settings only when given.
+    assert not {"BANYAN_BASE_MODEL_CONFIG", "BANYAN_ENGINE_API_KEY", "BANYAN_MAX_MODEL_LEN"} & banyan.keys()
+    assert env["HF_HUB_OFFLINE"] == "1" and all(v == s3.s3_env()[k] for k, v in banyan.items() if k in s3.s3_env())
+    full = serve_env(port=1, admin_key="a", data_dir=tmp_path, redis_url="r", s3=s3, engine_urls="e", base_model="m",
+                     model_config=tmp_path / "config.json", engine_api_key="k", max_model_len=512)
+    assert full["BANYAN_BASE_MODEL_CONFIG"] == str(tmp_path / "config.json")
+    assert full["BANYAN_ENGINE_API_KEY"] == "k" and full["BANYAN_MAX_MODEL_LEN"] == "512"
+    assert pinned("1") == ["taskset", "-c", "1"] and pinned("") == []
