@@ -634,7 +634,12 @@ class _Relay:
 
     async def pump(self, send: Send, start: Message) -> None:
         """The response on ``send``: ``start``, the engine's events as they arrive (each read rewritten and written
-        at once), an error event if the engine's stream breaks or the drain cuts it, then the end."""
+        at once), an error event if the engine's stream breaks or the drain cuts it, then the end.
+
+        The stream is settled (:meth:`finish`: its usage recorded, its admission and replica released) before the
+        client sees its end (``data: [DONE]``, held back until then, and the last bytes): a client that asks for
+        its usage, or sends its next request under a concurrency cap, right after a stream finds it counted and
+        released."""
         self._pump = asyncio.current_task()
         await send(start)
         forget = self._service.state.drain.on_cut(self._cut)
@@ -642,24 +647,29 @@ class _Relay:
             tail = await self._relay_events(send)
         finally:
             forget()  # from here on, a cut has nothing to interrupt
+        self._ended = True
+        await _finish_whatever_happens(self.finish())
         if tail:
             await send({"type": "http.response.body", "body": tail, "more_body": True})
-        self._ended = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_events(self, send: Send) -> bytes:
-        """Relay until the engine's stream ends; what is left to send (the rewriter's tail, or an error event)."""
+        """Relay until the engine's stream ends; what is left to send (``[DONE]`` and whatever follows it, the
+        rewriter's tail, or an error event)."""
         call, rewriter = self._call, self._rewriter
         metrics = self._service.state.metrics
         next_chunk = self._upstream.aiter_raw().__anext__
         first = True
+        held = b""
         try:
             while True:
                 try:
                     chunk = await next_chunk()
                 except StopAsyncIteration:
-                    return rewriter.flush()
+                    return held + rewriter.flush()
                 out = rewriter.feed(chunk)
+                if held or (done_at := out.find(_DONE)) >= 0:  # the end waits until the stream is settled
+                    held, out = (held + out, b"") if held else (out[done_at:], out[:done_at])
                 if out:
                     if first:
                         ttft = time.perf_counter() - call.started
@@ -668,6 +678,8 @@ class _Relay:
                         first = False
                     await send({"type": "http.response.body", "body": out, "more_body": True})
         except httpx.HTTPError as e:
+            if held:  # the engine's stream was complete: its closing broke
+                return held
             metrics.engine_errors.labels("stream_broken").inc()
             log.warning("engine stream broke: %s", type(e).__name__)
             return sse_error_event(EngineUnavailable("The engine stream was interrupted."))
@@ -675,7 +687,7 @@ class _Relay:
             if not self._cutting or self._pump is None:
                 raise
             self._pump.uncancel()  # the gateway is shutting down and its drain time is up
-            return sse_error_event(ServiceUnavailable("The gateway is shutting down; send the request again."))
+            return held or sse_error_event(ServiceUnavailable("The gateway is shutting down; send the request again."))
 
     def _cut(self) -> None:
         self._cutting = True
@@ -733,6 +745,7 @@ class _RelayResponse(Response):
 
 
 _CHOICE_INDEX = re.compile(rb'"choices":\[\{"index":(\d+)')
+_DONE = b"data: [DONE]"
 _USAGE = b'"usage":{'
 
 

@@ -497,3 +497,38 @@ async def test_unless_left_passes_the_answer_an_error_and_the_callers_own_cancel
     caller.cancel()  # the request's task cancelled: not mistaken for the client leaving
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_a_stream_is_settled_before_the_client_sees_its_end(make_harness: Callable[[Handler], Harness]) -> None:
+    """A client that reads a stream to `[DONE]` and at once asks for its usage, or sends its next request under a
+    concurrency cap, finds the stream counted and its admission released."""
+    events = [b'data: {"id":"c","choices":[{"index":0,"text":"t"}],"usage":{"prompt_tokens":7,'
+              b'"completion_tokens":%d}}\n\n' % i for i in (1, 2)]
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        body = [*events, b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+                b"data: [DO", b"NE]\n\n"]  # the end split across reads
+        return httpx.Response(200, stream=ChunkStream(body), headers={"content-type": "text/event-stream"})
+
+    h = make_harness(engine)
+    request = CompletionRequest(model="banyan-demo", prompt="x", max_tokens=2, stream=True)
+    response = await CompletionService(h.state).handle(tenant="acme", request=request)
+    seen_at_done: list[tuple[int, bool]] = []
+    received: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            received.append(message.get("body", b""))
+            if b"[DONE]" in received[-1]:
+                seen_at_done.append((len(h.usage.records), h.quotas.admissions[0].released))
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    relayed = b"".join(received)
+    assert seen_at_done == [(1, True)]  # recorded and released when [DONE] went out, not after
+    assert relayed.endswith(b"data: [DONE]\n\n") and relayed.count(b"data: {") == 2
+    assert h.usage.records == [("acme", "banyan-demo", 7, 2)]
+    assert 'banyan_client_disconnects_total{kind="stream"}' not in h.client.get("/metrics").text
