@@ -668,8 +668,10 @@ class _Relay:
                 except StopAsyncIteration:
                     return held + rewriter.flush()
                 out = rewriter.feed(chunk)
-                if held or (done_at := out.find(_DONE)) >= 0:  # the end waits until the stream is settled
-                    held, out = (held + out, b"") if held else (out[done_at:], out[:done_at])
+                if held:  # after `[DONE]`: everything waits until the stream is settled
+                    held, out = held + out, b""
+                elif (done_at := out.find(_DONE)) >= 0:  # the end waits until the stream is settled
+                    held, out = out[done_at:], out[:done_at]
                 if out:
                     if first:
                         ttft = time.perf_counter() - call.started
